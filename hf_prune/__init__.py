@@ -1,0 +1,5 @@
+"""hf_prune: pruning for the Hugging Face stack."""
+
+from .config import PruningConfig, get_config_class, register_pruning_method, registered_methods
+from .state import PruningState, get_pruning_state, set_pruning_state
+from .version import __version__

@@ -1,0 +1,54 @@
+"""What a pruned model carries about its pruning: the contract between the methods and the export path.
+
+Every method, once it has pruned a model, records a `PruningState` on it with [`set_pruning_state`]. The export code
+(compressed save, model card, push) reads it back with [`get_pruning_state`]; it never needs to know the algorithm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import PruningConfig
+
+_ATTR = "hf_prune_state"
+
+
+@dataclass
+class PruningState:
+    """Pruning record attached to a model.
+
+    Args:
+        config: the method's config, as run.
+        layout: how the pruned weights are structured: `"unstructured"`, `"N:M"` (e.g. `"2:4"`), `"block:RxC"`
+            (e.g. `"block:16x16"`) or `"structured"` (units physically removed).
+        module_sparsity: fraction of zero weights per pruned module, by qualified module name.
+        metrics: measured facts about the run (wall time, perplexity before/after, ...), for the model card.
+        base_model: name or path of the model before pruning, when known.
+        command: code or shell command that reproduces the run, when known.
+    """
+
+    config: PruningConfig
+    layout: str
+    module_sparsity: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
+    command: str | None = None
+
+    @property
+    def overall_sparsity(self) -> float:
+        """Zero fraction over all pruned modules, weighted by their sizes when the model is at hand."""
+        if not self.module_sparsity:
+            return 0.0
+        return sum(self.module_sparsity.values()) / len(self.module_sparsity)
+
+
+def set_pruning_state(model: torch.nn.Module, state: PruningState) -> None:
+    # A plain attribute: nn.Module stores non-tensor attributes in __dict__, so it does not enter the state dict.
+    setattr(model, _ATTR, state)
+
+
+def get_pruning_state(model: torch.nn.Module) -> PruningState | None:
+    return getattr(model, _ATTR, None)

@@ -1,0 +1,67 @@
+"""The contract between `PruningTrainer` (which knows `Trainer`) and a method (which knows its maths).
+
+A training-time method registers a `TrainingPlugin` subclass for its config class. `PruningTrainer`, the stock-
+`Trainer` callback and the `accelerate` hook look the plugin up by config type and call only these methods, so the
+Trainer layer never imports a method's internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import PruningConfig
+
+_PLUGINS: dict[type[PruningConfig], type["TrainingPlugin"]] = {}
+
+
+class TrainingPlugin:
+    """Method behaviour inside a training loop. Every hook has a do-nothing default."""
+
+    def __init__(self, config: PruningConfig, model: torch.nn.Module, **kwargs: Any):
+        self.config = config
+        self.model = model
+
+    def callbacks(self) -> list:
+        """`transformers.TrainerCallback`s the trainer should add (e.g. periodic mask updates)."""
+        return []
+
+    def optimizer_parameter_groups(self) -> list[dict[str, Any]]:
+        """Extra optimizer parameter groups owned by the method (e.g. gate logits with their own learning rate)."""
+        return []
+
+    def compute_loss(self, model, inputs, outputs, loss) -> tuple[torch.Tensor, dict[str, float]]:
+        """Returns the (possibly augmented) loss and scalars to log."""
+        return loss, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Method state saved with each checkpoint so that resuming continues exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def export(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The final model (e.g. physically shrunk), with its `PruningState` attached."""
+        return model
+
+
+def register_training_plugin(config_cls: type[PruningConfig]):
+    """Class decorator: `@register_training_plugin(MyConfig)` on a `TrainingPlugin` subclass."""
+
+    def decorator(plugin_cls: type[TrainingPlugin]) -> type[TrainingPlugin]:
+        _PLUGINS[config_cls] = plugin_cls
+        return plugin_cls
+
+    return decorator
+
+
+def get_training_plugin_class(config: PruningConfig) -> type[TrainingPlugin]:
+    for cls in type(config).__mro__:
+        if cls in _PLUGINS:
+            return _PLUGINS[cls]
+    raise ValueError(
+        f"{type(config).__name__} (method {config.method!r}) is not a training-time pruning method; "
+        f"training methods: {sorted(c.method for c in _PLUGINS)}. One-shot methods run through hf_prune.oneshot()."
+    )
