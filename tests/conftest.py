@@ -52,3 +52,21 @@ TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "opt": tiny_opt, "bert": 
 def calibration_ids():
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (16, 32), generator=generator)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over VOCAB made-up words ("w0" ... ), built locally (no Hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def random_texts(n_texts=8, words=200, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        " ".join(f"w{int(i)}" for i in torch.randint(1, VOCAB, (words,), generator=generator)) for _ in range(n_texts)
+    ]
