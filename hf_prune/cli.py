@@ -114,8 +114,7 @@ def run_oneshot(args) -> int:
         state.metrics.update(perplexity_before=round(ppl_before, 3), perplexity_after=round(ppl_after, 3))
     state.base_model = state.base_model or args.model
     state.command = "hf-prune " + " ".join(sys.argv[1:])
-    sizes = {n: m.weight.numel() for n, m in model.named_modules() if n in state.module_sparsity}
-    overall = sum(state.module_sparsity[n] * sizes[n] for n in sizes) / sum(sizes.values())
+    overall = state.overall_sparsity
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
     print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s")

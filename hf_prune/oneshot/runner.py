@@ -84,11 +84,9 @@ def oneshot(
             model.config.use_cache = use_cache
 
     elapsed = time.perf_counter() - started
-    sparsity = {
-        e.name: (linear_weight_view(e.module) == 0).sum().item() / linear_weight_view(e.module).numel()
-        for entries in plan
-        for e in entries
-    }
+    entries = [e for block in plan for e in block]
+    numel = {e.name: linear_weight_view(e.module).numel() for e in entries}
+    sparsity = {e.name: (linear_weight_view(e.module) == 0).sum().item() / numel[e.name] for e in entries}
     metrics = {"pruning_time_s": round(elapsed, 2)}
     if windows is not None:
         metrics.update(calibration_samples=int(windows.shape[0]), calibration_tokens=int(windows.numel()))
@@ -98,6 +96,7 @@ def oneshot(
             config=config,
             layout=config.pattern,
             module_sparsity=sparsity,
+            module_numel=numel,
             metrics=metrics,
             base_model=getattr(model.config, "_name_or_path", None) or None,
         ),
