@@ -8,8 +8,8 @@ saves the pruned model.
     python integrations/oneshot_smollm2.py --method sparsegpt --pattern 2:4 --output outputs/smollm2-sparsegpt-24
 
 The same from the shell, with text files:
-    hf-prune oneshot "$(python -m hf_prune.assets smollm2)" --method admm --sparsity 0.5 \
-        --calibration calib.txt --eval eval.txt --output outputs/smollm2-admm-50
+    hf-prune oneshot "$(python -c 'from hf_prune.assets import smollm2_path; print(smollm2_path())')" \
+        --method admm --sparsity 0.5 --calibration calib.txt --eval eval.txt --output outputs/smollm2-admm-50
 """
 
 from __future__ import annotations
