@@ -103,7 +103,9 @@ def _package_dir(dist_name: str) -> Path:
     tops = {
         f.parts[0]
         for f in dist.files or []
-        if len(f.parts) > 1 and not f.parts[0].endswith((".dist-info", ".data")) and f.parts[0] not in ("..", "__pycache__")
+        if len(f.parts) > 1
+        and not f.parts[0].endswith((".dist-info", ".data"))
+        and f.parts[0] not in ("..", "__pycache__")
     }
     wanted = [t for t in tops if t.lower() == _normalize(dist_name).replace("-", "_")]
     if wanted or len(tops) == 1:
@@ -412,7 +414,8 @@ def rotten_tomatoes(seed: int = 0) -> dict[str, list[tuple[str, int]]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m hf_prune.assets", description=__doc__.splitlines()[0])
-    parser.add_argument("asset", nargs="?", default="all", choices=["smollm2", "minilm", "wikipedia", "rotten-tomatoes", "all"])
+    choices = ["smollm2", "minilm", "wikipedia", "rotten-tomatoes", "all"]
+    parser.add_argument("asset", nargs="?", default="all", choices=choices)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     todo = ["smollm2", "minilm", "wikipedia", "rotten-tomatoes"] if args.asset == "all" else [args.asset]
