@@ -3,3 +3,7 @@
 from .config import PruningConfig, get_config_class, register_pruning_method, registered_methods
 from .state import PruningState, get_pruning_state, set_pruning_state
 from .version import __version__
+
+# Export: importing registers the `quant_method="hf_prune"` loader with transformers (from_pretrained of compressed
+# checkpoints) and exposes the save / push / info functions.
+from .export import describe_export, push_pruned, save_pruned
