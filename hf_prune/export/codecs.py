@@ -146,12 +146,17 @@ def _combinations(n: int, m: int) -> torch.Tensor:
 
 
 def _nm_storage(n_combos: int) -> tuple[torch.dtype, int]:
-    """Index dtype and number of groups packed (in base `n_combos`) per stored element."""
-    if n_combos <= 1:
-        return torch.uint8, 8
-    if n_combos <= 256:
-        return torch.uint8, int(math.floor(math.log(256) / math.log(n_combos) + 1e-9))
-    return torch.int32, int(math.floor(math.log(2**31) / math.log(n_combos) + 1e-9))
+    """Index dtype and number of groups packed (in base `n_combos`) per stored element: uint8 or int32, whichever
+    spends fewer bits per group (2:4 -> 3 groups per uint8; 4:8 -> 5 groups per int32)."""
+    options = []
+    for dtype, bits in ((torch.uint8, 8), (torch.int32, 31)):
+        per = 0
+        while n_combos ** (per + 1) <= 2**bits:
+            per += 1
+        if per:
+            options.append(((32 if dtype == torch.int32 else 8) / per, dtype, per))
+    _, dtype, per = min(options, key=lambda o: o[0])
+    return dtype, per
 
 
 class NMCodec(TensorCodec):
