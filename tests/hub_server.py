@@ -10,6 +10,7 @@ pointing at it:
 - `HEAD|GET /{repo}/resolve/{revision}/{path}`                -> the file, with `X-Repo-Commit`, `ETag`, size
 - `GET /api/models/{repo}[/revision/{revision}]`              -> model info (sha, siblings)
 - `POST /api/models/{repo}/branch/{branch}`                   -> creates a branch
+- `POST /api/validate-yaml`                                   -> README front matter must be a YAML mapping
 
 Missing repos and files answer 404 with the `X-Error-Code` header the client maps to its exceptions. Use as a
 context manager or call `start()` / `stop()`; it also stops itself after `max_lifetime_s`.
@@ -33,6 +34,15 @@ class _Repo:
         self.branches: dict[str, dict[str, bytes]] = {"main": {}}
         self.shas: dict[str, str] = {"main": hashlib.sha1(b"init").hexdigest()}
         self.commits: list[dict] = []
+        self.snapshots: dict[str, dict[str, bytes]] = {self.shas["main"]: {}}  # commit sha -> files
+
+    def at(self, revision: str):
+        """(files, commit sha) of a branch or a commit, or (None, None)."""
+        if revision in self.branches:
+            return self.branches[revision], self.shas[revision]
+        if revision in self.snapshots:
+            return self.snapshots[revision], revision
+        return None, None
 
 
 class HubServer:
@@ -145,14 +155,14 @@ class _Handler(BaseHTTPRequestHandler):
                 repo = self.hub.repos.get(repo_id)
                 if repo is None:
                     return self._error(404, "RepoNotFound", f"Repository {repo_id} not found", head=head)
-                files = repo.branches.get(revision)
+                files, sha = repo.at(revision)
                 if files is None:
                     return self._error(404, "RevisionNotFound", f"Revision {revision} not found", head=head)
                 if file not in files:
                     return self._error(404, "EntryNotFound", f"{file} does not exist", head=head)
                 data = files[file]
                 etag = '"' + hashlib.sha1(data).hexdigest() + '"'
-                headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": repo.shas[revision], "ETag": etag}
+                headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": sha, "ETag": etag}
                 return self._send(200, data, headers, head=head)
         self._error(404, "NotFound", f"no route for {path}", head=head)
 
@@ -163,13 +173,15 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.hub.repos.get(repo_id)
         if repo is None:
             return self._error(404, "RepoNotFound", f"Repository {repo_id} not found")
-        files = repo.branches.get(revision, {})
+        files, sha = repo.at(revision)
+        if files is None:
+            return self._error(404, "RevisionNotFound", f"Revision {revision} not found")
         self._json(
             200,
             {
                 "id": repo_id,
                 "modelId": repo_id,
-                "sha": repo.shas.get(revision),
+                "sha": sha,
                 "private": False,
                 "siblings": [{"rfilename": name, "size": len(data)} for name, data in sorted(files.items())],
                 "tags": [],
@@ -195,6 +207,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._error(409, "RepoExists", "You already created this model repo")
                 self.hub.repos[repo_id] = _Repo()
                 return self._json(200, {"url": f"{self.hub.endpoint}/{repo_id}", "name": repo_id})
+            if parts == ["api", "validate-yaml"]:
+                return self._validate_yaml(json.loads(body or b"{}").get("content", ""))
             if parts[:2] == ["api", "models"] and len(parts) >= 5:
                 repo_id, action, rev = "/".join(parts[2:4]), parts[4], "/".join(parts[5:]) or "main"
                 repo = self.hub.repos.get(repo_id)
@@ -213,6 +227,19 @@ class _Handler(BaseHTTPRequestHandler):
                     repo.shas.setdefault(rev, repo.shas["main"])
                     return self._json(200, {})
         self._error(404, "NotFound", f"no route for POST {path}")
+
+    def _validate_yaml(self, content: str):
+        # The Hub checks README metadata on upload; here: the front matter must be a YAML mapping.
+        import yaml
+
+        if content.startswith("---"):
+            try:
+                meta = yaml.safe_load(content.split("---", 2)[1])
+            except yaml.YAMLError as err:
+                return self._error(400, "BadRequest", f"invalid YAML metadata: {err}")
+            if not isinstance(meta, dict):
+                return self._error(400, "BadRequest", "README metadata is not a mapping")
+        return self._json(200, {"warnings": []})
 
     def _commit(self, repo_id, repo, revision, body):
         if revision not in repo.branches:
@@ -237,6 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
         sha = hashlib.sha1(f"{repo_id}{revision}{time.time_ns()}{len(files)}".encode()).hexdigest()
         repo.branches[revision] = files
         repo.shas[revision] = sha
+        repo.snapshots[sha] = files
         repo.commits.append({"sha": sha, "summary": summary, "files": sorted(files)})
         self._json(200, {"commitUrl": f"{self.hub.endpoint}/{repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": None})
 
