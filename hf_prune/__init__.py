@@ -3,6 +3,11 @@
 from .config import PruningConfig, get_config_class, register_pruning_method, registered_methods
 from .state import PruningState, get_pruning_state, set_pruning_state
 from .version import __version__
+from .methods.admm import ADMMConfig
+from .methods.magnitude import MagnitudeConfig
+from .methods.sparsegpt import SparseGPTConfig
+from .methods.wanda import WandaConfig
+from .oneshot import OneShotConfig, oneshot
 
 # Export: importing registers the `quant_method="hf_prune"` loader with transformers (from_pretrained of compressed
 # checkpoints) and exposes the save / push / info functions.
