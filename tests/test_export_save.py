@@ -194,3 +194,22 @@ def test_gpt2_conv1d_round_trip(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "g")
     sd = model.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in loaded.state_dict().items())
+
+
+def test_loaded_model_fine_tunes_with_trainer_and_saves(tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    prune(tiny_model("llama"), "unstructured", 0.5).save_pretrained(tmp_path / "pruned")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32)
+    ids = torch.arange(64).view(8, 8) % 200 + 3
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             report_to=[], save_strategy="no", use_cpu=True, learning_rate=1e-3)
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert not torch.equal(before, model.model.layers[0].mlp.up_proj.weight)
+    Trainer(model=model, args=args).save_model()  # through the model's compressed save_pretrained
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run", dtype=torch.float32)
+    sd = model.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in reloaded.state_dict().items())
