@@ -145,7 +145,8 @@ def run_python(code: str, *, env: dict | None = None, timeout: float = 120, bloc
             "sys.meta_path.insert(0, _Block())\n"
         )
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "warning",
+                **(env or {})}
     return subprocess.run(
         [sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout, env=full_env,
         cwd=str(REPO_ROOT),
