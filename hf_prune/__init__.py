@@ -8,3 +8,7 @@ from .methods.magnitude import MagnitudeConfig
 from .methods.sparsegpt import SparseGPTConfig
 from .methods.wanda import WandaConfig
 from .oneshot import OneShotConfig, oneshot
+
+# Export: importing registers the `quant_method="hf_prune"` loader with transformers (from_pretrained of compressed
+# checkpoints) and exposes the save / push / info functions.
+from .export import describe_export, push_pruned, save_pruned

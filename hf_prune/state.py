@@ -53,6 +53,13 @@ class PruningState:
 def set_pruning_state(model: torch.nn.Module, state: PruningState) -> None:
     # A plain attribute: nn.Module stores non-tensor attributes in __dict__, so it does not enter the state dict.
     setattr(model, _ATTR, state)
+    # Export hook: a pruned transformers model saves (and pushes) in the compressed format with its model card.
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        from .export.save import enable_compressed_save
+
+        enable_compressed_save(model, state)
 
 
 def get_pruning_state(model: torch.nn.Module) -> PruningState | None:

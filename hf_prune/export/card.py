@@ -1,0 +1,199 @@
+"""Model card of a pruned model, rendered with `huggingface_hub.ModelCard` from the Jinja template in `model_cards/`.
+
+Where the template is found: the source of truth is `model_cards/pruned_model_card.md.j2` at the repository root.
+`hf_prune/model_cards` is a symlink to it, listed as package data, so a wheel/sdist build copies the file into the
+installed package; a source checkout or `pip install -e .` reads it through the symlink or the repository path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ..state import get_pruning_state
+
+TEMPLATE_NAME = "pruned_model_card.md.j2"
+CARD_MARKER = "hf_prune:model-card"
+
+_LAYOUT_TEXT = {
+    "unstructured": "unstructured sparsity",
+    "structured": "structured pruning: heads, neurons and layers physically removed",
+}
+
+
+def template_path() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "model_cards" / TEMPLATE_NAME, here.parents[1] / "model_cards" / TEMPLATE_NAME):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"hf_prune model card template {TEMPLATE_NAME!r} not found next to the package or in the repository's "
+        "model_cards/; reinstall hf_prune"
+    )
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "unknown"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _layout_description(layout: str) -> str:
+    if layout in _LAYOUT_TEXT:
+        return _LAYOUT_TEXT[layout]
+    if layout.startswith("block:"):
+        return f"block sparsity, {layout[len('block:'):]} blocks"
+    return f"{layout} semi-structured sparsity"
+
+
+def _format_description(layout: str) -> str:
+    if ":" in layout and layout.replace(":", "").isdigit():
+        return f"non-zero values plus packed {layout} group indices (format in hf_prune's docs/format.md)"
+    if layout.startswith("block:"):
+        return "kept blocks plus a block bitmask (format in hf_prune's docs/format.md)"
+    return "non-zero values plus a bitmask (format in hf_prune's docs/format.md)"
+
+
+def layer_table(module_sparsity: dict[str, float]):
+    """Pivots `{'model.layers.3.mlp.up_proj': 0.5}` into rows per layer and columns per module kind."""
+    pivot: dict[int, dict[str, float]] = {}
+    columns: list[str] = []
+    others = []
+    for name, value in module_sparsity.items():
+        match = re.match(r"^(?:.*\.)?(\d+)\.(.+)$", name)
+        if not match:
+            others.append((name, _pct(value)))
+            continue
+        layer, kind = int(match.group(1)), match.group(2)
+        if kind not in columns:
+            columns.append(kind)
+        pivot.setdefault(layer, {})[kind] = value
+    if not pivot:
+        return None, others
+    rows = [
+        {"layer": layer, "cells": [_pct(pivot[layer][c]) if c in pivot[layer] else "–" for c in columns]}
+        for layer in sorted(pivot)
+    ]
+    return {"columns": columns, "rows": rows}, others
+
+
+def _eval_results(results) -> list[EvalResult]:
+    out = []
+    for r in results or []:
+        if isinstance(r, EvalResult):
+            out.append(r)
+        elif isinstance(r, dict):
+            try:
+                out.append(EvalResult(**r))
+            except TypeError as err:
+                raise ValueError(f"eval_results entry {r!r} is not valid for huggingface_hub.EvalResult: {err}") from None
+        else:
+            raise TypeError(f"eval_results entries must be EvalResult or dict, got {type(r).__name__}")
+    return out
+
+
+def _model_stats(model, module_sparsity: dict[str, float]) -> dict:
+    modules = dict(model.named_modules())
+    zeros = numel = 0
+    for name in module_sparsity:
+        weight = getattr(modules.get(name), "weight", None)
+        if isinstance(weight, torch.Tensor):
+            zeros += int((weight == 0).sum())
+            numel += weight.numel()
+    total = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"zeros": zeros, "pruned_numel": numel, "total": total, "dense_bytes": dense_bytes}
+
+
+def _auto_class(model) -> str:
+    name = type(model).__name__
+    for suffix, auto in (
+        ("ForCausalLM", "AutoModelForCausalLM"),
+        ("LMHeadModel", "AutoModelForCausalLM"),
+        ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+        ("ForTokenClassification", "AutoModelForTokenClassification"),
+        ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+        ("ForMaskedLM", "AutoModelForMaskedLM"),
+    ):
+        if name.endswith(suffix):
+            return auto
+    return "AutoModel"
+
+
+def build_model_card(
+    model,
+    directory: str | Path | None = None,
+    *,
+    report=None,
+    eval_results=None,
+    dense: bool = False,
+    repo_id: str | None = None,
+    tags: list[str] | None = None,
+) -> ModelCard:
+    """Renders the card of `model` (its `PruningState`); file sizes are read from `directory` when given."""
+    state = get_pruning_state(model)
+    if state is None:
+        raise ValueError("build_model_card needs a model carrying an hf_prune PruningState")
+    method = state.config.method or type(state.config).__name__
+    stats = _model_stats(model, state.module_sparsity)
+    size_after = None
+    if directory is not None:
+        size_after = sum(p.stat().st_size for p in Path(directory).glob("*.safetensors")) or None
+    size_before = stats["dense_bytes"]
+    overall = stats["zeros"] / stats["pruned_numel"] if stats["pruned_numel"] else state.overall_sparsity
+    evals = _eval_results(eval_results)
+    card_tags = ["hf_prune", "pruned", "structured" if state.layout == "structured" else "sparse", method]
+    card_tags += [t for t in tags or [] if t not in card_tags]
+    card_data = ModelCardData(
+        base_model=state.base_model,
+        library_name="transformers",
+        tags=card_tags,
+        eval_results=evals or None,
+        model_name=(repo_id or (Path(directory).name if directory else None) or f"{method}-pruned") if evals else None,
+    )
+    table, others = layer_table(state.module_sparsity)
+    metrics = [(k, v) for k, v in state.metrics.items() if k != "export_format"]
+    speed = ", ".join(f"{k}: {v}" for k, v in metrics if any(s in k.lower() for s in ("speed", "latency", "throughput", "tokens_per")))
+    base = state.base_model
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        marker=CARD_MARKER,
+        title=f"{Path(base).name if base else 'Model'} pruned with {method} ({_pct(overall)} sparse)",
+        base_model=base,
+        base_model_link=f"https://huggingface.co/{base}" if base and not Path(base).exists() else base,
+        method=method,
+        layout=state.layout,
+        layout_description=_layout_description(state.layout),
+        format_description=_format_description(state.layout),
+        overall_sparsity=_pct(overall),
+        overall_model_sparsity=_pct(stats["zeros"] / stats["total"]) if stats["total"] else "n/a",
+        n_pruned=len(state.module_sparsity),
+        params_total=f"{stats['total']:,}",
+        params_nonzero=f"{stats['total'] - stats['zeros']:,}",
+        size_before=_size(size_before),
+        size_after=_size(size_after),
+        size_ratio=f"{size_after / size_before:.2f}×" if size_after and size_before else "n/a",
+        dense_export=dense,
+        speed=speed,
+        auto_class=_auto_class(model),
+        repo_id=repo_id or (str(directory) if directory else "path/to/export"),
+        config_json=json.dumps(state.config.to_dict(), indent=2, sort_keys=True),
+        metrics=metrics,
+        eval_results=evals,
+        layer_table=table,
+        other_modules=others,
+        command=state.command,
+    )

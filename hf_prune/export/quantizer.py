@@ -1,0 +1,212 @@
+"""The `from_pretrained` hook: a transformers quantizer registered under `quant_method="hf_prune"`.
+
+transformers 5 has public registries for third-party checkpoint formats (`register_quantization_config`,
+`register_quantizer`). A compressed hf_prune checkpoint carries `quantization_config = {"quant_method": "hf_prune",
+...}` in `config.json`; once `hf_prune` is imported, `AutoModelFor*.from_pretrained(dir)`:
+
+1. builds the model as usual, then calls the export format's `prepare_model` (a no-op for sparse checkpoints);
+2. loads every `*.weight` through [`HfPruneDecompress`], a weight-conversion op that rebuilds dense tensors from
+   `weight` + `weight_hf_prune_*` companions (and passes dense weights through);
+3. leaves an *ordinary* model: plain `nn.Linear` with dense weights, `is_quantized` unset (so `.half()`, `.to()` and
+   `Trainer` behave as for any model). The quantizer stays attached as `model.hf_quantizer` only so that
+   `save_pretrained` writes the compressed format again.
+
+Without hf_prune, transformers logs "Unknown quantization type, got hf_prune ... we will skip the quantization" and
+then refuses to load, because every compressed `P.weight` holds the kept values with a shape different from the
+dense one (a size-mismatch error listing the `*_hf_prune_*` keys). It never loads random or zero weights silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..version import __version__
+from .codecs import META_SUFFIX, decode, index_suffixes
+from .formats import get_export_format
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "hf_prune"
+FORMAT_VERSION = 1
+
+
+class HfPruneExportConfig(QuantizationConfigMixin):
+    """`config.json["quantization_config"]` of a compressed hf_prune checkpoint.
+
+    Args:
+        format: export format name (see [`register_export_format`]); `"sparse"` by default.
+        layout: the pruning layout (`"unstructured"`, `"2:4"`, `"block:16x16"`, `"structured"`); picks the codecs.
+        format_config: format-specific JSON (e.g. per-layer shapes of a structured model).
+        pruning: the [`PruningState`] as JSON (`config`, `layout`, `module_sparsity`, `metrics`, `base_model`,
+            `command`), so that a loaded model re-saves with the same model card.
+        format_version: on-disk format version; a newer one than this hf_prune reads is an error.
+    """
+
+    def __init__(
+        self,
+        format: str = "sparse",
+        layout: str = "unstructured",
+        format_config: dict | None = None,
+        pruning: dict | None = None,
+        format_version: int = FORMAT_VERSION,
+        hf_prune_version: str | None = None,
+        quant_method: str = QUANT_METHOD,
+        **kwargs: Any,
+    ):
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"HfPruneExportConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses hf_prune export format version {format_version!r}; this hf_prune "
+                f"({__version__}) reads versions <= {FORMAT_VERSION}. Upgrade hf_prune."
+            )
+        if kwargs:
+            logger.warning("Ignoring unknown keys in the hf_prune quantization_config: %s", sorted(kwargs))
+        self.quant_method = QUANT_METHOD
+        self.format = format
+        self.layout = layout
+        self.format_config = dict(format_config or {})
+        self.pruning = pruning
+        self.format_version = format_version
+        self.hf_prune_version = hf_prune_version or __version__
+
+    def pruned_modules(self) -> list[str]:
+        return list(((self.pruning or {}).get("module_sparsity") or {}).keys())
+
+
+class HfPruneDecompress(ConversionOps):
+    """Weight-conversion op: `{weight, weight_hf_prune_<index>, weight_hf_prune_meta}` -> dense `weight`.
+
+    Dense weights (no companions) pass through. The result is cast to the dtype of the model's parameter, since the
+    loader hands quantizer-owned tensors over uncast.
+    """
+
+    def __init__(self, hf_quantizer: "HfPruneQuantizer"):
+        self.hf_quantizer = hf_quantizer
+
+    @torch.no_grad()
+    def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None, **kwargs):
+        name = full_layer_name or "weight"
+        group = {}
+        for pattern, tensors in input_dict.items():
+            if isinstance(tensors, list):
+                if len(tensors) != 1:
+                    raise ValueError(f"hf_prune: expected one tensor for {name}{pattern[len('weight'):]}, got {len(tensors)}")
+                tensors = tensors[0]
+            group[pattern[len("weight") :]] = tensors
+        dense = group[""] if set(group) == {""} else decode(name, group)
+        target = _param_dtype(model, full_layer_name)
+        if target is not None and dense.is_floating_point() and dense.dtype != target:
+            dense = dense.to(target)
+        return {name: dense}
+
+    @property
+    def reverse_op(self) -> ConversionOps:
+        # Saving never reverses this op: the quantizer's `postprocess_model` removes it from `_weight_conversions`
+        # and `get_state_dict_and_metadata` compresses the dense state dict itself.
+        raise NotImplementedError("HfPruneDecompress is not reversed; hf_prune compresses on save")
+
+
+def _param_dtype(model, name) -> torch.dtype | None:
+    if model is None or name is None:
+        return None
+    try:
+        module, tensor_name = get_module_from_name(model, name)
+    except (AttributeError, ValueError):
+        return None
+    return getattr(getattr(module, tensor_name, None), "dtype", None)
+
+
+class HfPruneQuantizer(HfQuantizer):
+    """Loads hf_prune compressed checkpoints into ordinary dense models and re-compresses them on save."""
+
+    requires_calibration = False
+    serialized_names = {"weight": ["weight", *(f"weight{s}" for s in index_suffixes()), f"weight{META_SUFFIX}"]}
+
+    def __init__(self, quantization_config, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.last_report = None  # CompressionReport of the latest save
+        self.export_format = get_export_format(quantization_config.format)
+
+    # -------------------------------------------------------------------------------------------- loading
+    def validate_environment(self, *args, **kwargs):
+        return None
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def get_load_operations(self) -> dict:
+        return {"deserialize": HfPruneDecompress}
+
+    def preprocess_model(self, model, dtype=None, **kwargs):
+        # Deliberately not the base implementation: it marks the model `is_quantized`, which makes `.half()` raise
+        # and `Trainer` refuse to fine-tune. The loaded model is an ordinary dense model.
+        files = [f for f in kwargs.get("checkpoint_files") or [] if str(f).endswith(".safetensors")]
+        if files:
+            from .info import check_compressed_headers
+
+            # Fail before loading, with the file and tensor named, rather than inside the loader's report.
+            check_compressed_headers(files)
+        self.export_format.prepare_model(model, self.quantization_config)
+
+    def postprocess_model(self, model, **kwargs):
+        from .save import enable_compressed_save
+
+        model.config.quantization_config = self.quantization_config
+        conversions = getattr(model, "_weight_conversions", None) or []
+        model._weight_conversions = [
+            c for c in conversions if not any(isinstance(op, HfPruneDecompress) for op in getattr(c, "operations", ()))
+        ]
+        self.export_format.finalize_model(model, self.quantization_config)
+        enable_compressed_save(model, quantizer=self)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    # --------------------------------------------------------------------------------------------- saving
+    def get_state_dict_and_metadata(self, model):
+        from .save import compressed_state_dict
+
+        state_dict, self.last_report = compressed_state_dict(model, self.quantization_config)
+        return state_dict, {"hf_prune_format": self.quantization_config.format, "hf_prune_version": __version__}
+
+    def _dequantize(self, model, dtype=None):
+        # Weights are dense in memory already; `dequantize()` only drops the compressed-save behaviour.
+        from .save import disable_compressed_save
+
+        disable_compressed_save(model)
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+# Registration is idempotent so that re-importing (e.g. importlib.reload in tests) does not raise.
+if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not HfPruneExportConfig:
+    AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+    register_quantization_config(QUANT_METHOD)(HfPruneExportConfig)
+if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not HfPruneQuantizer:
+    AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+    register_quantizer(QUANT_METHOD)(HfPruneQuantizer)

@@ -1,0 +1,360 @@
+"""Atomic compressed save, and the per-model `save_pretrained` / `push_to_hub` that route through it.
+
+[`enable_compressed_save`] is called for every pruned model (by `set_pruning_state`, and by the quantizer after
+`from_pretrained`). It attaches the hf_prune quantizer (so transformers' own `save_pretrained` machinery writes the
+compressed tensors and `quantization_config`) and sets two *instance* attributes, `save_pretrained` and
+`push_to_hub`, that wrap the class methods with what transformers does not do: an atomic write, the overwrite check,
+and our model card (transformers' `push_to_hub` would otherwise replace it with a generic one). The class and
+transformers itself are not patched; other models are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..state import PruningState, get_pruning_state
+from .codecs import META_SUFFIX
+
+logger = logging.getLogger(__name__)
+
+# Files an export writes; their presence means "this directory already holds a model".
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+_EXPORT_FILES = ("config.json", "generation_config.json")
+_README = "README.md"
+
+
+# ---------------------------------------------------------------------------------------------- state <-> JSON
+def state_to_dict(state: PruningState) -> dict:
+    return {
+        "config": state.config.to_dict(),
+        "layout": state.layout,
+        "module_sparsity": {k: float(v) for k, v in state.module_sparsity.items()},
+        "metrics": _jsonable(state.metrics),
+        "base_model": state.base_model,
+        "command": state.command,
+    }
+
+
+def state_from_dict(data: dict) -> PruningState | None:
+    """Rebuilds the `PruningState`; `None` (with a warning) when the method's config class is not registered."""
+    from ..config import PruningConfig
+
+    try:
+        config = PruningConfig.from_dict(data["config"])
+    except (KeyError, ValueError, TypeError) as err:
+        logger.warning("hf_prune: could not rebuild the pruning config from the checkpoint (%s)", err)
+        return None
+    return PruningState(
+        config=config,
+        layout=data.get("layout", "unstructured"),
+        module_sparsity=dict(data.get("module_sparsity") or {}),
+        metrics=dict(data.get("metrics") or {}),
+        base_model=data.get("base_model"),
+        command=data.get("command"),
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------- attach / detach
+def export_config_for(model, state: PruningState | None = None, format: str | None = None):
+    """The `HfPruneExportConfig` describing `model` now (refreshed from its current `PruningState`)."""
+    from .formats import get_export_format
+    from .quantizer import HfPruneExportConfig
+
+    state = state or get_pruning_state(model)
+    current = getattr(model.config, "quantization_config", None)
+    current = current if isinstance(current, HfPruneExportConfig) else None
+    if state is None:
+        if current is None:
+            raise ValueError("This model has no hf_prune PruningState; prune it with hf_prune first")
+        return current
+    fmt_name = format or state.metrics.get("export_format") or (current.format if current else None)
+    fmt_name = fmt_name or ("structured" if state.layout == "structured" and _has_format("structured") else "sparse")
+    fmt = get_export_format(fmt_name)
+    return HfPruneExportConfig(
+        format=fmt_name, layout=state.layout, format_config=fmt.format_config(model, state), pruning=state_to_dict(state)
+    )
+
+
+def _has_format(name: str) -> bool:
+    from .formats import _FORMATS
+
+    return name in _FORMATS
+
+
+def enable_compressed_save(model, state: PruningState | None = None, *, quantizer=None, format: str | None = None):
+    """Makes `model.save_pretrained` / `model.push_to_hub` write the compressed hf_prune export with its card.
+
+    Called for you by `set_pruning_state` and after `from_pretrained` of a compressed checkpoint. Idempotent.
+    """
+    from .quantizer import HfPruneQuantizer
+
+    if quantizer is None:
+        qconfig = export_config_for(model, state, format)
+        quantizer = HfPruneQuantizer(qconfig, pre_quantized=True)
+    elif get_pruning_state(model) is None and quantizer.quantization_config.pruning:
+        restored = state_from_dict(quantizer.quantization_config.pruning)
+        if restored is not None:
+            from ..state import _ATTR
+
+            setattr(model, _ATTR, restored)  # not set_pruning_state: that would call back into here
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = quantizer.quantization_config
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    model.push_to_hub = types.MethodType(_push_to_hub, model)
+    return model
+
+
+def disable_compressed_save(model) -> None:
+    """Back to plain transformers behaviour (dense saves). `model.dequantize()` calls this."""
+    for attr in ("save_pretrained", "push_to_hub"):
+        model.__dict__.pop(attr, None)
+
+
+def compressed_state_dict(model, qconfig=None):
+    """The tensors a compressed save writes, and a [`CompressionReport`]. Tied duplicates are dropped first."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from .formats import get_export_format
+
+    qconfig = qconfig or export_config_for(model)
+    state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    return get_export_format(qconfig.format).compress_state_dict(model, state_dict, qconfig)
+
+
+# ------------------------------------------------------------------------------------------------ atomic save
+def _holds_model(directory: Path) -> list[str]:
+    return sorted(
+        p.name for p in directory.iterdir() if p.name in _EXPORT_FILES or p.name.endswith(_MODEL_FILE_SUFFIXES)
+    )
+
+
+def _is_our_card(path: Path) -> bool:
+    from .card import CARD_MARKER
+
+    try:
+        return CARD_MARKER in path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+
+
+def save_pruned(
+    model,
+    save_directory: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    dense: bool = False,
+    model_card: bool = True,
+    replace_readme: bool = False,
+    eval_results: list | None = None,
+    repo_id: str | None = None,
+    tags: list[str] | None = None,
+    is_main_process: bool = True,
+    **save_kwargs,
+) -> Path:
+    """Writes a pruned model atomically: compressed safetensors, `config.json`, and the model card.
+
+    Args:
+        model: a model pruned by hf_prune (it carries a `PruningState`) or loaded from a compressed export.
+        save_directory: output directory. If it exists and already holds a model (`config.json` or weight files),
+            saving is an error unless `overwrite=True`; other content (your README, tokenizer files, Trainer
+            checkpoints) is left in place.
+        overwrite: replace an existing model in `save_directory`.
+        dense: write ordinary dense safetensors (zeros included) without `quantization_config`, for runtimes that
+            cannot read the compressed format. The card is still written.
+        model_card: write `README.md` from `model_cards/`.
+        replace_readme: replace a `README.md` that hf_prune did not write (kept by default).
+        eval_results: evaluation results for the card's model-index: `huggingface_hub.EvalResult`s or dicts of
+            their arguments (`task_type`, `dataset_type`, `dataset_name`, `metric_type`, `metric_value`, ...).
+        repo_id: the Hub repository the card's usage snippet names (default: the directory name).
+        tags: extra tags for the card.
+        is_main_process: only the main process writes (as in `save_pretrained`).
+        save_kwargs: passed to transformers' `save_pretrained` (e.g. `max_shard_size`).
+
+    The files are written to a hidden temporary directory next to `save_directory` and moved in at the end;
+    `config.json` is moved last, so an interrupted save never leaves a directory that looks like a complete model.
+    """
+    if not is_main_process:
+        return Path(save_directory)
+    if save_kwargs.pop("safe_serialization", True) is False:
+        raise ValueError("hf_prune writes safetensors only; safe_serialization=False is not supported")
+    if save_kwargs.pop("push_to_hub", False):
+        raise ValueError("Use model.push_to_hub(repo_id) or hf_prune.push_pruned(directory, repo_id) to upload")
+    target = Path(save_directory)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"save_directory {str(target)!r} exists and is not a directory")
+    if target.is_dir() and not overwrite:
+        existing = _holds_model(target)
+        if existing:
+            raise FileExistsError(
+                f"{str(target)!r} already holds a model ({', '.join(existing)}); pass overwrite=True to replace it "
+                "or choose another directory"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.hf_prune-tmp-", dir=target.parent))
+    try:
+        report = _write_export(model, tmp, dense=dense, save_kwargs=save_kwargs)
+        user_readme = target / _README
+        keep_user_readme = user_readme.is_file() and not _is_our_card(user_readme) and not replace_readme
+        if model_card:
+            if keep_user_readme:
+                logger.warning(
+                    "hf_prune: keeping your %s; pass replace_readme=True to write the hf_prune model card", user_readme
+                )
+            else:
+                from .card import build_model_card
+
+                card = build_model_card(
+                    model, tmp, report=report, eval_results=eval_results, dense=dense,
+                    repo_id=repo_id or target.name, tags=tags,
+                )
+                card.save(tmp / _README)
+        _move_into_place(tmp, target, keep_readme=keep_user_readme or not model_card)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _write_export(model, directory: Path, *, dense: bool, save_kwargs: dict):
+    """Runs transformers' own `save_pretrained` (class method, not our wrapper) into `directory`."""
+    cls_save = type(model).save_pretrained
+    if dense:
+        saved = (model.__dict__.get("hf_quantizer"), getattr(model.config, "quantization_config", None))
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        try:
+            cls_save(model, directory, **save_kwargs)
+        finally:
+            model.hf_quantizer = saved[0]
+            if saved[1] is not None:
+                model.config.quantization_config = saved[1]
+        return None
+    from .quantizer import HfPruneQuantizer
+
+    qconfig = export_config_for(model)  # refreshed from the current PruningState
+    if not isinstance(getattr(model, "hf_quantizer", None), HfPruneQuantizer):
+        enable_compressed_save(model)
+    model.hf_quantizer.quantization_config = qconfig
+    model.hf_quantizer.last_report = None
+    model.config.quantization_config = qconfig
+    cls_save(model, directory, **save_kwargs)
+    report = model.hf_quantizer.last_report
+    if report is None or not list(directory.glob("*.safetensors")):
+        # Never finish an export that transformers wrote without our compression (e.g. a future save path that
+        # bypasses the quantizer): that would be the silent uncompressed copy users complain about.
+        raise RuntimeError(f"hf_prune: the compressed weights were not written to {directory}; export aborted")
+    return report
+
+
+def _move_into_place(tmp: Path, target: Path, *, keep_readme: bool) -> None:
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        if target.exists():
+            target.rmdir()
+        os.rename(tmp, target)  # atomic on POSIX: the directory appears complete or not at all
+        return
+    # Non-empty directory: take down the old export (config.json first, so it stops looking complete), then move
+    # the new files in with config.json last.
+    stale = [target / "config.json"] + [
+        target / name for name in _holds_model(target) if name != "config.json"
+    ]
+    if not keep_readme and (target / _README).is_file():
+        stale.append(target / _README)
+    for path in stale:
+        if path.is_file():
+            path.unlink()
+    new_files = sorted(p.name for p in tmp.iterdir())
+    for name in [n for n in new_files if n != "config.json"] + ["config.json"]:
+        if name == _README and keep_readme:
+            continue
+        os.replace(tmp / name, target / name)
+
+
+# --------------------------------------------------------------------------------- per-instance entry points
+def _save_pretrained(self, save_directory, *, overwrite: bool = False, dense: bool = False, **kwargs):
+    """`save_pretrained` of a pruned model: see [`save_pruned`] (same arguments)."""
+    if kwargs.pop("push_to_hub", False):
+        repo_id = kwargs.pop("repo_id", Path(save_directory).name)
+        hub_kwargs = {k: kwargs.pop(k) for k in ("token", "private", "commit_message", "create_pr", "revision") if k in kwargs}
+        path = save_pruned(self, save_directory, overwrite=overwrite, dense=dense, **kwargs)
+        from .hub import push_pruned
+
+        push_pruned(path, repo_id, **hub_kwargs)
+        return path
+    state_dict = kwargs.pop("state_dict", None)
+    if state_dict is not None and set(state_dict) != set(self.state_dict()):
+        # Trainer passes `model.state_dict()` here; anything else (a partial or renamed dict) cannot be honoured.
+        raise ValueError(
+            "save_pretrained(state_dict=...) with a custom state dict is not supported for hf_prune models: the "
+            "compressed export is built from the model's own weights. Call "
+            "hf_prune.export.disable_compressed_save(model) first to save it the plain transformers way."
+        )
+    return save_pruned(self, save_directory, overwrite=overwrite, dense=dense, **kwargs)
+
+
+def _push_to_hub(
+    self,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+    eval_results: list | None = None,
+    dense: bool = False,
+):
+    """Uploads the compressed export and the hf_prune model card (the same files `save_pretrained` writes)."""
+    from .hub import push_pruned
+
+    with tempfile.TemporaryDirectory(prefix="hf_prune-push-") as tmp:
+        path = save_pruned(
+            self,
+            Path(tmp) / "export",
+            dense=dense,
+            eval_results=eval_results,
+            repo_id=repo_id,
+            tags=tags,
+            max_shard_size=max_shard_size,
+        )
+        return push_pruned(
+            path,
+            repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
+
+
+__all__ = [
+    "compressed_state_dict",
+    "disable_compressed_save",
+    "enable_compressed_save",
+    "save_pruned",
+    "META_SUFFIX",
+]
