@@ -3,3 +3,5 @@
 from .config import PruningConfig, get_config_class, register_pruning_method, registered_methods
 from .state import PruningState, get_pruning_state, set_pruning_state
 from .version import __version__
+from .methods.cofi import CoFiConfig
+from .training import PruningTrainer, TrainingPlugin, register_training_plugin
