@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
+torch.set_num_threads(1)  # tiny models: extra threads only add contention on shared CI cores
+
 
 def tiny_config(**overrides) -> BertConfig:
     kw = dict(

@@ -40,8 +40,8 @@ def _sparsity(model):
 def test_lagrangian_moves_expected_sparsity_toward_target(tmp_path, target):
     student, teacher = tiny_bert(0), tiny_bert(0)
     cfg = CoFiConfig(target_sparsity=target, sparsity_warmup_steps=0, finetune_steps=0,
-                     gate_learning_rate=0.05, lagrangian_learning_rate=0.05)
-    trainer = PruningTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, max_steps=40),
+                     gate_learning_rate=0.1, lagrangian_learning_rate=0.1)
+    trainer = PruningTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, max_steps=20),
                              pruning_config=cfg, train_dataset=ToyDataset())
     start = _sparsity(student)
     trainer.train()
@@ -53,9 +53,9 @@ def test_lagrangian_moves_expected_sparsity_toward_target(tmp_path, target):
         assert key in logs[-1], key
 
 
-def _run(tmp_path, name, resume=None, max_steps=10, save_steps=None):
+def _run(tmp_path, name, resume=None, max_steps=8, save_steps=None):
     student, teacher = tiny_bert(0), tiny_bert(1)
-    cfg = CoFiConfig(target_sparsity=0.5, sparsity_warmup_steps=4, finetune_steps=3,
+    cfg = CoFiConfig(target_sparsity=0.5, sparsity_warmup_steps=3, finetune_steps=2,
                      gate_learning_rate=0.05, lagrangian_learning_rate=0.05)
     kw = dict(max_steps=max_steps)
     if save_steps:
@@ -68,7 +68,7 @@ def _run(tmp_path, name, resume=None, max_steps=10, save_steps=None):
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     full = _run(tmp_path, "full")
-    _run(tmp_path, "part", max_steps=10, save_steps=4)  # checkpoint-4 lies before the masks freeze (step 7)
+    _run(tmp_path, "part", max_steps=8, save_steps=4)  # checkpoint-4 lies before the masks freeze (step 6)
     ckpt = tmp_path / "part" / "checkpoint-4"
     assert ckpt.is_dir()
     resumed = _run(tmp_path, "resumed", resume=str(ckpt))
@@ -130,7 +130,7 @@ def test_fresh_process_from_pretrained_gives_same_predictions(tmp_path):
     student, teacher = tiny_bert(0), tiny_bert(1)
     cfg = CoFiConfig(target_sparsity=0.6, sparsity_warmup_steps=2, finetune_steps=2,
                      gate_learning_rate=0.2, lagrangian_learning_rate=0.2)
-    trainer = PruningTrainer(model=student, teacher_model=teacher, args=_args(tmp_path / "run", max_steps=12),
+    trainer = PruningTrainer(model=student, teacher_model=teacher, args=_args(tmp_path / "run", max_steps=6),
                              pruning_config=cfg, train_dataset=ToyDataset())
     trainer.train()
     # make the layers clearly heterogeneous regardless of how far the short run got
