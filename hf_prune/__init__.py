@@ -12,3 +12,5 @@ from .oneshot import OneShotConfig, oneshot
 # Export: importing registers the `quant_method="hf_prune"` loader with transformers (from_pretrained of compressed
 # checkpoints) and exposes the save / push / info functions.
 from .export import describe_export, push_pruned, save_pruned
+from .methods.cofi import CoFiConfig
+from .training import PruningTrainer, TrainingPlugin, register_training_plugin

@@ -17,22 +17,44 @@ _PLUGINS: dict[type[PruningConfig], type["TrainingPlugin"]] = {}
 
 
 class TrainingPlugin:
-    """Method behaviour inside a training loop. Every hook has a do-nothing default."""
+    """Method behaviour inside a training loop. Every hook has a do-nothing default.
+
+    `PruningTrainer` builds the plugin with `plugin_cls(config, model, teacher_model=...)` before wrapping the model,
+    so a plugin may add modules or hooks to the model in `__init__`.
+    """
+
+    #: whether the method distils from a `teacher_model`; `PruningTrainer` refuses a teacher otherwise.
+    supports_teacher: bool = False
 
     def __init__(self, config: PruningConfig, model: torch.nn.Module, **kwargs: Any):
         self.config = config
         self.model = model
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for the student's forward in training steps (e.g. `output_hidden_states=True`)."""
+        return {}
+
+    def teacher_forward_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for the teacher's forward (run without gradients, in eval mode)."""
+        return {}
 
     def callbacks(self) -> list:
         """`transformers.TrainerCallback`s the trainer should add (e.g. periodic mask updates)."""
         return []
 
     def optimizer_parameter_groups(self) -> list[dict[str, Any]]:
-        """Extra optimizer parameter groups owned by the method (e.g. gate logits with their own learning rate)."""
+        """Extra optimizer parameter groups owned by the method (e.g. gate logits with their own learning rate).
+
+        Their parameters are left out of the trainer's default groups. A group with `"hf_prune_constant_lr": True`
+        keeps its learning rate constant instead of following the trainer's scheduler.
+        """
         return []
 
-    def compute_loss(self, model, inputs, outputs, loss) -> tuple[torch.Tensor, dict[str, float]]:
-        """Returns the (possibly augmented) loss and scalars to log."""
+    def compute_loss(self, model, inputs, outputs, loss, **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
+        """Returns the (possibly augmented) training loss and scalars to log.
+
+        `kwargs` holds `teacher_outputs` when the trainer has a teacher (only for plugins with `supports_teacher`).
+        """
         return loss, {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,122 @@
+"""`CoFiConfig`: coarse- and fine-grained structured pruning with distillation (Xia et al., 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import (
+    PruningConfig,
+    check_positive_int,
+    check_positive_number,
+    register_pruning_method,
+)
+
+_OWNER = "CoFiConfig"
+
+
+def _check_steps(name: str, value, *, allow_zero: bool = True) -> None:
+    """A length given as a number of optimizer steps (int >= 1) or as a fraction of the run (float in [0, 1))."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    if ok and isinstance(value, float) and not value.is_integer() and value >= 1:
+        ok = False
+    if ok and not allow_zero and value == 0:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{_OWNER}.{name} must be a number of steps (int >= {0 if allow_zero else 1}) or a fraction of the "
+            f"training steps (float in [0, 1)), got {value!r}"
+        )
+
+
+def resolve_steps(value: float | int, total_steps: int) -> int:
+    """Turns a `CoFiConfig` length (steps, or a fraction of `total_steps` when < 1) into a step count."""
+    if isinstance(value, float) and value < 1:
+        return int(round(value * total_steps))
+    return int(value)
+
+
+@register_pruning_method("cofi")
+@dataclass(kw_only=True)
+class CoFiConfig(PruningConfig):
+    """Configuration of CoFi pruning.
+
+    CoFi learns hard-concrete gates over whole attention / FFN sublayers, attention heads, FFN neurons and the hidden
+    dimension, with a Lagrangian constraint that drives the expected sparsity of the encoder's weight matrices to
+    `target_sparsity`, while distilling from a fine-tuned dense teacher. The last `finetune_steps` of the run train
+    the weights with the deterministic masks fixed; [`PruningTrainer.export_pruned_model`] then removes the pruned
+    units physically.
+
+    Args:
+        target_sparsity (`float`):
+            Fraction of the prunable parameters (the encoder's attention and FFN weight matrices; embeddings, biases,
+            LayerNorms and the task head are not counted) to remove, in [0, 1).
+        prune_layers (`bool`, defaults to `True`): learn one gate per whole attention sublayer and per FFN sublayer.
+        prune_heads (`bool`, defaults to `True`): learn one gate per attention head.
+        prune_neurons (`bool`, defaults to `True`): learn one gate per FFN intermediate neuron.
+        prune_hidden (`bool`, defaults to `True`): learn one hidden-dimension gate vector shared by all layers.
+        sparsity_warmup_steps (`int` or `float`, defaults to 0.5):
+            The target ramps linearly from 0 to `target_sparsity` over this many steps (a float < 1 is a fraction of
+            the pruning phase).
+        finetune_steps (`int` or `float`, defaults to 0.2):
+            Length of the final phase with fixed deterministic masks (a float < 1 is a fraction of the training run).
+        gate_learning_rate (`float`, defaults to 0.01): learning rate of the gate logits (log alpha).
+        lagrangian_learning_rate (`float`, defaults to 0.01): learning rate of lambda_1 and lambda_2 (gradient ascent).
+        gate_init_droprate (`float`, defaults to 0.5):
+            Initial drop rate of every gate; the logits start at log((1 - p) / p) plus N(0, 0.01) noise.
+        temperature (`float`, defaults to 2.0): temperature of the prediction distillation (the KL is scaled by T^2).
+        distill_pred_weight (`float`, defaults to 1.0): weight of the prediction (KL) distillation loss.
+        distill_layer_weight (`float`, defaults to 0.5): weight of the layer (hidden state MSE) distillation loss.
+        hard_label_weight (`float`, defaults to 0.0):
+            weight of the model's own loss on the labels when a teacher is given (without a teacher it is always 1).
+        teacher_layers (`list[int]`, *optional*):
+            1-based teacher layers matched by the layer loss; by default every ceil(L/4)-th layer ending at the top.
+    """
+
+    target_sparsity: float = 0.6
+    prune_layers: bool = True
+    prune_heads: bool = True
+    prune_neurons: bool = True
+    prune_hidden: bool = True
+    sparsity_warmup_steps: float | int = 0.5
+    finetune_steps: float | int = 0.2
+    gate_learning_rate: float = 0.01
+    lagrangian_learning_rate: float = 0.01
+    gate_init_droprate: float = 0.5
+    temperature: float = 2.0
+    distill_pred_weight: float = 1.0
+    distill_layer_weight: float = 0.5
+    hard_label_weight: float = 0.0
+    teacher_layers: list[int] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        t = self.target_sparsity
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0:
+            raise ValueError(f"{_OWNER}.target_sparsity must be a number in [0, 1), got {t!r}")
+        for name in ("prune_layers", "prune_heads", "prune_neurons", "prune_hidden"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{_OWNER}.{name} must be a bool, got {getattr(self, name)!r}")
+        if not (self.prune_layers or self.prune_heads or self.prune_neurons or self.prune_hidden):
+            raise ValueError(
+                f"{_OWNER}: every unit is disabled (prune_layers, prune_heads, prune_neurons and prune_hidden are all "
+                "False); enable at least one"
+            )
+        _check_steps("sparsity_warmup_steps", self.sparsity_warmup_steps)
+        _check_steps("finetune_steps", self.finetune_steps)
+        for name in ("gate_learning_rate", "lagrangian_learning_rate", "temperature"):
+            check_positive_number(_OWNER, name, getattr(self, name))
+        for name in ("distill_pred_weight", "distill_layer_weight", "hard_label_weight"):
+            check_positive_number(_OWNER, name, getattr(self, name), allow_zero=True)
+        p = self.gate_init_droprate
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
+            raise ValueError(f"{_OWNER}.gate_init_droprate must be in the open interval (0, 1), got {p!r}")
+        if self.teacher_layers is not None:
+            if not isinstance(self.teacher_layers, (list, tuple)) or not self.teacher_layers:
+                raise ValueError(f"{_OWNER}.teacher_layers must be a non-empty list of layer numbers or None")
+            for layer in self.teacher_layers:
+                check_positive_int(_OWNER, "teacher_layers", layer)
+            if list(self.teacher_layers) != sorted(set(self.teacher_layers)):
+                raise ValueError(
+                    f"{_OWNER}.teacher_layers must be strictly increasing, got {list(self.teacher_layers)!r}"
+                )
+            self.teacher_layers = [int(x) for x in self.teacher_layers]

@@ -1,0 +1,189 @@
+"""Gate injection: the CoFi *masked model*.
+
+[`inject_gates`] attaches a [`CoFiGates`] module to the model (as `model.hf_prune_cofi`, so the gates, the
+Lagrange multipliers and the layer-distillation transform are saved in every checkpoint and synchronised by DDP like
+any parameter) and registers forward hooks on the stock modules; the model's classes and weights are not changed.
+
+The masked model, for gate values z (sampled while training, deterministic in eval or after freezing):
+
+- attention: the context of head h is multiplied by `z_head[l, h]`; the output projection's result (bias included)
+  by `z_mha[l] * z_hidden`;
+- FFN: the activation of neuron i is multiplied by `z_neuron[l, i]`; the down projection's result (bias included) by
+  `z_ffn[l] * z_hidden`;
+- hidden dimension: every LayerNorm (embeddings and both per layer) normalises **only over the dimensions with
+  z_hidden != 0** (the others are set to 0), then multiplies its output by `z_hidden`.
+
+Why this makes physical removal exact: every hidden state is zero on the dropped dimensions, so the columns of the
+linears that read them contribute nothing and can be removed; LayerNorm statistics are computed over the kept
+dimensions only, which is what a LayerNorm of the smaller width computes; every gate multiplies a linear function
+of weights (or a LayerNorm's affine output), so its value folds into those weights and biases. A sublayer whose
+gate is 0 contributes exactly 0 to the residual and its LayerNorm is kept (`LN(x + 0)`, the paper's formula), so
+removing its weights changes nothing.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import BertFamilyAdapter
+from .config import CoFiConfig
+from .gates import HardConcreteGate, deterministic_gates
+
+ATTR = "hf_prune_cofi"
+GATE_NAMES = ("head", "mha", "neuron", "ffn", "hidden")
+
+
+class CoFiGates(nn.Module):
+    """All CoFi state that lives with the model: gate logits, Lagrange multipliers, layer transform, frozen masks."""
+
+    def __init__(self, config: CoFiConfig, adapter: BertFamilyAdapter, teacher_hidden_size: int | None = None):
+        super().__init__()
+        d = adapter.dims
+        shapes = {
+            "head": (d.num_layers, d.num_heads) if config.prune_heads else None,
+            "mha": (d.num_layers,) if config.prune_layers else None,
+            "neuron": (d.num_layers, d.intermediate_size) if config.prune_neurons else None,
+            "ffn": (d.num_layers,) if config.prune_layers else None,
+            "hidden": (d.hidden_size,) if config.prune_hidden else None,
+        }
+        self.gates = nn.ModuleDict(
+            {n: HardConcreteGate(s, config.gate_init_droprate) for n, s in shapes.items() if s is not None}
+        )
+        self.lambda_1 = nn.Parameter(torch.zeros(()))
+        self.lambda_2 = nn.Parameter(torch.zeros(()))
+        self.layer_transform = None
+        if teacher_hidden_size is not None:
+            self.layer_transform = nn.Linear(d.hidden_size, teacher_hidden_size)
+            with torch.no_grad():
+                self.layer_transform.weight.copy_(torch.eye(teacher_hidden_size, d.hidden_size))
+                self.layer_transform.bias.zero_()
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        for n, g in self.gates.items():
+            self.register_buffer(f"fixed_{n}", torch.zeros_like(g.log_alpha, requires_grad=False))
+        self.dims = d
+        self.head_dim = d.head_dim
+        self.current: dict[str, torch.Tensor] = {}
+
+    # -------------------------------------------------------------------------------------------------- masks
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [g.log_alpha for g in self.gates.values()]
+
+    def lagrangian_parameters(self) -> list[nn.Parameter]:
+        return [self.lambda_1, self.lambda_2]
+
+    def is_frozen(self) -> bool:
+        return bool(self.frozen.item())
+
+    def deterministic_masks(self) -> dict[str, torch.Tensor]:
+        """Fixed masks once frozen, else the deterministic masks of the current logits."""
+        if self.is_frozen():
+            return {n: getattr(self, f"fixed_{n}") for n in self.gates}
+        return {n: deterministic_gates(g.log_alpha) for n, g in self.gates.items()}
+
+    def keep_probabilities(self) -> dict[str, torch.Tensor]:
+        return {n: g.keep_probability() for n, g in self.gates.items()}
+
+    def refresh(self, training: bool) -> None:
+        """Draws this forward pass's gate values (one hard-concrete sample per step while training)."""
+        if training and not self.is_frozen():
+            self.current = {n: g(deterministic=False) for n, g in self.gates.items()}
+        else:
+            self.current = dict(self.deterministic_masks())
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fixes the deterministic masks; from now on the gates and the Lagrangian no longer train."""
+        for n, m in self.deterministic_masks().items():
+            getattr(self, f"fixed_{n}").copy_(m)
+        self.frozen.fill_(True)
+        for p in self.gate_parameters() + self.lagrangian_parameters():
+            p.requires_grad_(False)
+
+    def z(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        v = self.current.get(name)
+        return None if v is None else v.to(dtype=like.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------ hooks
+def masked_layer_norm(x: torch.Tensor, ln: nn.LayerNorm, z: torch.Tensor | None) -> torch.Tensor:
+    """LayerNorm over the dimensions where `z != 0` only, zero elsewhere, times `z`."""
+    if z is None:
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    z = z.to(x.dtype)
+    keep = torch.nonzero(z, as_tuple=True)[0]
+    if keep.numel() == z.numel():
+        y = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    else:
+        w = ln.weight.index_select(0, keep) if ln.weight is not None else None
+        b = ln.bias.index_select(0, keep) if ln.bias is not None else None
+        part = F.layer_norm(x.index_select(-1, keep), (keep.numel(),), w, b, ln.eps)
+        y = x.new_zeros(x.shape).index_copy(-1, keep, part)
+    return y * z
+
+
+def _ln_forward(gates: CoFiGates):
+    def forward(self, x):
+        return masked_layer_norm(x, self, gates.z("hidden", x))
+
+    return forward
+
+
+def inject_gates(
+    model: nn.Module, config: CoFiConfig, adapter: BertFamilyAdapter, teacher_hidden_size: int | None = None
+) -> CoFiGates:
+    """Attaches `CoFiGates` to `model` and registers the masking hooks. Returns the gates module."""
+    if hasattr(model, ATTR):
+        raise ValueError("This model already carries CoFi gates (model.hf_prune_cofi); build a fresh student")
+    ref = next(model.parameters())
+    gates = CoFiGates(config, adapter, teacher_hidden_size).to(device=ref.device)
+    model.add_module(ATTR, gates)
+    handles = [model.register_forward_pre_hook(lambda mod, args: gates.refresh(mod.training))]
+    dh = adapter.dims.head_dim
+
+    for layer in range(adapter.dims.num_layers):
+
+        def heads_pre(mod, args, layer=layer):
+            z = gates.z("head", args[0])
+            if z is None:
+                return None
+            return (args[0] * z[layer].repeat_interleave(dh),) + tuple(args[1:])
+
+        def attn_out(mod, args, out, layer=layer):
+            scale = _combine(gates.z("mha", out), layer, gates.z("hidden", out))
+            return out if scale is None else out * scale
+
+        def neurons(mod, args, out, layer=layer):
+            z = gates.z("neuron", out)
+            return out if z is None else out * z[layer]
+
+        def ffn_out(mod, args, out, layer=layer):
+            scale = _combine(gates.z("ffn", out), layer, gates.z("hidden", out))
+            return out if scale is None else out * scale
+
+        o = adapter.attn_out(layer)
+        handles += [
+            o.register_forward_pre_hook(heads_pre),
+            o.register_forward_hook(attn_out),
+            adapter.ffn_act_module(layer).register_forward_hook(neurons),
+            adapter.ffn_down(layer).register_forward_hook(ffn_out),
+        ]
+    if "hidden" in gates.gates:
+        for ln in adapter.layernorms():
+            ln.forward = types.MethodType(_ln_forward(gates), ln)
+    gates._hook_handles = handles  # plain attribute: not part of the state dict
+    return gates
+
+
+def _combine(z_layer: torch.Tensor | None, layer: int, z_hidden: torch.Tensor | None) -> torch.Tensor | None:
+    if z_layer is None:
+        return z_hidden
+    return z_layer[layer] if z_hidden is None else z_layer[layer] * z_hidden
+
+
+def get_gates(model: nn.Module) -> CoFiGates | None:
+    model = getattr(model, "module", model)  # unwrap DDP
+    return getattr(model, ATTR, None)

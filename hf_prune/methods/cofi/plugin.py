@@ -1,0 +1,223 @@
+"""CoFi inside a training loop: the `TrainingPlugin` that `PruningTrainer` drives."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from ...state import PruningState, set_pruning_state
+from ...training.plugin import TrainingPlugin, register_training_plugin
+from .arch import get_adapter
+from .config import CoFiConfig, resolve_steps
+from .distill import default_teacher_layers, layer_costs, layer_loss, match_layers, prediction_loss
+from .loading import mark_structured
+from .model import inject_gates
+from .prune import build_pruned_model, final_masks, kept_units
+from .sparsity import expected_sparsity, lagrangian_term, target_at, unit_counts
+
+
+class _GradientReversal(torch.autograd.Function):
+    """Identity forward, negated gradient: the Lagrange multipliers do gradient *ascent* under any optimizer."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class CoFiCallback(TrainerCallback):
+    """Tracks the step, resolves the schedule at train start and freezes the masks when fine-tuning begins."""
+
+    def __init__(self, plugin: "CoFiPlugin"):
+        self.plugin = plugin
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.plugin.setup_schedule(state.max_steps)
+        self.plugin.step = state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.plugin.step = state.global_step
+        if state.global_step >= self.plugin.pruning_steps and not self.plugin.gates.is_frozen():
+            self.plugin.gates.freeze()
+
+
+@register_training_plugin(CoFiConfig)
+class CoFiPlugin(TrainingPlugin):
+    """Injects CoFi's gates into the student and adds the Lagrangian and distillation terms to its loss.
+
+    Args:
+        config ([`CoFiConfig`]), model: the student (a fine-tuned BERT-family classifier),
+        teacher_model (*optional*): the fine-tuned dense teacher; without it the student trains on hard labels.
+    """
+
+    supports_teacher = True
+
+    def __init__(self, config: CoFiConfig, model: nn.Module, teacher_model: nn.Module | None = None, **kwargs: Any):
+        super().__init__(config, model)
+        self.adapter = get_adapter(model)
+        self.teacher_layers: list[int] = []
+        teacher_hidden = None
+        if teacher_model is not None:
+            s_labels, t_labels = model.config.num_labels, getattr(teacher_model.config, "num_labels", None)
+            if t_labels != s_labels:
+                raise ValueError(
+                    f"teacher_model has {t_labels} labels but the student model has {s_labels}; CoFi distils the "
+                    "teacher's predictions, so both must classify into the same labels"
+                )
+            if config.distill_layer_weight > 0:
+                t_layers = int(teacher_model.config.num_hidden_layers)
+                self.teacher_layers = list(config.teacher_layers or default_teacher_layers(t_layers))
+                if max(self.teacher_layers) > t_layers:
+                    raise ValueError(
+                        f"CoFiConfig.teacher_layers={self.teacher_layers} refers to layers beyond the teacher's "
+                        f"{t_layers} layers"
+                    )
+                teacher_hidden = int(teacher_model.config.hidden_size)
+        self.has_teacher = teacher_model is not None
+        self.gates = inject_gates(model, config, self.adapter, teacher_hidden)
+        self.step = 0
+        self.total_steps = None
+        self.pruning_steps = 0
+        self.warmup_steps = 0
+        self.train_start = None
+
+    # ------------------------------------------------------------------------------------------------ schedule
+    def setup_schedule(self, total_steps: int) -> None:
+        cfg = self.config
+        finetune = resolve_steps(cfg.finetune_steps, total_steps)
+        if finetune >= total_steps:
+            raise ValueError(
+                f"CoFiConfig.finetune_steps={cfg.finetune_steps} leaves no pruning steps in a {total_steps}-step run"
+            )
+        self.total_steps = total_steps
+        self.pruning_steps = total_steps - finetune
+        self.warmup_steps = min(resolve_steps(cfg.sparsity_warmup_steps, self.pruning_steps), self.pruning_steps)
+        self.train_start = time.perf_counter()
+
+    def target(self) -> float:
+        return target_at(self.step, self.config.target_sparsity, self.warmup_steps)
+
+    # --------------------------------------------------------------------------------------------------- hooks
+    def callbacks(self) -> list:
+        return [CoFiCallback(self)]
+
+    def optimizer_parameter_groups(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "params": self.gates.gate_parameters(),
+                "lr": self.config.gate_learning_rate,
+                "weight_decay": 0.0,
+                "hf_prune_constant_lr": True,
+            },
+            {
+                "params": self.gates.lagrangian_parameters(),
+                "lr": self.config.lagrangian_learning_rate,
+                "weight_decay": 0.0,
+                "hf_prune_constant_lr": True,
+            },
+        ]
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        return {"output_hidden_states": True} if self.teacher_layers else {}
+
+    def teacher_forward_kwargs(self) -> dict[str, Any]:
+        return self.forward_kwargs()
+
+    def compute_loss(self, model, inputs, outputs, loss, teacher_outputs=None, **kwargs):
+        cfg = self.config
+        logs: dict[str, float] = {}
+        if teacher_outputs is not None:
+            total = 0.0
+            if loss is not None and cfg.hard_label_weight > 0:
+                total = total + cfg.hard_label_weight * loss
+                logs["loss_hard"] = float(loss.detach())
+            pred = prediction_loss(outputs.logits, teacher_outputs.logits, cfg.temperature)
+            total = total + cfg.distill_pred_weight * pred
+            logs["loss_distill_pred"] = float(pred.detach())
+            if self.teacher_layers:
+                lay, pairs = self._layer_loss(inputs, outputs, teacher_outputs)
+                total = total + cfg.distill_layer_weight * lay
+                logs["loss_distill_layer"] = float(lay.detach())
+                for i, j in pairs:
+                    logs[f"layer_match_t{self.teacher_layers[i]}"] = float(j + 1)
+        else:
+            if loss is None:
+                raise ValueError("CoFi without a teacher_model trains on labels: the batch has no `labels`")
+            total = loss
+        if not self.gates.is_frozen():
+            probs = self.gates.keep_probabilities()
+            s = expected_sparsity(self.adapter.dims, **probs)
+            t = self.target()
+            lam1 = _GradientReversal.apply(self.gates.lambda_1)
+            lam2 = _GradientReversal.apply(self.gates.lambda_2)
+            lag = lagrangian_term(s, t, lam1, lam2)
+            total = total + lag
+            logs.update({"loss_lagrangian": float(lag.detach()), "expected_sparsity": float(s.detach())})
+            counts = unit_counts(self.adapter.dims, **{k: v.detach() for k, v in probs.items()})
+        else:
+            masks = {k: (v != 0).float() for k, v in self.gates.deterministic_masks().items()}
+            t = self.config.target_sparsity
+            logs["expected_sparsity"] = float(expected_sparsity(self.adapter.dims, **masks))
+            counts = unit_counts(self.adapter.dims, **masks)
+        logs.update(
+            {
+                "target_sparsity": float(t),
+                "lambda_1": float(self.gates.lambda_1.detach()),
+                "lambda_2": float(self.gates.lambda_2.detach()),
+                "expected_heads": float(counts["heads"].sum()),
+                "expected_neurons": float(counts["neurons"].sum()),
+                "expected_hidden": float(counts["hidden"]),
+                "expected_mha_layers": float(counts["mha_layers"]),
+                "expected_ffn_layers": float(counts["ffn_layers"]),
+                "masks_frozen": float(self.gates.is_frozen()),
+            }
+        )
+        return total, logs
+
+    def _layer_loss(self, inputs, outputs, teacher_outputs):
+        s_hidden = list(outputs.hidden_states[1:])
+        t_hidden = [teacher_outputs.hidden_states[i] for i in self.teacher_layers]
+        costs = layer_costs(s_hidden, t_hidden, self.gates.layer_transform, inputs.get("attention_mask"))
+        z_ffn = self.gates.current.get("ffn")
+        available = (z_ffn != 0) if z_ffn is not None else None
+        pairs = match_layers(costs, available)
+        return layer_loss(costs, pairs), pairs
+
+    # ------------------------------------------------------------------------------------------------- export
+    def export(self, model: nn.Module) -> nn.Module:
+        """Physically pruned copy of `model` (the masked model with deterministic masks), with its PruningState."""
+        model = getattr(model, "module", model)
+        masks = final_masks(self.gates)
+        dense_params = self.adapter.dims.full_params
+        small, structure = build_pruned_model(model, masks)
+        mark_structured(small, structure)
+        kept_params = get_adapter(small).prunable_weight_count()
+        kept = kept_units(masks)
+        metrics = {
+            "sparsity": 1.0 - kept_params / dense_params,
+            "target_sparsity": self.config.target_sparsity,
+            "prunable_params_before": dense_params,
+            "prunable_params_after": kept_params,
+            "params_before": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("hf_prune_cofi.")),
+            "params_after": sum(p.numel() for p in small.parameters()),
+            "structure": structure,
+            "kept_head_indices": kept["heads"],
+        }
+        if self.train_start is not None:
+            metrics["train_wall_time_s"] = time.perf_counter() - self.train_start
+        state = PruningState(
+            config=self.config,
+            layout="structured",
+            module_sparsity={},
+            metrics=metrics,
+            base_model=getattr(model.config, "_name_or_path", None) or None,
+        )
+        set_pruning_state(small, state)
+        return small

@@ -1,0 +1,152 @@
+"""Final masks and physical removal: from the masked model to a smaller dense model with the same outputs."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import get_adapter
+from .model import ATTR, CoFiGates
+from .structure import FORMAT, apply_structure
+
+
+def final_masks(gates: CoFiGates) -> dict[str, torch.Tensor]:
+    """Deterministic masks for every gate type (all-ones for the types that are not pruned)."""
+    d = gates.dims
+    m = {n: t.detach().float().cpu() for n, t in gates.deterministic_masks().items()}
+    defaults = {
+        "head": torch.ones(d.num_layers, d.num_heads),
+        "mha": torch.ones(d.num_layers),
+        "neuron": torch.ones(d.num_layers, d.intermediate_size),
+        "ffn": torch.ones(d.num_layers),
+        "hidden": torch.ones(d.hidden_size),
+    }
+    return {n: m.get(n, defaults[n]) for n in defaults}
+
+
+def kept_units(masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Indices of surviving heads / neurons per layer and of surviving hidden dims (non-zero effective gates)."""
+    heads = masks["head"] * masks["mha"].unsqueeze(-1)
+    neurons = masks["neuron"] * masks["ffn"].unsqueeze(-1)
+    return {
+        "heads": [torch.nonzero(h, as_tuple=True)[0].tolist() for h in heads],
+        "neurons": [torch.nonzero(n, as_tuple=True)[0].tolist() for n in neurons],
+        "hidden": torch.nonzero(masks["hidden"], as_tuple=True)[0].tolist(),
+    }
+
+
+@torch.no_grad()
+def pruned_state_dict(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Folds the gate values into the weights and slices out the removed units.
+
+    Returns the new state dict (keys of the dense model without the removed modules' entries) and the structure.
+    """
+    ad = get_adapter(model)
+    dh = ad.dims.head_dim
+    kept = kept_units(masks)
+    names = {id(p): n for n, p in model.named_parameters()}
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(ATTR + ".")}
+    hid = torch.tensor(kept["hidden"], dtype=torch.long)
+    zh = masks["hidden"][hid]
+
+    def put(param: torch.Tensor, value: torch.Tensor) -> None:
+        sd[names[id(param)]] = value.to(dtype=param.dtype).contiguous()
+
+    def dev(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.to(device=like.device, dtype=torch.float32)
+
+    for table in ad.embedding_tables().values():
+        put(table.weight, table.weight.index_select(1, dev(hid, table.weight).long()))
+
+    def fold_ln(ln: nn.LayerNorm) -> None:
+        i = dev(hid, ln.weight).long()
+        put(ln.weight, ln.weight.float().index_select(0, i) * dev(zh, ln.weight))
+        if ln.bias is not None:
+            put(ln.bias, ln.bias.float().index_select(0, i) * dev(zh, ln.bias))
+
+    fold_ln(ad.embedding_layernorm())
+    layers = []
+    for layer in range(ad.dims.num_layers):
+        # attention: Q/K/V keep the rows of surviving heads and the columns of surviving hidden dims
+        h_idx = kept["heads"][layer]
+        rows = torch.tensor([h * dh + j for h in h_idx for j in range(dh)], dtype=torch.long)
+        if h_idx:
+            for lin in ad.qkv(layer):
+                r, c = dev(rows, lin.weight).long(), dev(hid, lin.weight).long()
+                put(lin.weight, lin.weight.index_select(0, r).index_select(1, c))
+                if lin.bias is not None:
+                    put(lin.bias, lin.bias.index_select(0, r))
+        else:
+            for k in [k for k in sd if k.startswith(names[id(ad.qkv(layer)[0].weight)].rsplit(".", 2)[0] + ".")]:
+                del sd[k]  # the whole self-attention module goes
+        z_mha = float(masks["mha"][layer])
+        col_scale = (masks["head"][layer][h_idx] * z_mha).repeat_interleave(dh) if h_idx else torch.zeros(0)
+        _fold_out(put, dev, ad.attn_out(layer), hid, rows, zh * z_mha, col_scale)
+        fold_ln(ad.attn_layernorm(layer))
+        # FFN: up keeps rows of surviving neurons; down keeps their columns, scaled by the neuron and FFN gates
+        n_idx = torch.tensor(kept["neurons"][layer], dtype=torch.long)
+        up = ad.ffn_up(layer)
+        put(up.weight, up.weight.index_select(0, dev(n_idx, up.weight).long()).index_select(1, dev(hid, up.weight).long()))
+        if up.bias is not None:
+            put(up.bias, up.bias.index_select(0, dev(n_idx, up.bias).long()))
+        z_ffn = float(masks["ffn"][layer])
+        _fold_out(put, dev, ad.ffn_down(layer), hid, n_idx, zh * z_ffn, masks["neuron"][layer][n_idx] * z_ffn)
+        fold_ln(ad.ffn_layernorm(layer))
+        layers.append(
+            {
+                "heads": len(h_idx),
+                "intermediate_size": int(n_idx.numel()),
+                "attention_removed": not h_idx,
+                "ffn_removed": n_idx.numel() == 0,
+            }
+        )
+    for parent, attr in ad.head_inputs():
+        lin = getattr(parent, attr)
+        put(lin.weight, lin.weight.index_select(1, dev(hid, lin.weight).long()))
+    structure = {
+        "format": FORMAT,
+        "model_type": ad.model_type,
+        "architecture": type(model).__name__,
+        "original": {
+            "hidden_size": ad.dims.hidden_size,
+            "num_attention_heads": ad.dims.num_heads,
+            "intermediate_size": ad.dims.intermediate_size,
+            "num_hidden_layers": ad.dims.num_layers,
+        },
+        "hidden_size": int(hid.numel()),
+        "layers": layers,
+    }
+    return sd, structure
+
+
+def _fold_out(put, dev, lin: nn.Linear, hid, cols, row_scale, col_scale) -> None:
+    """Output projection: keep rows `hid` scaled by `row_scale` and columns `cols` scaled by `col_scale`."""
+    w = lin.weight.float().index_select(0, dev(hid, lin.weight).long()).index_select(1, dev(cols, lin.weight).long())
+    w = w * dev(row_scale, lin.weight).unsqueeze(1) * dev(col_scale, lin.weight).unsqueeze(0)
+    put(lin.weight, w)
+    if lin.bias is not None:
+        put(lin.bias, lin.bias.float().index_select(0, dev(hid, lin.bias).long()) * dev(row_scale, lin.bias))
+
+
+@torch.no_grad()
+def build_pruned_model(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """A new, physically smaller model of the same class whose outputs equal the masked model's."""
+    sd, structure = pruned_state_dict(model, masks)
+    config = copy.deepcopy(model.config)
+    ref = next(p for n, p in model.named_parameters() if not n.startswith(ATTR + "."))
+    small = type(model)(config).to(device=ref.device, dtype=ref.dtype)
+    apply_structure(small, structure)
+    small_sd = small.state_dict()
+    missing = sorted(set(small_sd) - set(sd))
+    extra = sorted(set(sd) - set(small_sd))
+    if missing or extra:
+        raise RuntimeError(f"CoFi export: state dict mismatch (missing {missing[:5]}, unexpected {extra[:5]})")
+    for k, v in sd.items():
+        if small_sd[k].shape != v.shape:
+            raise RuntimeError(f"CoFi export: {k} has shape {tuple(v.shape)}, structure expects {tuple(small_sd[k].shape)}")
+    small.load_state_dict(sd, strict=True)
+    small.eval()
+    return small, structure

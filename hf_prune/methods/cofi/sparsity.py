@@ -1,0 +1,90 @@
+"""Expected model size under the gates, the sparsity target schedule and the Lagrangian constraint.
+
+Prunable parameters are the encoder's attention (Q, K, V, O) and FFN (up, down) weight matrices. With `d` the
+(shared) hidden size, `d_h` the head size, a layer keeps `4 * d_h * heads * d + 2 * neurons * d` of them. Gates are
+nested (a head survives only if its attention sublayer does; a neuron only if its FFN does) and independent, so the
+expected count is the same expression with each unit count replaced by the sum of products of keep probabilities:
+`E[P] = E[d] * sum_l (4 d_h sum_h p_mha(l) p_head(l, h) + 2 sum_i p_ffn(l) p_neuron(l, i))`.
+With deterministic 0/1 masks the same formula is an exact parameter count of the physically pruned model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EncoderDims:
+    """Shape of a dense transformer encoder, as far as CoFi's size formula needs it."""
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+
+    @property
+    def full_params(self) -> int:
+        per_layer = 4 * self.head_dim * self.num_heads * self.hidden_size + 2 * self.intermediate_size * self.hidden_size
+        return self.num_layers * per_layer
+
+
+def unit_counts(
+    dims: EncoderDims,
+    *,
+    head: torch.Tensor | None = None,
+    mha: torch.Tensor | None = None,
+    neuron: torch.Tensor | None = None,
+    ffn: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Expected (or, for 0/1 inputs, exact) surviving units. `None` means "this gate type is not pruned".
+
+    Args:
+        head (`(num_layers, num_heads)`), mha (`(num_layers,)`), neuron (`(num_layers, intermediate_size)`),
+        ffn (`(num_layers,)`), hidden (`(hidden_size,)`): keep probabilities or 0/1 indicators.
+    Returns:
+        dict with `heads` (per layer), `neurons` (per layer), `hidden`, `mha_layers`, `ffn_layers` (scalars).
+    """
+    ref = next((t for t in (head, mha, neuron, ffn, hidden) if t is not None), None)
+    kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    L = dims.num_layers
+    mha_p = mha if mha is not None else torch.ones(L, **kw)
+    ffn_p = ffn if ffn is not None else torch.ones(L, **kw)
+    heads = (head if head is not None else torch.ones(L, dims.num_heads, **kw)) * mha_p.unsqueeze(-1)
+    neurons = (neuron if neuron is not None else torch.ones(L, dims.intermediate_size, **kw)) * ffn_p.unsqueeze(-1)
+    hid = hidden.sum() if hidden is not None else torch.tensor(float(dims.hidden_size), **kw)
+    return {
+        "heads": heads.sum(-1),
+        "neurons": neurons.sum(-1),
+        "hidden": hid,
+        "mha_layers": mha_p.sum(),
+        "ffn_layers": ffn_p.sum(),
+    }
+
+
+def expected_params(dims: EncoderDims, **gates: torch.Tensor | None) -> torch.Tensor:
+    """Expected number of surviving prunable parameters (differentiable in the keep probabilities)."""
+    c = unit_counts(dims, **gates)
+    return c["hidden"] * (4 * dims.head_dim * c["heads"].sum() + 2 * c["neurons"].sum())
+
+
+def expected_sparsity(dims: EncoderDims, **gates: torch.Tensor | None) -> torch.Tensor:
+    return 1.0 - expected_params(dims, **gates) / dims.full_params
+
+
+def target_at(step: int, target: float, warmup_steps: int) -> float:
+    """Target sparsity at `step`: linear ramp from 0 to `target` over `warmup_steps`, then constant."""
+    if warmup_steps <= 0:
+        return float(target)
+    return float(target) * min(1.0, max(0, step) / warmup_steps)
+
+
+def lagrangian_term(
+    sparsity: torch.Tensor, target: float, lambda_1: torch.Tensor, lambda_2: torch.Tensor
+) -> torch.Tensor:
+    """`lambda_1 (s - t) + lambda_2 (s - t)^2`: minimised over the gates, maximised over the lambdas."""
+    gap = sparsity - target
+    return lambda_1 * gap + lambda_2 * gap * gap

@@ -1,0 +1,169 @@
+"""`PruningTrainer`: a `transformers.Trainer` that runs any training-time pruning method through its plugin.
+
+The trainer knows nothing about a method's maths. It looks up the [`TrainingPlugin`] registered for the
+`pruning_config`'s class and calls its hooks: `callbacks()`, `optimizer_parameter_groups()`, `forward_kwargs()`,
+`compute_loss()`, `state_dict()` / `load_state_dict()` (saved in every checkpoint, restored on resume) and
+`export()`. Stock `TrainingArguments`, datasets, collators, evaluation and logging integrations keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer
+
+from ..config import PruningConfig
+from .plugin import TrainingPlugin, get_training_plugin_class
+
+PLUGIN_STATE_TENSORS = "hf_prune_plugin_state.safetensors"
+PLUGIN_STATE_JSON = "hf_prune_plugin_state.json"
+
+
+class PruningTrainer(Trainer):
+    """[`~transformers.Trainer`] with a pruning method.
+
+    Args:
+        pruning_config ([`PruningConfig`]): a training-time method's config (e.g. [`CoFiConfig`]).
+        teacher_model (`torch.nn.Module`, *optional*): dense teacher for methods that distil (run in eval mode,
+            without gradients, on the training device).
+        *args, **kwargs: everything [`~transformers.Trainer`] accepts.
+
+    Example:
+
+    ```python
+    trainer = PruningTrainer(model=student, teacher_model=teacher, args=TrainingArguments("out"),
+                             pruning_config=CoFiConfig(target_sparsity=0.6), train_dataset=train)
+    trainer.train()
+    small = trainer.export_pruned_model()
+    ```
+    """
+
+    def __init__(self, model=None, args=None, *trainer_args, pruning_config: PruningConfig, teacher_model=None, **kwargs):
+        if not isinstance(pruning_config, PruningConfig):
+            raise TypeError(f"pruning_config must be a PruningConfig, got {type(pruning_config).__name__}")
+        if model is None:
+            raise ValueError("PruningTrainer needs `model` (model_init is not supported: the method modifies the model)")
+        plugin_cls = get_training_plugin_class(pruning_config)
+        if teacher_model is not None and not plugin_cls.supports_teacher:
+            raise ValueError(f"teacher_model was given, but method {pruning_config.method!r} does not distil")
+        self.pruning_config = pruning_config
+        self.teacher_model = teacher_model
+        self.pruning_plugin: TrainingPlugin = plugin_cls(pruning_config, model, teacher_model=teacher_model)
+        super().__init__(model, args, *trainer_args, **kwargs)
+        for callback in self.pruning_plugin.callbacks():
+            self.add_callback(callback)
+        if self.teacher_model is not None:
+            self.teacher_model.eval().requires_grad_(False)
+            self.teacher_model.to(self.args.device)
+        self._pruning_logs: dict[str, list[float]] = defaultdict(list)
+
+    # -------------------------------------------------------------------------------------------- optimization
+    def _plugin_groups(self) -> list[dict[str, Any]]:
+        if not hasattr(self, "_cached_plugin_groups"):
+            self._cached_plugin_groups = self.pruning_plugin.optimizer_parameter_groups()
+        return self._cached_plugin_groups
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        groups = self._plugin_groups()
+        owned = [p for g in groups for p in g["params"]]
+        flags = [p.requires_grad for p in owned]
+        for p in owned:  # keep the method's parameters out of the default groups
+            p.requires_grad_(False)
+        try:
+            optimizer = super().create_optimizer(model)
+        finally:
+            for p, flag in zip(owned, flags):
+                p.requires_grad_(flag)
+        for group in groups:
+            optimizer.add_param_group(dict(group))
+        return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        opt = optimizer if optimizer is not None else self.optimizer
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if lambdas is not None and opt is not None:
+            for i, group in enumerate(opt.param_groups):
+                if group.get("hf_prune_constant_lr") and i < len(lambdas):
+                    lambdas[i] = _constant
+        return scheduler
+
+    # ---------------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        extra = self.pruning_plugin.forward_kwargs()
+        loss, outputs = super().compute_loss(
+            model, {**inputs, **extra}, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        kwargs = {}
+        if self.teacher_model is not None:
+            teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            with torch.no_grad():
+                kwargs["teacher_outputs"] = self.teacher_model(
+                    **teacher_inputs, **self.pruning_plugin.teacher_forward_kwargs()
+                )
+        loss, logs = self.pruning_plugin.compute_loss(model, inputs, outputs, loss, **kwargs)
+        for key, value in logs.items():
+            self._pruning_logs[key].append(float(value))
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._pruning_logs and "loss" in logs:  # training logs: add the method's averages since the last log
+            for key, values in self._pruning_logs.items():
+                logs[key] = sum(values) / len(values)
+            self._pruning_logs.clear()
+        super().log(logs, *args, **kwargs)
+
+    # -------------------------------------------------------------------------------------- checkpoint / resume
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            save_plugin_state(self.pruning_plugin, folder)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_plugin_state(self.pruning_plugin, resume_from_checkpoint)
+
+    # ------------------------------------------------------------------------------------------------- export
+    def export_pruned_model(self) -> torch.nn.Module:
+        """The method's final model (for CoFi: physically smaller), with its `PruningState` attached."""
+        return self.pruning_plugin.export(self.accelerator.unwrap_model(self.model))
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
+def save_plugin_state(plugin: TrainingPlugin, folder: str) -> None:
+    """Writes `plugin.state_dict()`: tensors to safetensors, everything else to JSON (never pickle)."""
+    state = plugin.state_dict()
+    if not state:
+        return
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    other = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    if tensors:
+        save_file(tensors, os.path.join(folder, PLUGIN_STATE_TENSORS))
+    with open(os.path.join(folder, PLUGIN_STATE_JSON), "w", encoding="utf-8") as fh:
+        json.dump({"values": other, "tensors": sorted(tensors)}, fh, indent=2, sort_keys=True)
+
+
+def load_plugin_state(plugin: TrainingPlugin, folder: str) -> None:
+    path = os.path.join(folder, PLUGIN_STATE_JSON)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        meta = json.load(fh)
+    state = dict(meta.get("values", {}))
+    if meta.get("tensors"):
+        state.update(load_file(os.path.join(folder, PLUGIN_STATE_TENSORS)))
+    plugin.load_state_dict(state)

@@ -1,0 +1,49 @@
+"""Tiny BERT models and a toy classification dataset for the CoFi tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+torch.set_num_threads(1)  # tiny models: extra threads only add contention on shared CI cores
+
+
+def tiny_config(**overrides) -> BertConfig:
+    kw = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    kw.update(overrides)
+    return BertConfig(**kw)
+
+
+def tiny_bert(seed: int = 0, **overrides) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_config(**overrides))
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """Label = whether token 5 occurs in the sequence (learnable by a tiny BERT)."""
+
+    def __init__(self, n: int = 64, length: int = 12, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(6, 64, (n, length), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        pos = torch.randint(1, length, (n,), generator=g)
+        self.ids[self.labels == 1, pos[self.labels == 1]] = 5
+        self.ids[:, 0] = 1
+        self.mask = torch.ones(n, length, dtype=torch.long)
+        self.mask[::3, -3:] = 0
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}

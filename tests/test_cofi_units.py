@@ -1,0 +1,180 @@
+"""CoFi building blocks: gates, size formula, layer matching, config validation, masked vs exported model."""
+
+import math
+
+import pytest
+import torch
+
+from hf_prune import CoFiConfig
+from hf_prune.methods.cofi.arch import get_adapter
+from hf_prune.methods.cofi.distill import match_layers
+from hf_prune.methods.cofi.gates import deterministic_gates, keep_probability, sample_gates
+from hf_prune.methods.cofi.plugin import CoFiPlugin
+from hf_prune.methods.cofi.prune import final_masks
+from hf_prune.methods.cofi.sparsity import expected_params, expected_sparsity
+from hf_prune.methods.cofi.structure import describe_structure
+
+from cofi_helpers import tiny_bert
+
+
+def test_gate_samples_in_unit_interval_with_keep_probability():
+    torch.manual_seed(0)
+    log_alpha = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0])
+    n = 20000
+    z = torch.stack([sample_gates(log_alpha) for _ in range(n)])
+    assert z.min() >= 0.0 and z.max() <= 1.0
+    assert (z == 0).any() and (z == 1).any()  # hard concrete: point masses at both ends
+    kept = (z > 0).float().mean(0)
+    p = keep_probability(log_alpha)
+    # closed form check of one value: log_alpha = 0 -> 1 - sigmoid(2/3 log(0.1/1.1))
+    assert p[2].item() == pytest.approx(1 - 1 / (1 + math.exp(-(2 / 3) * math.log(0.1 / 1.1))), abs=1e-6)
+    tol = 4 * torch.sqrt(p * (1 - p) / n)  # 4 standard errors
+    assert torch.all((kept - p).abs() < tol), (kept, p)
+
+
+def test_deterministic_gates_keep_expected_number_highest_first():
+    log_alpha = torch.tensor([[2.0, -4.0, 0.5, 3.0, -2.0, 1.0]])
+    m = deterministic_gates(log_alpha)
+    k = round(keep_probability(log_alpha).sum().item())
+    assert int((m != 0).sum()) == k
+    kept = set(torch.nonzero(m[0]).flatten().tolist())
+    assert kept == set(torch.argsort(log_alpha[0], descending=True)[:k].tolist())
+
+
+def _random_gates(plugin, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in plugin.gates.gates.values():
+            gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=g) * scale)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_expected_size_formula_equals_direct_count_for_deterministic_masks(seed):
+    model = tiny_bert(seed)
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5), model)
+    _random_gates(plugin, seed)
+    masks = {k: (v != 0).float() for k, v in plugin.gates.deterministic_masks().items()}
+    formula = expected_params(plugin.adapter.dims, **masks).item()
+    small = plugin.export(model)
+    direct = get_adapter(small).prunable_weight_count()
+    assert formula == direct
+    assert small.hf_prune_state.metrics["sparsity"] == pytest.approx(1 - direct / plugin.adapter.dims.full_params)
+    dense_direct = get_adapter(tiny_bert(seed)).prunable_weight_count()
+    assert plugin.adapter.dims.full_params == dense_direct
+    assert expected_sparsity(plugin.adapter.dims, **masks).item() == pytest.approx(1 - direct / dense_direct)
+
+
+def test_layer_matching_respects_order_constraint():
+    # 3 teacher layers x 4 student layers; unconstrained argmin per row would be [3, 3, 0]
+    costs = torch.tensor([[5.0, 1.0, 4.0, 0.5], [3.0, 2.0, 1.5, 0.1], [9.0, 9.0, 9.0, 0.2]])
+    pairs = match_layers(costs)
+    assert pairs == [(2, 3), (1, 2), (0, 1)]
+    js = [j for _, j in pairs]
+    assert all(a > b for a, b in zip(js, js[1:]))  # each teacher layer below the one matched above it
+    # unavailable student layers (pruned FFN) are skipped; teacher layers with no candidate left stay unmatched
+    pairs = match_layers(costs, torch.tensor([True, False, False, True]))
+    assert pairs == [(2, 3), (1, 0)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"target_sparsity": 1.0}, "target_sparsity"),
+        ({"target_sparsity": -0.1}, "target_sparsity"),
+        (
+            {"prune_layers": False, "prune_heads": False, "prune_neurons": False, "prune_hidden": False},
+            "every unit is disabled",
+        ),
+        ({"gate_learning_rate": 0.0}, "gate_learning_rate"),
+        ({"finetune_steps": 1.5}, "finetune_steps"),
+        ({"teacher_layers": [4, 2]}, "teacher_layers"),
+    ],
+)
+def test_bad_configs_raise_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        CoFiConfig(**kwargs)
+
+
+def test_config_json_round_trip():
+    cfg = CoFiConfig(target_sparsity=0.9, prune_hidden=False, teacher_layers=[2, 4])
+    from hf_prune import PruningConfig
+
+    assert PruningConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_teacher_with_different_label_count_is_refused():
+    with pytest.raises(ValueError, match="teacher_model has 3 labels"):
+        CoFiPlugin(CoFiConfig(), tiny_bert(0), teacher_model=tiny_bert(1, num_labels=3))
+
+
+def test_unsupported_architecture_is_refused():
+    from transformers import BertForMaskedLM, GPT2Config, GPT2ForSequenceClassification
+
+    with pytest.raises(ValueError, match="does not support this architecture.*GPT2ForSequenceClassification"):
+        CoFiPlugin(CoFiConfig(), GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2)))
+    with pytest.raises(ValueError, match="does not support this architecture.*BertForMaskedLM"):
+        CoFiPlugin(CoFiConfig(), BertForMaskedLM(tiny_bert(0).config))
+
+
+def _inputs(vocab=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (5, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_export_equals_masked_model(arch, seed):
+    if arch == "bert":
+        model = tiny_bert(seed)
+    else:
+        from transformers import RobertaConfig, RobertaForSequenceClassification
+
+        torch.manual_seed(seed)
+        cfg = RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=48, max_position_embeddings=40, num_labels=2, pad_token_id=1)
+        model = RobertaForSequenceClassification(cfg)
+    model.eval()
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5), model)
+    _random_gates(plugin, seed)
+    inputs = _inputs()
+    with torch.no_grad():
+        masked = model(**inputs).logits
+        small = plugin.export(model)
+        exported = small(**inputs).logits
+    structure = describe_structure(small)
+    assert structure["hidden_size"] < 32
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in tiny_bert(0).parameters())
+    torch.testing.assert_close(exported, masked, atol=1e-4, rtol=0)
+    # masks really matter: the masked model differs from the dense one
+    dense = type(model)(model.config).eval()
+    dense.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("hf_prune_cofi")})
+    with torch.no_grad():
+        assert (dense(**inputs).logits - masked).abs().max() > 1e-3
+
+
+def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublayers():
+    model = tiny_bert(0).eval()
+    plugin = CoFiPlugin(CoFiConfig(), model)
+    with torch.no_grad():
+        g = plugin.gates.gates
+        g["mha"].log_alpha.copy_(torch.tensor([5.0, -9.0, 5.0, 5.0]))  # layer 1 attention removed
+        g["ffn"].log_alpha.copy_(torch.tensor([5.0, 5.0, 5.0, -9.0]))  # layer 3 FFN removed
+        g["head"].log_alpha.fill_(5.0)
+        g["head"].log_alpha[0, :3] = -9.0  # layer 0 keeps one head
+        g["neuron"].log_alpha.fill_(5.0)
+        g["neuron"].log_alpha[2, :40] = -9.0  # layer 2 keeps 8 neurons
+        g["hidden"].log_alpha.fill_(5.0)
+        g["hidden"].log_alpha[:4] = -9.0
+    inputs = _inputs()
+    with torch.no_grad():
+        masked = model(**inputs).logits
+        small = plugin.export(model)
+        torch.testing.assert_close(small(**inputs).logits, masked, atol=1e-4, rtol=0)
+    layers = describe_structure(small)["layers"]
+    assert [l["heads"] for l in layers] == [1, 0, 4, 4]
+    assert [l["intermediate_size"] for l in layers] == [48, 48, 8, 0]
+    assert layers[1]["attention_removed"] and layers[3]["ffn_removed"]
+    assert describe_structure(small)["hidden_size"] == 28
