@@ -3,3 +3,4 @@
 from .config import PruningConfig, get_config_class, register_pruning_method, registered_methods
 from .state import PruningState, get_pruning_state, set_pruning_state
 from .version import __version__
+from .methods.dynsparse import DynSparseCallback, DynSparseConfig, attach, sparse_learning_rate
