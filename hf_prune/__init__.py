@@ -3,4 +3,9 @@
 from .config import PruningConfig, get_config_class, register_pruning_method, registered_methods
 from .state import PruningState, get_pruning_state, set_pruning_state
 from .version import __version__
+from .methods.admm import ADMMConfig
+from .methods.magnitude import MagnitudeConfig
+from .methods.sparsegpt import SparseGPTConfig
+from .methods.wanda import WandaConfig
+from .oneshot import OneShotConfig, oneshot
 from .methods.dynsparse import DynSparseCallback, DynSparseConfig, attach, sparse_learning_rate

@@ -25,6 +25,7 @@ class PruningState:
         layout: how the pruned weights are structured: `"unstructured"`, `"N:M"` (e.g. `"2:4"`), `"block:RxC"`
             (e.g. `"block:16x16"`) or `"structured"` (units physically removed).
         module_sparsity: fraction of zero weights per pruned module, by qualified module name.
+        module_numel: number of weights per pruned module (same keys), so overall sparsity can be size-weighted.
         metrics: measured facts about the run (wall time, perplexity before/after, ...), for the model card.
         base_model: name or path of the model before pruning, when known.
         command: code or shell command that reproduces the run, when known.
@@ -33,15 +34,19 @@ class PruningState:
     config: PruningConfig
     layout: str
     module_sparsity: dict[str, float] = field(default_factory=dict)
+    module_numel: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     base_model: str | None = None
     command: str | None = None
 
     @property
     def overall_sparsity(self) -> float:
-        """Zero fraction over all pruned modules, weighted by their sizes when the model is at hand."""
+        """Zero fraction over all pruned modules, weighted by module size when `module_numel` is known."""
         if not self.module_sparsity:
             return 0.0
+        if set(self.module_numel) >= set(self.module_sparsity):
+            total = sum(self.module_numel[n] for n in self.module_sparsity)
+            return sum(s * self.module_numel[n] for n, s in self.module_sparsity.items()) / total
         return sum(self.module_sparsity.values()) / len(self.module_sparsity)
 
 

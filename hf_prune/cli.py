@@ -1,0 +1,145 @@
+"""`hf-prune` command line: `hf-prune oneshot PATH --method admm --sparsity 0.6 --calibration FILE --output DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import get_config_class, registered_methods
+
+logger = logging.getLogger("hf_prune")
+
+
+def read_texts(path: str | os.PathLike, what: str) -> list[str]:
+    """Texts from a `.txt` file (the whole file), a `.jsonl` file (`text` field per line) or a directory of them."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl"))
+        if not files:
+            raise ValueError(f"--{what} directory {str(path)!r} holds no .txt or .jsonl files")
+        return [t for f in files for t in read_texts(f, what)]
+    if not path.is_file():
+        raise FileNotFoundError(f"--{what}: no such file or directory: {str(path)!r}")
+    if path.suffix == ".jsonl":
+        texts = []
+        with path.open(encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise ValueError(f"--{what} {str(path)!r} line {number}: expected a JSON object with a 'text' string")
+                    texts.append(record["text"])
+        return texts
+    return [path.read_text(encoding="utf-8")]
+
+
+def _parse_set(values: list[str]) -> dict:
+    options = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = raw
+    return options
+
+
+def _oneshot_parser(sub) -> None:
+    p = sub.add_parser("oneshot", help="prune an LLM in one shot from calibration text (ADMM, Wanda, SparseGPT, magnitude)")
+    p.add_argument("model", help="path of a transformers checkpoint directory")
+    p.add_argument("--method", default="admm", help="one-shot method: admm (default), wanda, sparsegpt, magnitude")
+    p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in (0, 1); implied by --pattern N:M")
+    p.add_argument("--pattern", default="unstructured", help="'unstructured' (default) or N:M, e.g. 2:4")
+    p.add_argument("--calibration", help="calibration text: .txt, .jsonl (text field) or a directory of them")
+    p.add_argument("--num-samples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--eval", help="held-out text for perplexity before and after pruning (same formats)")
+    p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
+    p.add_argument("--output", required=True, help="directory to write the pruned model to")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="device to prune on (default: cuda if available, else cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config field, e.g. --set iterations=30 --set mask_group=row")
+
+
+def run_oneshot(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import perplexity
+    from .oneshot import OneShotConfig, oneshot
+    from .state import get_pruning_state
+
+    # Everything that can be checked is checked before the model is loaded.
+    config_cls = get_config_class(args.method)
+    if not issubclass(config_cls, OneShotConfig):
+        one_shot = [m for m in registered_methods() if issubclass(get_config_class(m), OneShotConfig)]
+        raise ValueError(f"--method {args.method!r} is not a one-shot method; choose from {one_shot}")
+    config = config_cls(
+        sparsity=args.sparsity, pattern=args.pattern, num_calibration_samples=args.num_samples,
+        max_seq_length=args.seq_len, **_parse_set(args.set),
+    )
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--output {str(output)!r} exists and is not empty; pass --overwrite to replace it")
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"model path {args.model!r} is not a directory (the Hub is not reached from here)")
+    calibration = read_texts(args.calibration, "calibration") if args.calibration else None
+    if calibration is None and config.uses_calibration:
+        raise ValueError(f"--method {args.method} needs --calibration text")
+    eval_texts = read_texts(args.eval, "eval") if args.eval else None
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"Loading {args.model} ({args.dtype}) on {device}", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
+    ppl_before = ppl_after = None
+    if eval_texts:
+        ppl_before = perplexity(model, eval_texts, tokenizer, seq_len=args.seq_len, max_windows=args.eval_windows)
+        print(f"perplexity before pruning: {ppl_before:.2f}", flush=True)
+    started = time.perf_counter()
+    oneshot(model, config, calibration=calibration, tokenizer=tokenizer)
+    elapsed = time.perf_counter() - started
+    state = get_pruning_state(model)
+    if eval_texts:
+        ppl_after = perplexity(model, eval_texts, tokenizer, seq_len=args.seq_len, max_windows=args.eval_windows)
+        state.metrics.update(perplexity_before=round(ppl_before, 3), perplexity_after=round(ppl_after, 3))
+    state.base_model = state.base_model or args.model
+    state.command = "hf-prune " + " ".join(sys.argv[1:])
+    overall = state.overall_sparsity
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s")
+    print(f"  pruned modules:    {len(state.module_sparsity)}, sparsity {overall:.4f}")
+    if eval_texts:
+        print(f"  perplexity:        {ppl_before:.2f} -> {ppl_after:.2f}")
+    print(f"  saved to:          {output.resolve()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-prune", description="Pruning for the Hugging Face stack")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _oneshot_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "oneshot":
+            return run_oneshot(args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        print(f"hf-prune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,4 @@
+"""Magnitude pruning baseline."""
+
+from .config import MagnitudeConfig
+from .solver import MagnitudeSolver

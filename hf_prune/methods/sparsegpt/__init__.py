@@ -1,0 +1,4 @@
+"""SparseGPT (Frantar & Alistarh, 2023)."""
+
+from .config import SparseGPTConfig
+from .solver import SparseGPTSolver

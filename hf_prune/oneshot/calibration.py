@@ -1,0 +1,93 @@
+"""Turning what users hand us as calibration data into fixed-length token windows."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def tokenize_texts(texts: Sequence[str], tokenizer, separator: str = "\n\n") -> torch.Tensor:
+    """Concatenated token ids of `texts` (one 1-D tensor), joined by `separator`, without special tokens."""
+    if tokenizer is None:
+        raise ValueError("calibration is given as text, so `tokenizer=` is required")
+    joined = separator.join(t for t in texts if t and t.strip())
+    if not joined.strip():
+        raise ValueError("calibration text is empty")
+    ids = tokenizer(joined, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(
+    calibration, tokenizer, *, num_samples: int, seq_len: int, seed: int = 0, owner: str = "config"
+) -> torch.Tensor:
+    """A `(num_samples, seq_len)` tensor of token ids (fewer rows, with a warning, if the data runs out).
+
+    `calibration` may be a list of strings, a `datasets.Dataset` with a `text` or `input_ids` column, a 2-D tensor
+    of token ids, or a list of token-id lists. Text is concatenated and cut into non-overlapping windows chosen at
+    random (seeded); pre-tokenised rows are used as given (cut to `seq_len`).
+    """
+    if calibration is None:
+        raise ValueError("this method needs calibration data: pass `calibration=` (texts, a Dataset or token ids)")
+    if _is_dataset(calibration):
+        columns = list(calibration.column_names)
+        if "input_ids" in columns:
+            calibration = list(calibration["input_ids"])
+        elif "text" in columns:
+            calibration = list(calibration["text"])
+        else:
+            raise ValueError(f"calibration Dataset has columns {columns}; expected a 'text' or 'input_ids' column")
+    if isinstance(calibration, str):
+        calibration = [calibration]
+
+    if isinstance(calibration, torch.Tensor) or (
+        isinstance(calibration, Sequence) and calibration and not isinstance(calibration[0], str)
+    ):
+        return _pretokenised(calibration, num_samples, seq_len, owner)
+
+    if not isinstance(calibration, Sequence) or not all(isinstance(t, str) for t in calibration):
+        raise TypeError(
+            "calibration must be a list of strings, a datasets.Dataset, a tensor of token ids or a list of "
+            f"token-id lists; got {type(calibration).__name__}"
+        )
+    ids = tokenize_texts(calibration, tokenizer)
+    available = ids.numel() // seq_len
+    if available == 0:
+        raise ValueError(
+            f"calibration text is too short: {ids.numel()} tokens, but one window needs {owner}.max_seq_length="
+            f"{seq_len}; give more text or lower max_seq_length"
+        )
+    if available < num_samples:
+        logger.warning(
+            "Calibration text gives %d windows of %d tokens; %s.num_calibration_samples asked for %d. Using %d.",
+            available, seq_len, owner, num_samples, available,
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(available, generator=generator)[: min(num_samples, available)].sort().values * seq_len
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def _pretokenised(rows, num_samples: int, seq_len: int, owner: str) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        if rows.dim() == 1:
+            rows = rows[None, :]
+        if rows.dim() != 2 or rows.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"calibration token ids must be a 2-D integer tensor, got shape {tuple(rows.shape)}")
+        rows = rows[:num_samples, :seq_len].long()
+        if rows.numel() == 0:
+            raise ValueError("calibration token ids are empty")
+        return rows
+    lengths = {len(r) for r in rows}
+    if 0 in lengths:
+        raise ValueError("calibration contains an empty token-id sequence")
+    length = min(min(lengths), seq_len)
+    if len(lengths) > 1:
+        logger.warning("Calibration sequences have different lengths; cutting all to %d tokens", length)
+    return torch.tensor([list(r)[:length] for r in rows[:num_samples]], dtype=torch.long)
+
+
+def _is_dataset(obj) -> bool:
+    return hasattr(obj, "column_names") and hasattr(obj, "__getitem__") and not isinstance(obj, (list, tuple))

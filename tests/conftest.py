@@ -1,0 +1,72 @@
+import os
+
+import pytest
+import torch
+
+# Nothing in the test-suite may reach the Hugging Face Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+VOCAB = 128
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ))
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0,
+    ))
+
+
+def tiny_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(
+        vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, word_embed_proj_dim=64, bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    ))
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128,
+    ))
+
+
+TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "opt": tiny_opt, "bert": tiny_bert}
+
+
+@pytest.fixture
+def calibration_ids():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (16, 32), generator=generator)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over VOCAB made-up words ("w0" ... ), built locally (no Hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+
+
+def random_texts(n_texts=8, words=200, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        " ".join(f"w{int(i)}" for i in torch.randint(1, VOCAB, (words,), generator=generator)) for _ in range(n_texts)
+    ]
