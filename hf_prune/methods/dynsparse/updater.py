@@ -277,7 +277,12 @@ class DynSparseUpdater:
         metrics["optimizer_steps"] = self.step_count
         metrics.update(kwargs.pop("metrics", {}))
         return PruningState(
-            config=self.config, layout=self.config.layout, module_sparsity=self.module_sparsity(), metrics=metrics, **kwargs
+            config=self.config,
+            layout=self.config.layout,
+            module_sparsity=self.module_sparsity(),
+            module_numel={name: module.weight.numel() for name, module in self.modules.items()},
+            metrics=metrics,
+            **kwargs,
         )
 
     # ---------------------------------------------------------------------------------------------- checkpoints
