@@ -93,6 +93,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-updates", type=int, default=None,
+                   help="replication: pattern updates per run (default: the paper's 160 for 1x1 / 80 for 16x16, meant "
+                   "for long runs; short runs want fewer)")
     p.add_argument("--label", default="", help="suffix of the result files (e.g. 'short')")
     a = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -116,8 +119,10 @@ def main(argv=None):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
         train, evaluation = mlm_datasets(tokenizer, a.seq_len)
         common = dict(tokenizer=tokenizer, train=train, evaluation=evaluation, hidden=a.hidden, layers=a.layers,
-                      seq_len=a.seq_len, batch_size=a.batch_size, max_steps=a.max_steps, sparsity=0.9)
+                      seq_len=a.seq_len, batch_size=a.batch_size, max_steps=a.max_steps, sparsity=0.9,
+                      num_updates=a.num_updates)
         results = [run_mlm("dense", **common), run_mlm("dense_matched", **common)]
+        print(json.dumps(results), flush=True)
         for block in (1, 16):
             for mode in ("static", "dynsparse"):
                 results.append(run_mlm(mode, block_size=block, **common))
