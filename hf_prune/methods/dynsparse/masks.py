@@ -61,6 +61,12 @@ class BlockMask:
     def _broadcast(self, mask: torch.Tensor) -> torch.Tensor:
         return mask[:, None, :, None]
 
+    def to_(self, device: torch.device) -> "BlockMask":
+        """Moves the masks to `device` (the model may have moved since the masks were made)."""
+        self.mask = self.mask.to(device)
+        self.ever_active = self.ever_active.to(device)
+        return self
+
     # ---------------------------------------------------------------------------------------------- operations
     def init_random(self, num_active: int, generator: torch.Generator) -> None:
         """A uniformly random pattern with exactly `num_active` active blocks."""

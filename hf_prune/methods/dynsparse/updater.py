@@ -92,6 +92,7 @@ class DynSparseUpdater:
             raise ValueError("DynSparseConfig.regrowth='gradient' needs the optimizer (pass optimizer=...)")
         self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         for name, module in self.modules.items():
+            self.masks[name].to_(module.weight.device)
             self._handles.append(module.weight.register_hook(self._grad_hook(name)))
         if self.optimizer is not None:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step_hook))
@@ -140,6 +141,8 @@ class DynSparseUpdater:
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Zeroes every inactive weight (in place) and, under DDP, makes every rank hold rank 0's masks."""
+        for name, module in self.modules.items():
+            self.masks[name].to_(module.weight.device)
         self._sync_masks()
         for name, module in self.modules.items():
             self.masks[name].apply_(module.weight.data)
