@@ -14,3 +14,4 @@ from .oneshot import OneShotConfig, oneshot
 from .export import describe_export, push_pruned, save_pruned
 from .methods.cofi import CoFiConfig
 from .training import PruningTrainer, TrainingPlugin, register_training_plugin
+from .methods.dynsparse import DynSparseCallback, DynSparseConfig, attach, sparse_learning_rate

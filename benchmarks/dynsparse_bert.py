@@ -1,0 +1,137 @@
+"""DynSparse benchmarks on a small BERT (CPU).
+
+1. Overhead: training step time with DynSparse (hook + masking + pattern updates) vs the same model dense, in a plain
+   loop; and the cost of one pattern update. Dense and sparse runs are interleaved and repeated; medians reported.
+2. Small-scale replication (MLM from scratch on the shipped Wikipedia articles, via
+   `integrations/dynsparse_bert_mlm.py`): dense, FLOP-matched dense, static and DynSparse at s = 0.9,
+   unstructured and 16×16 blocks. Final eval MLM loss, explored DOF, non-embedding FLOPs per token.
+
+    python benchmarks/dynsparse_bert.py --part overhead
+    python benchmarks/dynsparse_bert.py --part replication --max-steps 600
+
+Writes a markdown table and JSON to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "integrations"))
+
+import torch  # noqa: E402
+from transformers import BertForMaskedLM  # noqa: E402
+
+from hf_prune import DynSparseConfig, attach  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def overhead(hidden=256, layers=4, heads=4, seq_len=128, batch_size=16, steps=30, update_every=10, repeats=3,
+             block_size=1, sparsity=0.9) -> dict:
+    from dynsparse_bert_mlm import bert_config
+
+    config = bert_config(30522, hidden, layers, heads, seq_len)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, 30522, (batch_size, seq_len), generator=g) for _ in range(4)]
+
+    def run(sparse: bool) -> tuple[float, list[float]]:
+        torch.manual_seed(0)
+        model = BertForMaskedLM(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        pruner = None
+        if sparse:
+            pruner = attach(model, DynSparseConfig(sparsity=sparsity, block_size=block_size, update_interval=update_every),
+                            optimizer=opt, total_steps=steps + 1)
+        update_times = []
+        ids = data[0]
+        model(input_ids=ids, labels=ids).loss.backward()  # warm-up step, not timed
+        opt.zero_grad()
+        start = time.perf_counter()
+        for i in range(steps):
+            ids = data[i % len(data)]
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            if pruner is not None:
+                t0 = time.perf_counter()
+                updated = pruner.step()
+                if updated:
+                    update_times.append(time.perf_counter() - t0)
+            opt.zero_grad()
+        return (time.perf_counter() - start) / steps, update_times
+
+    dense, sparse, updates = [], [], []
+    for _ in range(repeats):
+        dense.append(run(False)[0])
+        t, u = run(True)
+        sparse.append(t)
+        updates.extend(u)
+    d, s = statistics.median(dense), statistics.median(sparse)
+    return {
+        "model": f"BERT h={hidden} L={layers} seq={seq_len} batch={batch_size}", "block_size": block_size,
+        "sparsity": sparsity, "steps": steps, "update_every": update_every, "repeats": repeats,
+        "dense_step_s": d, "dynsparse_step_s": s, "overhead": s / d - 1.0,
+        "update_s_median": statistics.median(updates) if updates else None, "dense_step_s_all": dense,
+        "dynsparse_step_s_all": sparse, "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=["overhead", "replication", "all"], default="all")
+    p.add_argument("--steps", type=int, default=30, help="overhead: timed steps per run")
+    p.add_argument("--update-every", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=600, help="replication: optimizer steps per run")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-updates", type=int, default=None,
+                   help="replication: pattern updates per run (default: the paper's 160 for 1x1 / 80 for 16x16, meant "
+                   "for long runs; short runs want fewer)")
+    p.add_argument("--label", default="", help="suffix of the result files (e.g. 'short')")
+    a = p.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{a.label}" if a.label else ""
+    if a.part in ("overhead", "all"):
+        rows = [overhead(hidden=a.hidden, layers=a.layers, seq_len=a.seq_len, batch_size=a.batch_size, steps=a.steps,
+                         update_every=a.update_every, repeats=a.repeats, block_size=b) for b in (1, 16)]
+        table = ["| model | block | dense s/step | DynSparse s/step | overhead | one update (s) |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            table.append(f"| {r['model']} | {r['block_size']} | {r['dense_step_s']:.3f} | {r['dynsparse_step_s']:.3f} | "
+                         f"{100 * r['overhead']:+.1f}% | {r['update_s_median']:.4f} |")
+        text = "\n".join(table)
+        print(text)
+        (RESULTS / f"dynsparse_overhead{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (RESULTS / f"dynsparse_overhead{suffix}.md").write_text(text + "\n")
+    if a.part in ("replication", "all"):
+        from transformers import AutoTokenizer
+
+        from dynsparse_bert_mlm import markdown, mlm_datasets, run_mlm, tokenizer_path
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
+        train, evaluation = mlm_datasets(tokenizer, a.seq_len)
+        common = dict(tokenizer=tokenizer, train=train, evaluation=evaluation, hidden=a.hidden, layers=a.layers,
+                      seq_len=a.seq_len, batch_size=a.batch_size, max_steps=a.max_steps, sparsity=0.9,
+                      num_updates=a.num_updates)
+        results = [run_mlm("dense", **common), run_mlm("dense_matched", **common)]
+        print(json.dumps(results), flush=True)
+        for block in (1, 16):
+            for mode in ("static", "dynsparse"):
+                results.append(run_mlm(mode, block_size=block, **common))
+                print(json.dumps(results[-1]), flush=True)
+        text = markdown(results)
+        print(text)
+        (RESULTS / f"dynsparse_replication{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (RESULTS / f"dynsparse_replication{suffix}.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

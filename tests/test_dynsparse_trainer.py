@@ -1,0 +1,90 @@
+"""DynSparse in a stock `Trainer` (callback) and through the `TrainingPlugin` that `PruningTrainer` uses."""
+
+import os
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_prune import DynSparseCallback, DynSparseConfig, get_pruning_state
+from hf_prune.methods.dynsparse import STATE_FILE, DynSparsePlugin
+from hf_prune.training.plugin import get_training_plugin_class
+
+from dynsparse_utils import batch, check_masks_hold, tiny_bert_mlm
+
+CONFIG = DynSparseConfig(sparsity=0.8, block_size=16, num_updates=3, pruning_ratio=0.5)
+
+
+class _Data(torch.utils.data.Dataset):
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        b = batch(i, n=1)
+        return {k: v[0] for k, v in b.items()}
+
+
+def _args(out, max_steps=8, **kw):
+    return TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=5e-3,
+        save_strategy="steps", save_steps=4, logging_steps=2, report_to="none", use_cpu=True, seed=0,
+        disable_tqdm=True, dataloader_num_workers=0, **kw,
+    )
+
+
+def _train(out, resume=None, callback=None):
+    model = tiny_bert_mlm(seed=0)
+    callback = callback or DynSparseCallback(CONFIG)
+    trainer = Trainer(model=model, args=_args(out), train_dataset=_Data(), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, callback
+
+
+def test_trainer_callback_logs_checkpoints_and_resume_equals_uninterrupted(tmp_path):
+    trainer, callback = _train(tmp_path / "full")
+    updater = callback.updater
+    check_masks_hold(updater)
+    assert updater.step_count == 8 and updater.updates_done == 3
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    for key in ("dynsparse/sparsity", "dynsparse/pruning_ratio", "dynsparse/explored_dof",
+                "dynsparse/flops_per_token_sparse", "dynsparse/flops_per_token_dense"):
+        assert all(key in entry for entry in logged), key
+    assert logged[-1]["dynsparse/sparsity"] == pytest.approx(0.8, abs=0.02)
+    assert os.path.isfile(tmp_path / "full" / "checkpoint-4" / STATE_FILE)
+    state = get_pruning_state(trainer.model)
+    assert state is not None and state.layout == "block:16x16" and state.overall_sparsity >= 0.79
+
+    # resume from the mid-run checkpoint in a fresh process-like setting: new model, new callback
+    resumed, rcallback = _train(tmp_path / "full", resume=str(tmp_path / "full" / "checkpoint-4"))
+    assert rcallback.updater.step_count == 8 and rcallback.updater.updates_done == 3
+    for name, mask in updater.masks.items():
+        assert torch.equal(mask.mask, rcallback.updater.masks[name].mask), name
+        assert torch.equal(mask.ever_active, rcallback.updater.masks[name].ever_active), name
+    for (n, a), b in zip(trainer.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
+def test_resume_without_dynsparse_state_fails_clearly(tmp_path):
+    _train(tmp_path)
+    os.remove(tmp_path / "checkpoint-4" / STATE_FILE)
+    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+        _train(tmp_path, resume=str(tmp_path / "checkpoint-4"))
+
+
+def test_training_plugin_contract():
+    assert get_training_plugin_class(CONFIG) is DynSparsePlugin
+    model = tiny_bert_mlm(seed=0)
+    plugin = DynSparsePlugin(CONFIG, model)
+    (callback,) = plugin.callbacks()
+    assert isinstance(callback, DynSparseCallback) and callback.updater is plugin.updater
+    state = plugin.state_dict()
+    other = DynSparsePlugin(CONFIG.replace(), tiny_bert_mlm(seed=1))
+    other.updater.generator.manual_seed(123)
+    other.load_state_dict(state)
+    assert torch.equal(other.updater.generator.get_state(), plugin.updater.generator.get_state())
+    for name, mask in plugin.updater.masks.items():
+        assert torch.equal(mask.mask, other.updater.masks[name].mask)
+    with pytest.raises(ValueError, match="sparsity"):
+        DynSparsePlugin(CONFIG.replace(sparsity=0.5), tiny_bert_mlm()).load_state_dict(state)
+    exported = plugin.export(model)
+    assert get_pruning_state(exported).config is CONFIG
