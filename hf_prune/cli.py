@@ -1,4 +1,9 @@
-"""`hf-prune` command line: `hf-prune oneshot PATH --method admm --sparsity 0.6 --calibration FILE --output DIR`."""
+"""`hf-prune` command line.
+
+    hf-prune oneshot PATH --method admm --sparsity 0.6 --calibration FILE --output DIR [--push-to-hub REPO]
+    hf-prune info DIR
+    hf-prune push DIR REPO_ID
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,14 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
 
 from .config import get_config_class, registered_methods
+from .export import describe_export, format_description, push_pruned
+from .export.hub import PushError
 
 logger = logging.getLogger("hf_prune")
 
@@ -64,6 +72,10 @@ def _oneshot_parser(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
     p.add_argument("--output", required=True, help="directory to write the pruned model to")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output directory")
+    p.add_argument("--dense", action="store_true",
+                   help="write ordinary dense safetensors (for runtimes that cannot read the compressed format)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export and its model card to this Hub repo")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="device to prune on (default: cuda if available, else cpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -75,6 +87,7 @@ def run_oneshot(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .evaluation import perplexity
+    from .export import save_pruned
     from .oneshot import OneShotConfig, oneshot
     from .state import get_pruning_state
 
@@ -90,6 +103,13 @@ def run_oneshot(args) -> int:
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--output {str(output)!r} exists and is not empty; pass --overwrite to replace it")
+    if args.push_to_hub:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as err:
+            raise ValueError(f"--push-to-hub {args.push_to_hub!r} is not a valid repo id: {err}") from None
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"model path {args.model!r} is not a directory (the Hub is not reached from here)")
     calibration = read_texts(args.calibration, "calibration") if args.calibration else None
@@ -113,15 +133,55 @@ def run_oneshot(args) -> int:
         ppl_after = perplexity(model, eval_texts, tokenizer, seq_len=args.seq_len, max_windows=args.eval_windows)
         state.metrics.update(perplexity_before=round(ppl_before, 3), perplexity_after=round(ppl_after, 3))
     state.base_model = state.base_model or args.model
-    state.command = "hf-prune " + " ".join(sys.argv[1:])
+    state.command = "hf-prune " + shlex.join(args.argv)
     overall = state.overall_sparsity
-    model.save_pretrained(output)
+    eval_results = None
+    if eval_texts:
+        eval_results = [dict(task_type="text-generation", dataset_type="text", dataset_name=Path(args.eval).name,
+                             metric_type="perplexity", metric_value=round(ppl_after, 3))]
+    save_pruned(model, output, overwrite=args.overwrite, dense=args.dense, eval_results=eval_results,
+                repo_id=args.push_to_hub)
     tokenizer.save_pretrained(output)
     print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s")
     print(f"  pruned modules:    {len(state.module_sparsity)}, sparsity {overall:.4f}")
     if eval_texts:
         print(f"  perplexity:        {ppl_before:.2f} -> {ppl_after:.2f}")
-    print(f"  saved to:          {output.resolve()}")
+    desc = describe_export(output, verify=False)
+    print(f"  saved to:          {output.resolve()} ({desc['file_bytes'] / 1e6:.1f} MB of weights"
+          + (f", {desc['file_bytes'] / desc['dense_bytes']:.3f}x dense)" if desc["dense_bytes"] else ")"))
+    if args.push_to_hub:
+        info = push_pruned(output, args.push_to_hub, private=args.private or None)
+        print(f"  pushed to:         {getattr(info, 'commit_url', None) or args.push_to_hub}")
+    return 0
+
+
+def _info_parser(sub) -> None:
+    p = sub.add_parser("info", help="describe an export: method, sparsity per layer, sizes, whether the files verify")
+    p.add_argument("directory", help="an export directory written by hf_prune (or any safetensors checkpoint)")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip decoding every compressed tensor")
+
+
+def run_info(args) -> int:
+    desc = describe_export(args.directory, verify=not args.no_verify)
+    print(json.dumps(desc, indent=2, default=str) if args.json else format_description(desc))
+    return 0 if desc["verified"] in (True, None) else 1
+
+
+def _push_parser(sub) -> None:
+    p = sub.add_parser("push", help="upload an export directory (weights, config, model card) to the Hub")
+    p.add_argument("directory", help="export directory written by hf_prune")
+    p.add_argument("repo_id", help="Hub repository, e.g. user/smollm2-admm-50")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, help="branch to push to")
+    p.add_argument("--commit-message", default=None)
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+
+
+def run_push(args) -> int:
+    info = push_pruned(args.directory, args.repo_id, private=args.private or None, revision=args.revision,
+                       commit_message=args.commit_message, create_pr=args.create_pr)
+    print(f"pushed {args.directory} to {getattr(info, 'commit_url', None) or args.repo_id}")
     return 0
 
 
@@ -130,15 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
     _oneshot_parser(sub)
+    _info_parser(sub)
+    _push_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded in the model card as the command that reproduces the run
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.command == "oneshot":
-            return run_oneshot(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        return {"oneshot": run_oneshot, "info": run_info, "push": run_push}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, PushError) as err:
         print(f"hf-prune {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 The README's main job. It prepares the shipped real model and text (installed from PyPI and converted once, cached),
 prunes every Linear of the transformer blocks to 50 % with ADMM, prints held-out perplexity before and after, and
-saves the pruned model.
+saves the pruned model as a compressed safetensors export with its model card.
 
     python integrations/oneshot_smollm2.py                       # ADMM, 50 % unstructured
     python integrations/oneshot_smollm2.py --method sparsegpt --pattern 2:4 --output outputs/smollm2-sparsegpt-24
@@ -15,7 +15,6 @@ The same from the shell, with text files:
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_prune import get_config_class, get_pruning_state, oneshot
+from hf_prune import describe_export, get_config_class, get_pruning_state, oneshot, save_pruned
 from hf_prune.assets import smollm2_path, wikipedia_split
 from hf_prune.evaluation import perplexity
 
@@ -64,14 +63,18 @@ def main() -> None:
     state.base_model = "HuggingFaceTB/SmolLM2-135M-Instruct"
     state.metrics.update(perplexity_before=round(ppl_dense, 3), perplexity_after=round(ppl_pruned, 3))
     state.command = "python integrations/oneshot_smollm2.py " + " ".join(sys.argv[1:])
-    if output.exists() and args.overwrite:
-        shutil.rmtree(output)
-    model.save_pretrained(output)
+    # Compressed safetensors + model card (atomic; `from_pretrained` loads it after `import hf_prune`).
+    save_pruned(model, output, overwrite=args.overwrite, eval_results=[dict(
+        task_type="text-generation", dataset_type="wikipedia", dataset_name="Wikipedia (gensim test corpus, held out)",
+        metric_type="perplexity", metric_value=round(ppl_pruned, 3))])
     tokenizer.save_pretrained(output)
+    desc = describe_export(output)
     sparsity = state.overall_sparsity
     print(f"\n{args.method} {config.pattern} at sparsity {sparsity:.3f} in {elapsed:.0f}s")
     print(f"perplexity: dense {ppl_dense:.2f} -> pruned {ppl_pruned:.2f}")
-    print(f"pruned model saved to {output.resolve()}")
+    print(f"pruned model saved to {output.resolve()}: {desc['file_bytes'] / 1e6:.0f} MB of weights "
+          f"({desc['file_bytes'] / desc['dense_bytes']:.2f}x dense), files verified: {desc['verified']}")
+    print(f"inspect it with: hf-prune info {output}")
 
 
 if __name__ == "__main__":

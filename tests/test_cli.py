@@ -40,6 +40,61 @@ def test_cli_oneshot_prunes_saves_and_reports(model_dir, text_files, tmp_path, c
     model = AutoModelForCausalLM.from_pretrained(out)
     weight = model.model.layers[1].mlp.down_proj.weight
     assert bool(((weight != 0).reshape(weight.shape[0], -1, 4).sum(-1) == 2).all())
+    # the compressed export with its card (perplexity as model-index) and the tokenizer
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "hf_prune"
+    assert config["quantization_config"]["layout"] == "2:4"
+    card = (out / "README.md").read_text()
+    assert "hf_prune:model-card" in card and "perplexity" in card and "hf-prune oneshot" in card
+    assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
+    assert "x dense)" in printed
+
+
+def test_cli_info_prints_method_sparsity_and_verification(model_dir, text_files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["oneshot", str(model_dir), "--method", "magnitude", "--sparsity", "0.75", "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Method: magnitude" in printed and "Files verified: yes" in printed
+    assert "model.layers.0.self_attn.q_proj" in printed and "0.7500 / 0.7500" in printed
+    assert main(["info", str(out), "--json"]) == 0
+    desc = json.loads(capsys.readouterr().out)
+    assert desc["layout"] == "unstructured" and desc["verified"] is True
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_cli_dense_export_loads_as_plain_checkpoint(model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["oneshot", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--dense",
+                 "--output", str(out)]) == 0
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_cli_bad_repo_id_is_refused_before_work(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["oneshot", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output", str(out),
+                 "--push-to-hub", "not a//repo"])
+    assert code == 2 and "--push-to-hub 'not a//repo' is not a valid repo id" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_push_uploads_export_and_card(model_dir, tmp_path):
+    from export_utils import run_python
+    from hub_server import HubServer
+
+    out = tmp_path / "out"
+    assert main(["oneshot", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output", str(out)]) == 0
+    with HubServer(max_lifetime_s=120) as hub:
+        env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_test_token",
+               "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1"}
+        code = f"import sys; from hf_prune.cli import main; sys.exit(main(['push', {str(out)!r}, 'me/cli-push']))"
+        proc = run_python(code, env=env, timeout=100)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "pushed" in proc.stdout
+        assert hub.file("me/cli-push", "README.md").decode() == (out / "README.md").read_text()
+        assert {"config.json", "model.safetensors"} <= set(hub.repos["me/cli-push"].branches["main"])
 
 
 @pytest.mark.parametrize(

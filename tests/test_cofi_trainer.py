@@ -113,7 +113,7 @@ def _fresh_process(tmp_path, path, with_hf_prune):
     script = tmp_path / f"load_{with_hf_prune}.py"
     script.write_text(_LOAD_SCRIPT.format(imports="import hf_prune" if with_hf_prune else "", extra=with_hf_prune))
     out = tmp_path / f"out_{with_hf_prune}.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="warning")
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if not with_hf_prune:  # make sure hf_prune cannot be imported at all
         env["PYTHONPATH"] = str(tmp_path / "empty")

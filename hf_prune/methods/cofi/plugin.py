@@ -14,7 +14,7 @@ from ...training.plugin import TrainingPlugin, register_training_plugin
 from .arch import get_adapter
 from .config import CoFiConfig, resolve_steps
 from .distill import default_teacher_layers, layer_costs, layer_loss, match_layers, prediction_loss
-from .loading import mark_structured
+from . import export_format  # noqa: F401  (registers the "structured" export format)
 from .model import inject_gates
 from .prune import build_pruned_model, final_masks, kept_units
 from .sparsity import expected_sparsity, lagrangian_term, target_at, unit_counts
@@ -197,7 +197,6 @@ class CoFiPlugin(TrainingPlugin):
         masks = final_masks(self.gates)
         dense_params = self.adapter.dims.full_params
         small, structure = build_pruned_model(model, masks)
-        mark_structured(small, structure)
         kept_params = get_adapter(small).prunable_weight_count()
         kept = kept_units(masks)
         metrics = {
