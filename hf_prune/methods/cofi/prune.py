@@ -10,7 +10,7 @@ from torch import nn
 
 from .arch import get_adapter
 from .model import ATTR, CoFiGates
-from .structure import FORMAT, apply_structure
+from .structure import apply_structure, structure_record
 
 
 def final_masks(gates: CoFiGates) -> dict[str, torch.Tensor]:
@@ -106,19 +106,7 @@ def pruned_state_dict(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple
     for parent, attr in ad.head_inputs():
         lin = getattr(parent, attr)
         put(lin.weight, lin.weight.index_select(1, dev(hid, lin.weight).long()))
-    structure = {
-        "format": FORMAT,
-        "model_type": ad.model_type,
-        "architecture": type(model).__name__,
-        "original": {
-            "hidden_size": ad.dims.hidden_size,
-            "num_attention_heads": ad.dims.num_heads,
-            "intermediate_size": ad.dims.intermediate_size,
-            "num_hidden_layers": ad.dims.num_layers,
-        },
-        "hidden_size": int(hid.numel()),
-        "layers": layers,
-    }
+    structure = structure_record(model, ad, int(hid.numel()), layers)
     return sd, structure
 
 

@@ -47,6 +47,11 @@ def describe_structure(model: nn.Module) -> dict[str, Any]:
         layers.append(
             {"heads": heads, "intermediate_size": ffn, "attention_removed": heads == 0, "ffn_removed": ffn == 0}
         )
+    return structure_record(model, ad, int(hidden), layers)
+
+
+def structure_record(model: nn.Module, ad, hidden_size: int, layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """The structure dict stored in the checkpoint: the original dimensions plus what each layer keeps."""
     return {
         "format": FORMAT,
         "model_type": ad.model_type,
@@ -57,7 +62,7 @@ def describe_structure(model: nn.Module) -> dict[str, Any]:
             "intermediate_size": ad.dims.intermediate_size,
             "num_hidden_layers": ad.dims.num_layers,
         },
-        "hidden_size": int(hidden),
+        "hidden_size": hidden_size,
         "layers": layers,
     }
 
