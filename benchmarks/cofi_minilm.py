@@ -23,7 +23,7 @@ import time
 import torch
 from transformers import AutoModelForSequenceClassification
 
-import hf_prune  # noqa: F401  (registers the loader of structurally pruned checkpoints)
+from hf_prune import get_pruning_state, save_pruned  # importing hf_prune registers the checkpoint loader
 from hf_prune.methods.cofi import describe_structure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -101,6 +101,19 @@ def main(argv=None):
         r["heads_per_layer"] = [l["heads"] for l in r["structure"]["layers"]]
         r["ffn_per_layer"] = [l["intermediate_size"] for l in r["structure"]["layers"]]
         r["hidden"] = r["structure"]["hidden_size"]
+    # Record the measured numbers in each exported model's card (re-saved in place, the export stays compressed).
+    for run, row in zip(results["runs"], rows[1:]):
+        model = AutoModelForSequenceClassification.from_pretrained(run["path"])
+        get_pruning_state(model).metrics.update(
+            teacher_accuracy=round(rows[0]["accuracy"], 4), flops_ratio=round(row["flops_ratio"], 3),
+            latency_b1_ms=round(row["latency_b1_ms"], 3), latency_b32_ms=round(row["latency_b32_ms"], 2),
+            speedup_b1=round(row["speedup_b1"], 3), speedup_b32=round(row["speedup_b32"], 3),
+            latency_threads=args.threads,
+        )
+        save_pruned(model, run["path"], overwrite=True, eval_results=[dict(
+            task_type="text-classification", dataset_type="rotten_tomatoes", dataset_name="Rotten Tomatoes sentences",
+            dataset_split=f"test (seed {results['protocol']['seed']})", metric_type="accuracy",
+            metric_value=round(row["accuracy"], 4))])
     lines = [
         f"CoFi on MiniLM-L6 / Rotten Tomatoes sentences (split seed {results['protocol']['seed']}: "
         f"{'first ' + str(results['protocol']['max_train']) + ' of ' if results['protocol']['max_train'] else ''}"

@@ -13,5 +13,14 @@ from .oneshot import OneShotConfig, oneshot
 # checkpoints) and exposes the save / push / info functions.
 from .export import describe_export, push_pruned, save_pruned
 from .methods.cofi import CoFiConfig
-from .training import PruningTrainer, TrainingPlugin, register_training_plugin
 from .methods.dynsparse import DynSparseCallback, DynSparseConfig, attach, sparse_learning_rate
+from .training import TrainingPlugin, register_training_plugin
+
+
+def __getattr__(name):
+    # Lazy: `PruningTrainer` pulls in `transformers.Trainer`, which one-shot pruning and loading never need.
+    if name == "PruningTrainer":
+        from .training.trainer import PruningTrainer
+
+        return PruningTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_prune import CoFiConfig, PruningTrainer
+from hf_prune import CoFiConfig, PruningTrainer, get_pruning_state, save_pruned
 from hf_prune.assets import minilm_path, rotten_tomatoes
 from hf_prune.methods.cofi import describe_structure
 
@@ -108,14 +108,22 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
     wall = time.perf_counter() - start
     masked_acc = trainer.evaluate()["eval_accuracy"]
     small = trainer.export_pruned_model()
-    small.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     eval_small = Trainer(model=small, args=common_args(out, args), eval_dataset=test,
                          data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
-    metrics = small.hf_prune_state.metrics
+    acc = eval_small.evaluate()["eval_accuracy"]
+    state = get_pruning_state(small)
+    state.base_model = "nreimers/MiniLM-L6-H384-uncased (fine-tuned on Rotten Tomatoes as teacher)"
+    state.command = "python " + " ".join(sys.argv)
+    state.metrics.update(accuracy=round(acc, 4), masked_model_accuracy=round(masked_acc, 4), distill=distill)
+    # the exported model with its card (accuracy as model-index); reloadable with from_pretrained after import hf_prune
+    save_pruned(small, out, overwrite=True, eval_results=[dict(
+        task_type="text-classification", dataset_type="rotten_tomatoes", dataset_name="Rotten Tomatoes sentences",
+        dataset_split=f"test (seed {args.seed})", metric_type="accuracy", metric_value=round(acc, 4))])
+    tokenizer.save_pretrained(out)
+    metrics = state.metrics
     result = {
         "name": name, "target_sparsity": target, "distill": distill, "path": out,
-        "accuracy": eval_small.evaluate()["eval_accuracy"], "masked_model_accuracy": masked_acc,
+        "accuracy": acc, "masked_model_accuracy": masked_acc,
         "sparsity": metrics["sparsity"], "params": metrics["params_after"],
         "prunable_params": metrics["prunable_params_after"], "train_wall_time_s": wall,
         "train_steps": trainer.state.global_step, "structure": describe_structure(small),
@@ -140,6 +148,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=0.5, help="sparsity warm-up (fraction of the pruning phase)")
     p.add_argument("--finetune", type=float, default=0.25, help="final fixed-mask phase (fraction of the run)")
     p.add_argument("--no-distill-ablation", action="store_true", help="also run each target without the teacher")
+    p.add_argument("--ablation-targets", type=float, nargs="+", default=None,
+                   help="with --no-distill-ablation: only these targets (default: every target)")
     p.add_argument("--max-train", type=int, default=None, help="shorten: use only the first N training sentences")
     p.add_argument("--max-test", type=int, default=None, help="shorten: use only the first N test sentences")
     return p.parse_args(argv)
@@ -155,7 +165,8 @@ def main(argv=None) -> dict:
     results = {"teacher": {"path": teacher_path, **teacher_info}, "runs": [],
                "protocol": {k: v for k, v in vars(args).items()}, "command": " ".join(sys.argv)}
     for target in args.targets:
-        for distill in ([True, False] if args.no_distill_ablation else [True]):
+        ablate = args.no_distill_ablation and (args.ablation_targets is None or target in args.ablation_targets)
+        for distill in ([True, False] if ablate else [True]):
             r = run_cofi(args, tokenizer, teacher_path, train, test, target, distill)
             print(f"{r['name']}: accuracy {r['accuracy']:.4f} (masked {r['masked_model_accuracy']:.4f}), "
                   f"sparsity {r['sparsity']:.3f}, params {r['params']}", flush=True)

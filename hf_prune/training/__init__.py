@@ -1,2 +1,13 @@
 from .plugin import TrainingPlugin, get_training_plugin_class, register_training_plugin
-from .trainer import PruningTrainer
+
+
+def __getattr__(name):
+    # `PruningTrainer` imports `transformers.Trainer` (~90 MB of modules); one-shot pruning never needs it.
+    if name == "PruningTrainer":
+        from .trainer import PruningTrainer
+
+        return PruningTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["PruningTrainer", "TrainingPlugin", "get_training_plugin_class", "register_training_plugin"]
