@@ -85,8 +85,10 @@ def main(argv=None):
         "latency_b32_ms": latency_ms(teacher, 32, seq, max(5, args.repeats // 3), args.threads),
         "train_wall_time_s": results["teacher"].get("train_wall_time_s"), "structure": t_struct,
     }]
+    exported = []
     for run in results["runs"]:
         model = AutoModelForSequenceClassification.from_pretrained(run["path"])  # the saved, reloaded model
+        exported.append(model)
         s = describe_structure(model)
         rows.append({
             "model": run["name"], "accuracy": run["accuracy"], "params": sum(p.numel() for p in model.parameters()),
@@ -102,18 +104,15 @@ def main(argv=None):
         r["ffn_per_layer"] = [l["intermediate_size"] for l in r["structure"]["layers"]]
         r["hidden"] = r["structure"]["hidden_size"]
     # Record the measured numbers in each exported model's card (re-saved in place, the export stays compressed).
-    for run, row in zip(results["runs"], rows[1:]):
-        model = AutoModelForSequenceClassification.from_pretrained(run["path"])
+    for run, row, model in zip(results["runs"], rows[1:], exported):
         get_pruning_state(model).metrics.update(
             teacher_accuracy=round(rows[0]["accuracy"], 4), flops_ratio=round(row["flops_ratio"], 3),
             latency_b1_ms=round(row["latency_b1_ms"], 3), latency_b32_ms=round(row["latency_b32_ms"], 2),
             speedup_b1=round(row["speedup_b1"], 3), speedup_b32=round(row["speedup_b32"], 3),
             latency_threads=args.threads,
         )
-        save_pruned(model, run["path"], overwrite=True, eval_results=[dict(
-            task_type="text-classification", dataset_type="rotten_tomatoes", dataset_name="Rotten Tomatoes sentences",
-            dataset_split=f"test (seed {results['protocol']['seed']})", metric_type="accuracy",
-            metric_value=round(row["accuracy"], 4))])
+        save_pruned(model, run["path"], overwrite=True,
+                    eval_results=[recipe.accuracy_eval_result(row["accuracy"], results["protocol"]["seed"])])
     lines = [
         f"CoFi on MiniLM-L6 / Rotten Tomatoes sentences (split seed {results['protocol']['seed']}: "
         f"{'first ' + str(results['protocol']['max_train']) + ' of ' if results['protocol']['max_train'] else ''}"

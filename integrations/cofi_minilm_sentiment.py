@@ -53,6 +53,12 @@ def accuracy(eval_pred) -> dict[str, float]:
     return {"accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
+def accuracy_eval_result(acc: float, seed: int) -> dict:
+    """The model card's model-index entry for test accuracy on this split."""
+    return dict(task_type="text-classification", dataset_type="rotten_tomatoes", dataset_name="Rotten Tomatoes sentences",
+                dataset_split=f"test (seed {seed})", metric_type="accuracy", metric_value=round(acc, 4))
+
+
 def common_args(output_dir: str, args, **kw) -> TrainingArguments:
     base = dict(
         output_dir=output_dir, per_device_train_batch_size=32, per_device_eval_batch_size=64, save_strategy="no",
@@ -116,9 +122,7 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
     state.command = "python " + " ".join(sys.argv)
     state.metrics.update(accuracy=round(acc, 4), masked_model_accuracy=round(masked_acc, 4), distill=distill)
     # the exported model with its card (accuracy as model-index); reloadable with from_pretrained after import hf_prune
-    save_pruned(small, out, overwrite=True, eval_results=[dict(
-        task_type="text-classification", dataset_type="rotten_tomatoes", dataset_name="Rotten Tomatoes sentences",
-        dataset_split=f"test (seed {args.seed})", metric_type="accuracy", metric_value=round(acc, 4))])
+    save_pruned(small, out, overwrite=True, eval_results=[accuracy_eval_result(acc, args.seed)])
     tokenizer.save_pretrained(out)
     metrics = state.metrics
     result = {
