@@ -7,7 +7,9 @@ Steps (all standard Hugging Face pieces):
    on the 8,500 training sentences of `hf_prune.assets.rotten_tomatoes(seed)` (max length 64, batch 32, lr 5e-5,
    2 epochs): the teacher, saved to `OUTPUT/teacher` (reused if present).
 2. For each target: a copy of the teacher is the student; `PruningTrainer(..., pruning_config=CoFiConfig(...))`
-   learns the gates with distillation, the last part of the run fine-tunes with fixed masks.
+   learns the gates with distillation, the last part of the run fine-tunes with fixed masks. Batches are grouped by
+   length (`train_sampling_strategy="group_by_length"`), which cuts the padding of these short sentences. A finished
+   run whose settings match is reused (`OUTPUT/cofi-XX/cofi_run.json`), so an interrupted recipe resumes.
 3. `trainer.export_pruned_model()` -> physically smaller `BertForSequenceClassification`, saved to `OUTPUT/cofi-XX`
    and reloadable with `AutoModelForSequenceClassification.from_pretrained` after `import hf_prune`.
 Accuracy on the 2,068 test sentences is printed and written to `OUTPUT/results.json`.
@@ -94,6 +96,14 @@ def train_teacher(args, tokenizer, train, test) -> tuple[str, dict]:
 def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill: bool = True) -> dict:
     name = f"cofi-{round(target * 100)}" + ("" if distill else "-nodistill")
     out = os.path.join(args.output, name)
+    settings = run_settings(args, target, distill)
+    done_file = os.path.join(out, "cofi_run.json")
+    if os.path.isfile(done_file):
+        with open(done_file) as fh:
+            done = json.load(fh)
+        if done.get("settings") == settings:
+            print(f"{name}: reusing the finished run in {out}", flush=True)
+            return done
     student = AutoModelForSequenceClassification.from_pretrained(teacher_path)
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path) if distill else None
     config = CoFiConfig(
@@ -102,10 +112,12 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
         finetune_steps=args.finetune,
         gate_learning_rate=args.gate_lr,
         lagrangian_learning_rate=args.lagrangian_lr,
+        gate_init_droprate=args.gate_init_droprate,
     )
     trainer = PruningTrainer(
         model=student, teacher_model=teacher, pruning_config=config,
-        args=common_args(out, args, num_train_epochs=args.cofi_epochs, learning_rate=args.lr),
+        args=common_args(out, args, num_train_epochs=args.cofi_epochs, learning_rate=args.lr,
+                         train_sampling_strategy="group_by_length"),
         train_dataset=train, eval_dataset=test, data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=accuracy,
     )
@@ -130,12 +142,19 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
         "accuracy": acc, "masked_model_accuracy": masked_acc,
         "sparsity": metrics["sparsity"], "params": metrics["params_after"],
         "prunable_params": metrics["prunable_params_after"], "train_wall_time_s": wall,
-        "train_steps": trainer.state.global_step, "structure": describe_structure(small),
-        "config": config.to_dict(),
+        "train_steps": trainer.state.global_step, "torch_threads": torch.get_num_threads(),
+        "structure": describe_structure(small), "config": config.to_dict(), "settings": settings,
     }
-    with open(os.path.join(out, "cofi_run.json"), "w") as fh:
+    with open(done_file, "w") as fh:
         json.dump(result, fh, indent=2)
     return result
+
+
+def run_settings(args, target: float, distill: bool) -> dict:
+    """Everything that determines a CoFi run's result: a finished run is reused only if these match."""
+    keys = ("seed", "max_length", "teacher_epochs", "cofi_epochs", "lr", "gate_lr", "lagrangian_lr", "warmup",
+            "finetune", "gate_init_droprate", "max_train", "max_test")
+    return {"target": target, "distill": distill, **{k: getattr(args, k) for k in keys}}
 
 
 def parse_args(argv=None):
@@ -144,13 +163,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the Rotten Tomatoes split and of training")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--teacher-epochs", type=float, default=2.0)
-    p.add_argument("--cofi-epochs", type=float, default=3.0)
+    p.add_argument("--cofi-epochs", type=float, default=3.0, help="length of each CoFi run (~800 steps)")
     p.add_argument("--targets", type=float, nargs="+", default=[0.6, 0.9])
     p.add_argument("--lr", type=float, default=5e-5, help="learning rate of the student's weights")
-    p.add_argument("--gate-lr", type=float, default=0.05)
-    p.add_argument("--lagrangian-lr", type=float, default=0.05)
+    # CoFi's own defaults (0.01 / 0.01 / 0.5) are meant for ~20-epoch runs; in a run of a few hundred steps the
+    # controller must move faster, and gates that start almost fully open avoid the early push *away* from the
+    # target (expected sparsity ~0.4 at drop rate 0.5 while the target ramps up from 0), which otherwise winds lambda up.
+    p.add_argument("--gate-lr", type=float, default=0.1)
+    p.add_argument("--lagrangian-lr", type=float, default=0.1)
+    p.add_argument("--gate-init-droprate", type=float, default=0.05, help="initial drop rate of every gate")
     p.add_argument("--warmup", type=float, default=0.5, help="sparsity warm-up (fraction of the pruning phase)")
-    p.add_argument("--finetune", type=float, default=0.25, help="final fixed-mask phase (fraction of the run)")
+    p.add_argument("--finetune", type=float, default=0.3, help="final fixed-mask phase (fraction of the run)")
     p.add_argument("--no-distill-ablation", action="store_true", help="also run each target without the teacher")
     p.add_argument("--ablation-targets", type=float, nargs="+", default=None,
                    help="with --no-distill-ablation: only these targets (default: every target)")
