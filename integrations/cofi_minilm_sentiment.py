@@ -113,6 +113,7 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
         gate_learning_rate=args.gate_lr,
         lagrangian_learning_rate=args.lagrangian_lr,
         gate_init_droprate=args.gate_init_droprate,
+        match_target_on_freeze=not args.no_match_target,
     )
     trainer = PruningTrainer(
         model=student, teacher_model=teacher, pruning_config=config,
@@ -153,7 +154,7 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
 def run_settings(args, target: float, distill: bool) -> dict:
     """Everything that determines a CoFi run's result: a finished run is reused only if these match."""
     keys = ("seed", "max_length", "teacher_epochs", "cofi_epochs", "lr", "gate_lr", "lagrangian_lr", "warmup",
-            "finetune", "gate_init_droprate", "max_train", "max_test")
+            "finetune", "gate_init_droprate", "no_match_target", "max_train", "max_test")
     return {"target": target, "distill": distill, **{k: getattr(args, k) for k in keys}}
 
 
@@ -174,6 +175,8 @@ def parse_args(argv=None):
     p.add_argument("--gate-init-droprate", type=float, default=0.05, help="initial drop rate of every gate")
     p.add_argument("--warmup", type=float, default=0.5, help="sparsity warm-up (fraction of the pruning phase)")
     p.add_argument("--finetune", type=float, default=0.3, help="final fixed-mask phase (fraction of the run)")
+    p.add_argument("--no-match-target", action="store_true",
+                   help="keep the controller's own final masks instead of matching the target when fine-tuning starts")
     p.add_argument("--no-distill-ablation", action="store_true", help="also run each target without the teacher")
     p.add_argument("--ablation-targets", type=float, nargs="+", default=None,
                    help="with --no-distill-ablation: only these targets (default: every target)")

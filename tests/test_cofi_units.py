@@ -64,6 +64,44 @@ def test_expected_size_formula_equals_direct_count_for_deterministic_masks(seed)
     assert expected_sparsity(plugin.adapter.dims, **masks).item() == pytest.approx(1 - direct / dense_direct)
 
 
+@pytest.mark.parametrize("target", [0.3, 0.6, 0.9])
+def test_freeze_matches_target_sparsity_and_keeps_the_ranking(target):
+    model = tiny_bert(0)
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=target), model)
+    _random_gates(plugin, 3)
+    dims = plugin.adapter.dims
+    plain = {k: (v != 0).float() for k, v in plugin.gates.deterministic_masks().items()}
+    plain_sparsity = expected_sparsity(dims, **plain).item()
+    offset = plugin.gates.freeze(target)
+    fixed = {k: (v != 0).float() for k, v in plugin.gates.deterministic_masks().items()}
+    got = expected_sparsity(dims, **fixed).item()
+    # the shifted masks are never further from the target than the plain ones, and land within 0.03 of it (a few
+    # FFN neurons of the tiny model; a head or a hidden dim is a coarser step)
+    assert abs(got - target) <= abs(plain_sparsity - target) + 1e-12
+    assert abs(got - target) < 0.03, (got, target, offset)
+    if abs(plain_sparsity - target) > 0.05:  # 0.3 and 0.9 for these logits (plain: 0.59)
+        assert offset != 0.0
+    # a common offset never reorders units: every row keeps a prefix of its logit ranking
+    for name, gate in plugin.gates.gates.items():
+        la = gate.log_alpha.detach().reshape(-1, gate.log_alpha.shape[-1])
+        m = fixed[name].reshape(la.shape)
+        for row_la, row_m in zip(la, m):
+            k = int(row_m.sum())
+            assert set(torch.nonzero(row_m).flatten().tolist()) == set(torch.argsort(row_la, descending=True)[:k].tolist())
+    # the masks are the exported structure
+    small = plugin.export(model)
+    assert small.hf_prune_state.metrics["sparsity"] == pytest.approx(got)
+
+
+def test_freeze_without_target_keeps_plain_deterministic_masks():
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5, match_target_on_freeze=False), tiny_bert(0))
+    _random_gates(plugin, 3)
+    plain = {k: v.clone() for k, v in plugin.gates.deterministic_masks().items()}
+    assert plugin.gates.freeze() == 0.0
+    for k, v in plugin.gates.deterministic_masks().items():
+        assert torch.equal(v, plain[k])
+
+
 def test_layer_matching_respects_order_constraint():
     # 3 teacher layers x 4 student layers; unconstrained argmin per row would be [3, 3, 0]
     costs = torch.tensor([[5.0, 1.0, 4.0, 0.5], [3.0, 2.0, 1.5, 0.1], [9.0, 9.0, 9.0, 0.2]])

@@ -49,7 +49,8 @@ class CoFiConfig(PruningConfig):
     The learning-rate and drop-rate defaults follow the paper's code, which prunes for ~20 epochs. In a run of a few
     hundred steps the controller lags the target ramp and then overshoots; faster rates and gates that start almost
     open track it more closely (the MiniLM recipe uses `gate_learning_rate=0.1`, `lagrangian_learning_rate=0.1`,
-    `gate_init_droprate=0.05` for ~800 steps, and still ends a few points above the target: 0.64 for 0.6).
+    `gate_init_droprate=0.05` for ~800 steps, and still ends a few points above the target: 0.64 for 0.6, 0.935
+    for 0.9, before `match_target_on_freeze` brings the fixed masks back to the target).
 
     Args:
         target_sparsity (`float`):
@@ -64,6 +65,11 @@ class CoFiConfig(PruningConfig):
             the pruning phase).
         finetune_steps (`int` or `float`, defaults to 0.2):
             Length of the final phase with fixed deterministic masks (a float < 1 is a fraction of the training run).
+        match_target_on_freeze (`bool`, defaults to `True`):
+            When the fine-tuning phase starts, take the fixed masks from the gate logits shifted by one common offset,
+            chosen so that the masks' sparsity is as close to `target_sparsity` as whole units allow (the units
+            ranked by their logits, as without the shift). The Lagrangian controller alone can end a few points off
+            the target; `False` keeps the plain deterministic masks, as in the paper.
         gate_learning_rate (`float`, defaults to 0.01): learning rate of the gate logits (log alpha).
         lagrangian_learning_rate (`float`, defaults to 0.01): learning rate of lambda_1 and lambda_2 (gradient ascent).
         gate_init_droprate (`float`, defaults to 0.5):
@@ -84,6 +90,7 @@ class CoFiConfig(PruningConfig):
     prune_hidden: bool = True
     sparsity_warmup_steps: float | int = 0.5
     finetune_steps: float | int = 0.2
+    match_target_on_freeze: bool = True
     gate_learning_rate: float = 0.01
     lagrangian_learning_rate: float = 0.01
     gate_init_droprate: float = 0.5
@@ -98,7 +105,7 @@ class CoFiConfig(PruningConfig):
         t = self.target_sparsity
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0:
             raise ValueError(f"{_OWNER}.target_sparsity must be a number in [0, 1), got {t!r}")
-        for name in ("prune_layers", "prune_heads", "prune_neurons", "prune_hidden"):
+        for name in ("prune_layers", "prune_heads", "prune_neurons", "prune_hidden", "match_target_on_freeze"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{_OWNER}.{name} must be a bool, got {getattr(self, name)!r}")
         if not (self.prune_layers or self.prune_heads or self.prune_neurons or self.prune_hidden):

@@ -94,14 +94,49 @@ class CoFiGates(nn.Module):
         else:
             self.current = dict(self.deterministic_masks())
 
+    def masks_at_offset(self, offset: float) -> dict[str, torch.Tensor]:
+        """Deterministic masks of the logits shifted by one common `offset` (0: the plain deterministic masks)."""
+        return {n: deterministic_gates(g.log_alpha + offset) for n, g in self.gates.items()}
+
     @torch.no_grad()
-    def freeze(self) -> None:
-        """Fixes the deterministic masks; from now on the gates and the Lagrangian no longer train."""
-        for n, m in self.deterministic_masks().items():
+    def offset_for_target(self, target: float, iterations: int = 40) -> tuple[float, float]:
+        """The common logit offset whose deterministic masks come closest to sparsity `target`, and that sparsity.
+
+        Sparsity falls as the offset grows (every keep probability rises), in steps as whole units come back, so a
+        bisection over the offset finds the step nearest the target. Written here because the Lagrangian controller
+        alone ends a few points off the target in short runs; this is hf_prune's addition, not part of the paper.
+        """
+        from .sparsity import expected_sparsity
+
+        def sparsity(offset: float) -> float:
+            masks = {k: (v != 0).float() for k, v in self.masks_at_offset(offset).items()}
+            return float(expected_sparsity(self.dims, **masks))
+
+        lo, hi = -30.0, 30.0  # sparsity(lo) >= target >= sparsity(hi) for any logits this far apart
+        best = min(((abs(sparsity(o) - target), o) for o in (0.0, lo, hi)))
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            s = sparsity(mid)
+            best = min(best, (abs(s - target), mid))
+            if s > target:
+                lo = mid
+            else:
+                hi = mid
+        return best[1], sparsity(best[1])
+
+    @torch.no_grad()
+    def freeze(self, target: float | None = None) -> float:
+        """Fixes the deterministic masks; from now on the gates and the Lagrangian no longer train.
+
+        With `target`, the masks are those of the logits shifted by [`offset_for_target`]; returns the offset used.
+        """
+        offset = self.offset_for_target(target)[0] if target is not None else 0.0
+        for n, m in self.masks_at_offset(offset).items():
             getattr(self, f"fixed_{n}").copy_(m)
         self.frozen.fill_(True)
         for p in self.gate_parameters() + self.lagrangian_parameters():
             p.requires_grad_(False)
+        return offset
 
     def z(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
         v = self.current.get(name)

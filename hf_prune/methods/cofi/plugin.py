@@ -45,7 +45,8 @@ class CoFiCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.plugin.step = state.global_step
         if state.global_step >= self.plugin.pruning_steps and not self.plugin.gates.is_frozen():
-            self.plugin.gates.freeze()
+            cfg = self.plugin.config
+            self.plugin.gates.freeze(cfg.target_sparsity if cfg.match_target_on_freeze else None)
 
 
 @register_training_plugin(CoFiConfig)
