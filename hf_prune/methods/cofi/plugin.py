@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -19,6 +20,8 @@ from .model import inject_gates
 from .prune import build_pruned_model, final_masks, kept_units
 from .sparsity import expected_sparsity, lagrangian_term, target_at, unit_counts
 
+logger = logging.getLogger(__name__)
+
 
 class _GradientReversal(torch.autograd.Function):
     """Identity forward, negated gradient: the Lagrange multipliers do gradient *ascent* under any optimizer."""
@@ -30,6 +33,11 @@ class _GradientReversal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return -grad
+
+
+def _mask_sparsity(gates) -> float:
+    """Sparsity of the deterministic (or, once frozen, the fixed) masks: the exported model's exact sparsity."""
+    return float(expected_sparsity(gates.dims, **{k: (v != 0).float() for k, v in gates.deterministic_masks().items()}))
 
 
 class CoFiCallback(TrainerCallback):
@@ -45,8 +53,14 @@ class CoFiCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         self.plugin.step = state.global_step
         if state.global_step >= self.plugin.pruning_steps and not self.plugin.gates.is_frozen():
-            cfg = self.plugin.config
-            self.plugin.gates.freeze(cfg.target_sparsity if cfg.match_target_on_freeze else None)
+            cfg, gates = self.plugin.config, self.plugin.gates
+            before = _mask_sparsity(gates)
+            offset = gates.freeze(cfg.target_sparsity if cfg.match_target_on_freeze else None)
+            after = _mask_sparsity(gates)
+            logger.info(
+                "CoFi masks fixed at step %d: sparsity %.4f (target %.4f; the controller's own masks: %.4f, logit "
+                "offset %.3f)", state.global_step, after, cfg.target_sparsity, before, offset,
+            )
 
 
 @register_training_plugin(CoFiConfig)
