@@ -38,6 +38,9 @@ from hf_prune.assets import minilm_path, rotten_tomatoes
 from hf_prune.methods.cofi import describe_structure
 
 
+BASE_MODEL = "nreimers/MiniLM-L6-H384-uncased"  # the Hub id of the shipped MiniLM-L6 weights (model card metadata)
+
+
 def load_data(tokenizer, seed: int, max_length: int, max_train: int | None = None, max_test: int | None = None):
     split = rotten_tomatoes(seed)
 
@@ -131,8 +134,12 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
                          data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
     acc = eval_small.evaluate()["eval_accuracy"]
     state = get_pruning_state(small)
-    state.base_model = "nreimers/MiniLM-L6-H384-uncased (fine-tuned on Rotten Tomatoes as teacher)"
+    state.base_model = BASE_MODEL  # the teacher is this model fine-tuned here; its accuracy goes in the metrics
     state.command = "python " + " ".join(sys.argv)
+    teacher_info = os.path.join(teacher_path, "teacher_run.json")
+    if os.path.isfile(teacher_info):
+        with open(teacher_info) as fh:
+            state.metrics["teacher_accuracy"] = round(json.load(fh)["eval_accuracy"], 4)
     state.metrics.update(accuracy=round(acc, 4), masked_model_accuracy=round(masked_acc, 4), distill=distill)
     # the exported model with its card (accuracy as model-index); reloadable with from_pretrained after import hf_prune
     save_pruned(small, out, overwrite=True, eval_results=[accuracy_eval_result(acc, args.seed)])

@@ -216,3 +216,20 @@ def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublay
     assert [l["intermediate_size"] for l in layers] == [48, 48, 8, 0]
     assert layers[1]["attention_removed"] and layers[3]["ffn_removed"]
     assert describe_structure(small)["hidden_size"] == 28
+
+
+def test_model_card_of_structured_export_reports_removed_units():
+    from hf_prune.export.card import build_model_card
+
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5), tiny_bert(0))
+    _random_gates(plugin, 3)
+    small = plugin.export(plugin.model)
+    text = str(build_model_card(small))
+    metrics = small.hf_prune_state.metrics
+    assert f"{100 * metrics['sparsity']:.1f} % of the prunable encoder weights removed physically" in text
+    assert f"from {metrics['params_before']:,} before pruning" in text
+    structure = describe_structure(small)
+    assert f"hidden size 32 → {structure['hidden_size']}" in text
+    for i, layer in enumerate(structure["layers"]):
+        assert f"| {i} | {layer['heads']} / 4 | {layer['intermediate_size']} / 48 |" in text
+    assert "0.0 % sparse" not in text and "| structure |" not in text

@@ -59,6 +59,9 @@ def _layout_description(layout: str) -> str:
 
 
 def _format_description(layout: str) -> str:
+    if layout == "structured":
+        return ("the smaller model's own dense weights; its per-layer shapes are in config.json's quantization_config "
+                "(format in hf_prune's docs/format.md)")
     if ":" in layout and layout.replace(":", "").isdigit():
         return f"non-zero values plus packed {layout} group indices (format in hf_prune's docs/format.md)"
     if layout.startswith("block:"):
@@ -102,6 +105,21 @@ def _eval_results(results) -> list[EvalResult]:
         else:
             raise TypeError(f"eval_results entries must be EvalResult or dict, got {type(r).__name__}")
     return out
+
+
+def _structure_summary(metrics: dict) -> dict | None:
+    """What a structured (CoFi) export kept, per layer and overall, for the card."""
+    structure = metrics.get("structure")
+    if not isinstance(structure, dict) or "layers" not in structure:
+        return None
+    original = structure.get("original", {})
+    rows = [
+        {"layer": i, "heads": f"{l['heads']} / {original.get('num_attention_heads', '?')}",
+         "ffn": f"{l['intermediate_size']} / {original.get('intermediate_size', '?')}"}
+        for i, l in enumerate(structure["layers"])
+    ]
+    return {"rows": rows, "hidden": structure.get("hidden_size"), "hidden_before": original.get("hidden_size"),
+            "params_before": metrics.get("params_before")}
 
 
 def _model_stats(model, module_sparsity: dict[str, float]) -> dict:
@@ -153,6 +171,11 @@ def build_model_card(
         size_after = sum(p.stat().st_size for p in Path(directory).glob("*.safetensors")) or None
     size_before = stats["dense_bytes"]
     overall = stats["zeros"] / stats["pruned_numel"] if stats["pruned_numel"] else state.overall_sparsity
+    structure = _structure_summary(state.metrics) if state.layout == "structured" else None
+    if structure is not None:  # units were removed, not zeroed: compare with the original model
+        overall = float(state.metrics.get("sparsity", overall))
+        if structure["params_before"]:
+            size_before = structure["params_before"] * next(model.parameters()).element_size()
     evals = _eval_results(eval_results)
     card_tags = ["hf_prune", "pruned", "structured" if state.layout == "structured" else "sparse", method]
     card_tags += [t for t in tags or [] if t not in card_tags]
@@ -164,7 +187,9 @@ def build_model_card(
         model_name=(repo_id or (Path(directory).name if directory else None) or f"{method}-pruned") if evals else None,
     )
     table, others = layer_table(state.module_sparsity)
-    metrics = [(k, v) for k, v in state.metrics.items() if k != "export_format"]
+    # the structure itself is rendered as its own table (and stored in config.json), not as a metric value
+    metrics = [(k, v) for k, v in state.metrics.items()
+               if k not in ("export_format", "structure", "kept_head_indices")]
     speed = ", ".join(f"{k}: {v}" for k, v in metrics if any(s in k.lower() for s in ("speed", "latency", "throughput", "tokens_per")))
     base = state.base_model
     return ModelCard.from_template(
@@ -195,5 +220,7 @@ def build_model_card(
         eval_results=evals,
         layer_table=table,
         other_modules=others,
+        structure=structure,
+        params_before=f"{structure['params_before']:,}" if structure and structure["params_before"] else None,
         command=state.command,
     )
