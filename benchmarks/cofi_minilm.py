@@ -3,6 +3,7 @@
     flock /tmp/hf_prune_cpu.lock python benchmarks/cofi_minilm.py                 # full protocol
     flock /tmp/hf_prune_cpu.lock python benchmarks/cofi_minilm.py --max-train 3000 --teacher-epochs 1 \
         --cofi-epochs 1 --label shortened                                         # a shortened run, labelled as such
+    python benchmarks/cofi_minilm.py --targets 0.9 --cofi-epochs 6 --skip-ablation --label 90_6ep  # one longer run
 
 Runs `integrations/cofi_minilm_sentiment.py` (teacher, CoFi at each target, a no-distillation ablation), then times
 the teacher and every exported model on CPU at batch 1 and batch 32 (sequence length 64, median of repeated runs,
@@ -67,9 +68,10 @@ def main(argv=None):
     p.add_argument("--label", default="", help="suffix of the result files; use it for any shortened protocol")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--skip-ablation", action="store_true", help="no no-distillation runs (e.g. for a one-target re-run)")
     args, rest = p.parse_known_args(argv)
     rest = list(rest)
-    if "--no-distill-ablation" not in rest:
+    if "--no-distill-ablation" not in rest and not args.skip_ablation:
         rest.append("--no-distill-ablation")
     if "--output" not in rest:
         rest += ["--output", os.path.join("runs", "cofi_minilm" + (f"_{args.label}" if args.label else ""))]
