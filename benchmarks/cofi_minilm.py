@@ -107,9 +107,7 @@ def main(argv=None):
         r["hidden"] = r["structure"]["hidden_size"]
     # Record the measured numbers in each exported model's card (re-saved in place, the export stays compressed).
     for run, row, model in zip(results["runs"], rows[1:], exported):
-        state = get_pruning_state(model)
-        state.base_model = recipe.BASE_MODEL
-        state.metrics.update(
+        get_pruning_state(model).metrics.update(
             teacher_accuracy=round(rows[0]["accuracy"], 4), flops_ratio=round(row["flops_ratio"], 3),
             latency_b1_ms=round(row["latency_b1_ms"], 3), latency_b32_ms=round(row["latency_b32_ms"], 2),
             speedup_b1=round(row["speedup_b1"], 3), speedup_b32=round(row["speedup_b32"], 3),

@@ -96,7 +96,8 @@ def train_teacher(args, tokenizer, train, test) -> tuple[str, dict]:
     return path, info
 
 
-def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill: bool = True) -> dict:
+def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill: bool = True,
+             teacher_accuracy: float | None = None) -> dict:
     name = f"cofi-{round(target * 100)}" + ("" if distill else "-nodistill")
     out = os.path.join(args.output, name)
     settings = run_settings(args, target, distill)
@@ -136,10 +137,8 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
     state = get_pruning_state(small)
     state.base_model = BASE_MODEL  # the teacher is this model fine-tuned here; its accuracy goes in the metrics
     state.command = "python " + " ".join(sys.argv)
-    teacher_info = os.path.join(teacher_path, "teacher_run.json")
-    if os.path.isfile(teacher_info):
-        with open(teacher_info) as fh:
-            state.metrics["teacher_accuracy"] = round(json.load(fh)["eval_accuracy"], 4)
+    if teacher_accuracy is not None:
+        state.metrics["teacher_accuracy"] = round(teacher_accuracy, 4)
     state.metrics.update(accuracy=round(acc, 4), masked_model_accuracy=round(masked_acc, 4), distill=distill)
     # the exported model with its card (accuracy as model-index); reloadable with from_pretrained after import hf_prune
     save_pruned(small, out, overwrite=True, eval_results=[accuracy_eval_result(acc, args.seed)])
@@ -204,7 +203,8 @@ def main(argv=None) -> dict:
     for target in args.targets:
         ablate = args.no_distill_ablation and (args.ablation_targets is None or target in args.ablation_targets)
         for distill in ([True, False] if ablate else [True]):
-            r = run_cofi(args, tokenizer, teacher_path, train, test, target, distill)
+            r = run_cofi(args, tokenizer, teacher_path, train, test, target, distill,
+                         teacher_accuracy=teacher_info["eval_accuracy"])
             print(f"{r['name']}: accuracy {r['accuracy']:.4f} (masked {r['masked_model_accuracy']:.4f}), "
                   f"sparsity {r['sparsity']:.3f}, params {r['params']}", flush=True)
             results["runs"].append(r)

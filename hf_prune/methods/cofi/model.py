@@ -32,6 +32,7 @@ from torch import nn
 from .arch import BertFamilyAdapter
 from .config import CoFiConfig
 from .gates import HardConcreteGate, deterministic_gates
+from .sparsity import mask_sparsity
 
 ATTR = "hf_prune_cofi"
 GATE_NAMES = ("head", "mha", "neuron", "ffn", "hidden")
@@ -106,11 +107,8 @@ class CoFiGates(nn.Module):
         bisection over the offset finds the step nearest the target. Written here because the Lagrangian controller
         alone ends a few points off the target in short runs; this is hf_prune's addition, not part of the paper.
         """
-        from .sparsity import expected_sparsity
-
         def sparsity(offset: float) -> float:
-            masks = {k: (v != 0).float() for k, v in self.masks_at_offset(offset).items()}
-            return float(expected_sparsity(self.dims, **masks))
+            return mask_sparsity(self.dims, self.masks_at_offset(offset))
 
         lo, hi = -30.0, 30.0  # sparsity(lo) >= target >= sparsity(hi) for any logits this far apart
         best = min(((abs(sparsity(o) - target), o) for o in (0.0, lo, hi)))

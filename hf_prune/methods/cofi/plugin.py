@@ -18,7 +18,7 @@ from .distill import default_teacher_layers, layer_costs, layer_loss, match_laye
 from . import export_format  # noqa: F401  (registers the "structured" export format)
 from .model import inject_gates
 from .prune import build_pruned_model, final_masks, kept_units
-from .sparsity import expected_sparsity, lagrangian_term, target_at, unit_counts
+from .sparsity import expected_sparsity, lagrangian_term, mask_sparsity, target_at, unit_counts
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,6 @@ class _GradientReversal(torch.autograd.Function):
         return -grad
 
 
-def _mask_sparsity(gates) -> float:
-    """Sparsity of the deterministic (or, once frozen, the fixed) masks: the exported model's exact sparsity."""
-    return float(expected_sparsity(gates.dims, **{k: (v != 0).float() for k, v in gates.deterministic_masks().items()}))
-
-
 class CoFiCallback(TrainerCallback):
     """Tracks the step, resolves the schedule at train start and freezes the masks when fine-tuning begins."""
 
@@ -54,9 +49,9 @@ class CoFiCallback(TrainerCallback):
         self.plugin.step = state.global_step
         if state.global_step >= self.plugin.pruning_steps and not self.plugin.gates.is_frozen():
             cfg, gates = self.plugin.config, self.plugin.gates
-            before = _mask_sparsity(gates)
+            before = mask_sparsity(gates.dims, gates.deterministic_masks())
             offset = gates.freeze(cfg.target_sparsity if cfg.match_target_on_freeze else None)
-            after = _mask_sparsity(gates)
+            after = mask_sparsity(gates.dims, gates.deterministic_masks())
             logger.info(
                 "CoFi masks fixed at step %d: sparsity %.4f (target %.4f; the controller's own masks: %.4f, logit "
                 "offset %.3f)", state.global_step, after, cfg.target_sparsity, before, offset,

@@ -75,6 +75,11 @@ def expected_sparsity(dims: EncoderDims, **gates: torch.Tensor | None) -> torch.
     return 1.0 - expected_params(dims, **gates) / dims.full_params
 
 
+def mask_sparsity(dims: EncoderDims, masks: dict[str, torch.Tensor]) -> float:
+    """Exact sparsity of the model these (deterministic or fixed) masks leave: every non-zero gate counts as kept."""
+    return float(expected_sparsity(dims, **{k: (v != 0).float() for k, v in masks.items()}))
+
+
 def target_at(step: int, target: float, warmup_steps: int) -> float:
     """Target sparsity at `step`: linear ramp from 0 to `target` over `warmup_steps`, then constant."""
     if warmup_steps <= 0:
