@@ -193,7 +193,7 @@ def test_export_equals_masked_model(arch, seed):
         assert (dense(**inputs).logits - masked).abs().max() > 1e-3
 
 
-def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublayers():
+def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublayers(tmp_path):
     model = tiny_bert(0).eval()
     plugin = CoFiPlugin(CoFiConfig(), model)
     with torch.no_grad():
@@ -216,6 +216,25 @@ def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublay
     assert [l["intermediate_size"] for l in layers] == [48, 48, 8, 0]
     assert layers[1]["attention_removed"] and layers[3]["ffn_removed"]
     assert describe_structure(small)["hidden_size"] == 28
+    # removed sublayers are the light stand-ins (one add + LayerNorm at inference), also after a save/load round trip
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_prune import save_pruned
+    from hf_prune.methods.cofi.structure import RemovedAttention, RemovedFFNOutput, RemovedIntermediate
+
+    out = tmp_path / "small"
+    save_pruned(small, str(out))
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    for m in (small, loaded):
+        enc = m.bert.encoder.layer
+        assert isinstance(enc[1].attention, RemovedAttention) and not isinstance(enc[0].attention, RemovedAttention)
+        assert isinstance(enc[3].intermediate, RemovedIntermediate) and isinstance(enc[3].output, RemovedFFNOutput)
+        assert not isinstance(enc[2].output, RemovedFFNOutput)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, masked, atol=1e-4, rtol=0)
+        # the inference shortcut equals the stock modules' computation that training mode runs (dropout is 0 here)
+        loaded.train()
+        torch.testing.assert_close(loaded(**inputs).logits, masked, atol=1e-4, rtol=0)
 
 
 def test_model_card_of_structured_export_reports_removed_units():

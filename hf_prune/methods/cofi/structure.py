@@ -33,7 +33,55 @@ class EmptySelfAttention(nn.Module):
         self.all_head_size = 0
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+        return hidden_states[..., :0], None
+
+
+class RemovedAttention(nn.Module):
+    """An attention sublayer with every head removed: `LayerNorm(x + b)`, `b` the output projection's folded bias.
+
+    Replaces the stock attention module (same `self` / `output` children, so the same state-dict keys) so that a
+    removed sublayer costs one add and one LayerNorm at inference instead of the full module chain, which dominates
+    batch-1 latency of a small pruned model. In training mode it runs the stock `output` module (dropout included).
+    """
+
+    def __init__(self, attention: nn.Module, head_dim: int):
+        super().__init__()
+        self.self = EmptySelfAttention(head_dim)
+        self.output = attention.output
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = self.output
+        if self.training:
+            return out(hidden_states[..., :0], hidden_states), None
+        bias = out.dense.bias
+        return out.LayerNorm(hidden_states if bias is None else hidden_states + bias), None
+
+
+class RemovedIntermediate(nn.Module):
+    """FFN up projection with every neuron removed: a 0-wide activation (keeps the 0-row `dense` for its keys)."""
+
+    def __init__(self, intermediate: nn.Module):
+        super().__init__()
+        self.dense = intermediate.dense
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[..., :0]
+
+
+class RemovedFFNOutput(nn.Module):
+    """FFN down projection + LayerNorm with every neuron removed: `LayerNorm(x + b)` (see [`RemovedAttention`])."""
+
+    def __init__(self, output: nn.Module):
+        super().__init__()
+        self.dense, self.LayerNorm, self.dropout = output.dense, output.LayerNorm, output.dropout
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        bias = self.dense.bias
+        if bias is None:
+            return self.LayerNorm(input_tensor)
+        if self.training:
+            return self.LayerNorm(input_tensor + self.dropout(bias.expand_as(input_tensor)))
+        return self.LayerNorm(input_tensor + bias)
 
 
 def describe_structure(model: nn.Module) -> dict[str, Any]:
@@ -121,9 +169,7 @@ def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
         layer = ad.layers[i]
         heads, ffn = int(spec["heads"]), int(spec["intermediate_size"])
         att = layer.attention
-        if heads == 0:
-            att.self = EmptySelfAttention(dh)
-        else:
+        if heads > 0:
             s = att.self
             for proj in ("query", "key", "value"):
                 setattr(s, proj, _linear(getattr(s, proj), d, heads * dh))
@@ -131,9 +177,14 @@ def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
             s.all_head_size = heads * dh
         att.output.dense = _linear(att.output.dense, heads * dh, d)
         att.output.LayerNorm = _layernorm(att.output.LayerNorm, d)
+        if heads == 0:
+            layer.attention = RemovedAttention(att, dh)
         layer.intermediate.dense = _linear(layer.intermediate.dense, d, ffn)
         layer.output.dense = _linear(layer.output.dense, ffn, d)
         layer.output.LayerNorm = _layernorm(layer.output.LayerNorm, d)
+        if ffn == 0:
+            layer.intermediate = RemovedIntermediate(layer.intermediate)
+            layer.output = RemovedFFNOutput(layer.output)
     for parent, attr in ad.head_inputs():
         old = getattr(parent, attr)
         setattr(parent, attr, _linear(old, d, old.out_features))
