@@ -252,3 +252,16 @@ def test_model_card_of_structured_export_reports_removed_units():
     for i, layer in enumerate(structure["layers"]):
         assert f"| {i} | {layer['heads']} / 4 | {layer['intermediate_size']} / 48 |" in text
     assert "0.0 % sparse" not in text and "| structure |" not in text
+
+
+def test_model_card_speed_line_keeps_to_speedups_and_table_keeps_everything():
+    from hf_prune.export.card import build_model_card
+
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5), tiny_bert(0))
+    _random_gates(plugin, 3)
+    small = plugin.export(plugin.model)
+    small.hf_prune_state.metrics.update(latency_b1_eager_1t_ms=3.968, speedup_b1_eager_1t=6.456)
+    text = str(build_model_card(small))
+    speed_line = next(line for line in text.splitlines() if line.startswith("- **Measured speed**"))
+    assert speed_line == "- **Measured speed**: speedup_b1_eager_1t: 6.456"
+    assert "| latency_b1_eager_1t_ms | 3.968 |" in text and "| speedup_b1_eager_1t | 6.456 |" in text

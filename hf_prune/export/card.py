@@ -190,7 +190,9 @@ def build_model_card(
     # the structure itself is rendered as its own table (and stored in config.json), not as a metric value
     metrics = [(k, v) for k, v in state.metrics.items()
                if k not in ("export_format", "structure", "kept_head_indices")]
-    speed = ", ".join(f"{k}: {v}" for k, v in metrics if any(s in k.lower() for s in ("speed", "latency", "throughput", "tokens_per")))
+    speed_metrics = [(k, v) for k, v in metrics if any(s in k.lower() for s in ("speed", "latency", "throughput", "tokens_per"))]
+    # the summary line keeps to the speed-up ratios when there are any; the full list is in the metrics table
+    speed = ", ".join(f"{k}: {v}" for k, v in ([m for m in speed_metrics if "speedup" in m[0].lower()] or speed_metrics))
     base = state.base_model
     return ModelCard.from_template(
         card_data,
