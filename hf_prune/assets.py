@@ -271,11 +271,18 @@ def minilm_path() -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
+def _wikicorpus():
+    """gensim's `wikicorpus` module; the pinned gensim is an asset package, installed on first use like the others."""
+    ensure_package(*GENSIM_PACKAGE, deps=True)  # gensim needs numpy, scipy, smart_open to import
+    from gensim.corpora import wikicorpus
+
+    return wikicorpus
+
+
 def _clean_wiki(text: str) -> str:
     # gensim's filter_wiki alone: the one-shot benchmark's published numbers were measured on exactly this text.
-    from gensim.corpora.wikicorpus import filter_wiki
-
-    return filter_wiki(text).strip()
+    return _wikicorpus().filter_wiki(text).strip()
 
 
 def parse_wiki_dump(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -285,8 +292,7 @@ def parse_wiki_dump(path: str | os.PathLike) -> list[tuple[str, str]]:
     """
     import bz2
 
-    from gensim.corpora.wikicorpus import extract_pages
-
+    extract_pages = _wikicorpus().extract_pages
     opener = bz2.open if str(path).endswith(".bz2") else open
     articles = []
     with opener(path, "rb") as fh:
