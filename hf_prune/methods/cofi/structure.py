@@ -3,7 +3,9 @@
 `describe_structure(model)` reads a (pruned) model's per-layer kept heads, FFN width, removed sublayers and hidden
 size from its modules into a JSON-able dict. `apply_structure(model, structure)` reshapes a freshly built dense model
 of the original config (on any device, including `meta`) so that the pruned weights load into it. Both go through
-the architecture adapter, so they are the only place that knows how a pruned BERT-family model is laid out.
+the architecture adapter, so they are the only place that knows how a pruned BERT-family model is laid out. A
+removed attention or FFN sublayer becomes a small stand-in module ([`RemovedAttention`], [`RemovedFFNOutput`]) with
+the same parameter names, so the model stays of its stock class and its state dict keeps the stock keys.
 """
 
 from __future__ import annotations
