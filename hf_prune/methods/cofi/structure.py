@@ -78,12 +78,10 @@ class RemovedFFNOutput(nn.Module):
         self.dense, self.LayerNorm, self.dropout = output.dense, output.LayerNorm, output.dropout
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        if self.training:  # the stock computation on the 0-wide activation (dropout included)
+            return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
         bias = self.dense.bias
-        if bias is None:
-            return self.LayerNorm(input_tensor)
-        if self.training:
-            return self.LayerNorm(input_tensor + self.dropout(bias.expand_as(input_tensor)))
-        return self.LayerNorm(input_tensor + bias)
+        return self.LayerNorm(input_tensor if bias is None else input_tensor + bias)
 
 
 def describe_structure(model: nn.Module) -> dict[str, Any]:
