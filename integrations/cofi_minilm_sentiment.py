@@ -37,6 +37,7 @@ from transformers import (
 from hf_prune import CoFiConfig, PruningTrainer, get_pruning_state, save_pruned
 from hf_prune.assets import minilm_path, rotten_tomatoes
 from hf_prune.methods.cofi import describe_structure
+from hf_prune.methods.cofi.structure import FORMAT as STRUCTURE_FORMAT
 
 
 BASE_MODEL = "nreimers/MiniLM-L6-H384-uncased"  # the Hub id of the shipped MiniLM-L6 weights (model card metadata)
@@ -174,6 +175,7 @@ def run_settings(args, target: float, distill: bool) -> dict:
     keys = ("seed", "max_length", "teacher_epochs", "lr", "gate_lr", "lagrangian_lr", "warmup",
             "finetune", "gate_init_droprate", "no_match_target", "max_train", "max_test")
     return {"target": target, "distill": distill, "cofi_epochs": cofi_epochs(args, target),
+            "structure_format": STRUCTURE_FORMAT,  # a run exported by an hf_prune with other semantics is redone
             **{k: getattr(args, k) for k in keys}}
 
 

@@ -216,7 +216,7 @@ def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublay
     assert [l["intermediate_size"] for l in layers] == [48, 48, 8, 0]
     assert layers[1]["attention_removed"] and layers[3]["ffn_removed"]
     assert describe_structure(small)["hidden_size"] == 28
-    # removed sublayers are the light stand-ins (one add + LayerNorm at inference), also after a save/load round trip
+    # removed sublayers are parameter-free identity stand-ins, also after a save/load round trip
     from transformers import AutoModelForSequenceClassification
 
     from hf_prune import save_pruned
@@ -230,11 +230,51 @@ def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublay
         assert isinstance(enc[1].attention, RemovedAttention) and not isinstance(enc[0].attention, RemovedAttention)
         assert isinstance(enc[3].intermediate, RemovedIntermediate) and isinstance(enc[3].output, RemovedFFNOutput)
         assert not isinstance(enc[2].output, RemovedFFNOutput)
+        keys = set(m.state_dict())
+        assert not any(k.startswith(("bert.encoder.layer.1.attention.", "bert.encoder.layer.3.intermediate.",
+                                     "bert.encoder.layer.3.output.")) for k in keys)
+        assert "bert.encoder.layer.3.attention.output.LayerNorm.weight" in keys
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, masked, atol=1e-4, rtol=0)
-        # the inference shortcut equals the stock modules' computation that training mode runs (dropout is 0 here)
-        loaded.train()
+        loaded.train()  # the stand-ins are the identity in training mode too (dropout is 0 in this config)
         torch.testing.assert_close(loaded(**inputs).logits, masked, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_masked_model_removed_sublayer_is_identity(train):
+    """A sublayer whose layer gate is 0, or with no head / neuron left, passes its input through (no LayerNorm)."""
+    from hf_prune.methods.cofi.arch import get_adapter
+
+    torch.manual_seed(0)
+    model = tiny_bert(0)
+    plugin = CoFiPlugin(CoFiConfig(), model)
+    with torch.no_grad():
+        g = plugin.gates.gates
+        for gate in g.values():
+            gate.log_alpha.fill_(5.0)
+        g["mha"].log_alpha[1] = -20.0  # layer 1 attention: layer gate 0 (also when sampled)
+        g["neuron"].log_alpha[2] = -20.0  # layer 2 FFN: no neuron left, its layer gate is open
+    ad = get_adapter(model)
+    seen = {}
+
+    def keep(name):
+        def hook(mod, args, out):
+            seen[name] = (args[1], out)
+
+        return hook
+
+    handles = [ad.attn_block(i).register_forward_hook(keep(f"attn{i}")) for i in range(4)]
+    handles += [ad.ffn_block(i).register_forward_hook(keep(f"ffn{i}")) for i in range(4)]
+    model.train(train)
+    model(**_inputs())
+    for h in handles:
+        h.remove()
+    for name in ("attn1", "ffn2"):
+        residual, out = seen[name]
+        assert torch.equal(out, residual), name
+    for name in ("attn0", "attn2", "ffn1", "ffn3"):
+        residual, out = seen[name]
+        assert (out - residual).abs().max() > 1e-2, name  # a kept sublayer changes the stream
 
 
 def test_model_card_of_structured_export_reports_removed_units():

@@ -41,11 +41,10 @@ class BertFamilyAdapter:
         self.model_type = model_type
         self.base = model.base_model
         self.layers = self.base.encoder.layer
-        attn = self.layers[0].attention.self
         self.dims = EncoderDims(
             num_layers=len(self.layers),
             num_heads=int(config.num_attention_heads),
-            head_dim=int(attn.attention_head_size),
+            head_dim=int(config.hidden_size) // int(config.num_attention_heads),  # what BertSelfAttention uses
             hidden_size=int(config.hidden_size),
             intermediate_size=int(config.intermediate_size),
         )
@@ -85,6 +84,25 @@ class BertFamilyAdapter:
     def ffn_layernorm(self, layer: int) -> nn.LayerNorm:
         return self.layers[layer].output.LayerNorm
 
+    def attn_block(self, layer: int) -> nn.Module:
+        """Module called as `(sublayer_output, residual)` that adds the residual and normalises (post-LN)."""
+        return self.layers[layer].attention.output
+
+    def ffn_block(self, layer: int) -> nn.Module:
+        return self.layers[layer].output
+
+    def kept_heads(self, layer: int) -> int:
+        """Heads left in `layer` of a (possibly pruned) model; 0 for a removed attention sublayer."""
+        if getattr(self.layers[layer].attention, "removed", False):
+            return 0
+        return self.attn_out(layer).in_features // self.dims.head_dim
+
+    def kept_neurons(self, layer: int) -> int:
+        """FFN width left in `layer` of a (possibly pruned) model; 0 for a removed FFN sublayer."""
+        if getattr(self.layers[layer].intermediate, "removed", False):
+            return 0
+        return self.ffn_up(layer).out_features
+
     def layernorms(self) -> list[nn.LayerNorm]:
         out = [self.embedding_layernorm()]
         for i in range(self.dims.num_layers):
@@ -106,10 +124,10 @@ class BertFamilyAdapter:
         """Direct count of the prunable weight matrices' elements (Q, K, V, O, FFN up/down of every layer)."""
         total = 0
         for i in range(self.dims.num_layers):
-            s = self.layers[i].attention.self
-            for lin in (getattr(s, "query", None), getattr(s, "key", None), getattr(s, "value", None)):
-                total += lin.weight.numel() if lin is not None else 0
-            total += self.attn_out(i).weight.numel() + self.ffn_up(i).weight.numel() + self.ffn_down(i).weight.numel()
+            if self.kept_heads(i):
+                total += sum(lin.weight.numel() for lin in (*self.qkv(i), self.attn_out(i)))
+            if self.kept_neurons(i):
+                total += self.ffn_up(i).weight.numel() + self.ffn_down(i).weight.numel()
         return total
 
 

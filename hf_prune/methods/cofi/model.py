@@ -16,9 +16,13 @@ The masked model, for gate values z (sampled while training, deterministic in ev
 Why this makes physical removal exact: every hidden state is zero on the dropped dimensions, so the columns of the
 linears that read them contribute nothing and can be removed; LayerNorm statistics are computed over the kept
 dimensions only, which is what a LayerNorm of the smaller width computes; every gate multiplies a linear function
-of weights (or a LayerNorm's affine output), so its value folds into those weights and biases. A sublayer whose
-gate is 0 contributes exactly 0 to the residual and its LayerNorm is kept (`LN(x + 0)`, the paper's formula), so
-removing its weights changes nothing.
+of weights (or a LayerNorm's affine output), so its value folds into those weights and biases.
+
+A *removed* sublayer (its layer gate is 0, or none of its heads / neurons is left) is the identity: it passes its
+input through, LayerNorm included, as in the CoFi authors' code (`CoFiBertSelfOutput` returns the residual when the
+gated output is all zero, and their pruned model drops a sublayer with no unit left). While training this is decided
+per sampled gate value, like LayerDrop; after export the sublayer is gone entirely, which matters for the latency of
+a small pruned model (no LayerNorm, no module chain).
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ class CoFiGates(nn.Module):
         self.dims = d
         self.head_dim = d.head_dim
         self.current: dict[str, torch.Tensor] = {}
+        self.removed: dict[str, torch.Tensor | None] = {}
 
     # -------------------------------------------------------------------------------------------------- masks
     def gate_parameters(self) -> list[nn.Parameter]:
@@ -94,6 +99,10 @@ class CoFiGates(nn.Module):
             self.current = {n: g(deterministic=False) for n, g in self.gates.items()}
         else:
             self.current = dict(self.deterministic_masks())
+        self.removed = {
+            "attn": _removed(self.current.get("mha"), self.current.get("head")),
+            "ffn": _removed(self.current.get("ffn"), self.current.get("neuron")),
+        }
 
     def masks_at_offset(self, offset: float) -> dict[str, torch.Tensor]:
         """Deterministic masks of the logits shifted by one common `offset` (0: the plain deterministic masks)."""
@@ -139,6 +148,18 @@ class CoFiGates(nn.Module):
     def z(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
         v = self.current.get(name)
         return None if v is None else v.to(dtype=like.dtype)
+
+
+def _removed(z_layer: torch.Tensor | None, z_units: torch.Tensor | None) -> torch.Tensor | None:
+    """Per layer: is the sublayer removed this pass (its layer gate is 0, or none of its heads / neurons is left)?"""
+    flags = []
+    if z_layer is not None:
+        flags.append(z_layer == 0)
+    if z_units is not None:
+        flags.append((z_units == 0).all(-1))
+    if not flags:
+        return None
+    return flags[0] | flags[1] if len(flags) == 2 else flags[0]
 
 
 # ------------------------------------------------------------------------------------------------------ hooks
@@ -197,12 +218,21 @@ def inject_gates(
             scale = _combine(gates.z("ffn", out), layer, gates.z("hidden", out))
             return out if scale is None else out * scale
 
+        def identity_if_removed(kind: str, layer: int = layer):
+            def hook(mod, args, out):  # args = (sublayer output, residual); a removed sublayer passes the residual
+                removed = gates.removed.get(kind)
+                return out if removed is None else torch.where(removed[layer], args[1], out)
+
+            return hook
+
         o = adapter.attn_out(layer)
         handles += [
             o.register_forward_pre_hook(heads_pre),
             o.register_forward_hook(attn_out),
             adapter.ffn_act_module(layer).register_forward_hook(neurons),
             adapter.ffn_down(layer).register_forward_hook(ffn_out),
+            adapter.attn_block(layer).register_forward_hook(identity_if_removed("attn")),
+            adapter.ffn_block(layer).register_forward_hook(identity_if_removed("ffn")),
         ]
     if "hidden" in gates.gates:
         for ln in adapter.layernorms():

@@ -42,7 +42,9 @@ def kept_units(masks: dict[str, torch.Tensor]) -> dict[str, Any]:
 def pruned_state_dict(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
     """Folds the gate values into the weights and slices out the removed units.
 
-    Returns the new state dict (keys of the dense model without the removed modules' entries) and the structure.
+    A removed attention or FFN sublayer (no head / neuron left, or its layer gate 0) loses all its weights, its
+    LayerNorm included: the masked model computes it as the identity. Returns the new state dict (keys of the dense
+    model without the removed modules' entries) and the structure.
     """
     ad = get_adapter(model)
     dh = ad.dims.head_dim
@@ -68,33 +70,44 @@ def pruned_state_dict(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple
             put(ln.bias, ln.bias.float().index_select(0, i) * dev(zh, ln.bias))
 
     fold_ln(ad.embedding_layernorm())
+    module_names = {id(m): n for n, m in model.named_modules()}
+
+    def drop(module: nn.Module) -> None:  # a removed sublayer: all its weights go (it becomes the identity)
+        prefix = module_names[id(module)] + "."
+        for k in [k for k in sd if k.startswith(prefix)]:
+            del sd[k]
+
     layers = []
     for layer in range(ad.dims.num_layers):
         # attention: Q/K/V keep the rows of surviving heads and the columns of surviving hidden dims
         h_idx = kept["heads"][layer]
-        rows = torch.tensor([h * dh + j for h in h_idx for j in range(dh)], dtype=torch.long)
         if h_idx:
+            rows = torch.tensor([h * dh + j for h in h_idx for j in range(dh)], dtype=torch.long)
             for lin in ad.qkv(layer):
                 r, c = dev(rows, lin.weight).long(), dev(hid, lin.weight).long()
                 put(lin.weight, lin.weight.index_select(0, r).index_select(1, c))
                 if lin.bias is not None:
                     put(lin.bias, lin.bias.index_select(0, r))
+            z_mha = float(masks["mha"][layer])
+            col_scale = (masks["head"][layer][h_idx] * z_mha).repeat_interleave(dh)
+            _fold_out(put, dev, ad.attn_out(layer), hid, rows, zh * z_mha, col_scale)
+            fold_ln(ad.attn_layernorm(layer))
         else:
-            for k in [k for k in sd if k.startswith(names[id(ad.qkv(layer)[0].weight)].rsplit(".", 2)[0] + ".")]:
-                del sd[k]  # the whole self-attention module goes
-        z_mha = float(masks["mha"][layer])
-        col_scale = (masks["head"][layer][h_idx] * z_mha).repeat_interleave(dh) if h_idx else torch.zeros(0)
-        _fold_out(put, dev, ad.attn_out(layer), hid, rows, zh * z_mha, col_scale)
-        fold_ln(ad.attn_layernorm(layer))
+            drop(ad.attention(layer))
         # FFN: up keeps rows of surviving neurons; down keeps their columns, scaled by the neuron and FFN gates
         n_idx = torch.tensor(kept["neurons"][layer], dtype=torch.long)
-        up = ad.ffn_up(layer)
-        put(up.weight, up.weight.index_select(0, dev(n_idx, up.weight).long()).index_select(1, dev(hid, up.weight).long()))
-        if up.bias is not None:
-            put(up.bias, up.bias.index_select(0, dev(n_idx, up.bias).long()))
-        z_ffn = float(masks["ffn"][layer])
-        _fold_out(put, dev, ad.ffn_down(layer), hid, n_idx, zh * z_ffn, masks["neuron"][layer][n_idx] * z_ffn)
-        fold_ln(ad.ffn_layernorm(layer))
+        if n_idx.numel():
+            up = ad.ffn_up(layer)
+            i_up, c_up = dev(n_idx, up.weight).long(), dev(hid, up.weight).long()
+            put(up.weight, up.weight.index_select(0, i_up).index_select(1, c_up))
+            if up.bias is not None:
+                put(up.bias, up.bias.index_select(0, dev(n_idx, up.bias).long()))
+            z_ffn = float(masks["ffn"][layer])
+            _fold_out(put, dev, ad.ffn_down(layer), hid, n_idx, zh * z_ffn, masks["neuron"][layer][n_idx] * z_ffn)
+            fold_ln(ad.ffn_layernorm(layer))
+        else:
+            drop(ad.ffn_act_module(layer))
+            drop(ad.ffn_block(layer))
         layers.append(
             {
                 "heads": len(h_idx),

@@ -4,13 +4,13 @@
 size from its modules into a JSON-able dict. `apply_structure(model, structure)` reshapes a freshly built dense model
 of the original config (on any device, including `meta`) so that the pruned weights load into it. Both go through
 the architecture adapter, so they are the only place that knows how a pruned BERT-family model is laid out. A
-removed attention or FFN sublayer becomes a small stand-in module ([`RemovedAttention`], [`RemovedFFNOutput`]) with
-the same parameter names, so the model stays of its stock class and its state dict keeps the stock keys.
+removed attention or FFN sublayer becomes a parameter-free identity stand-in ([`RemovedAttention`],
+[`RemovedIntermediate`] + [`RemovedFFNOutput`]); the model stays of its stock class and every other weight keeps
+its stock key.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -18,70 +18,42 @@ from torch import nn
 
 from .arch import get_adapter
 
-FORMAT = "hf_prune.cofi.structure/1"
-
-
-class EmptySelfAttention(nn.Module):
-    """Stand-in for a self-attention module with every head removed: returns a 0-wide context.
-
-    The output projection is then a `Linear(0, hidden)`, whose output is its bias (the folded, possibly zero, bias of
-    the masked model), and the sublayer's LayerNorm still runs, exactly as in the masked model.
-    """
-
-    def __init__(self, head_dim: int):
-        super().__init__()
-        self.num_attention_heads = 0
-        self.attention_head_size = head_dim
-        self.all_head_size = 0
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        return hidden_states[..., :0], None
+FORMAT = "hf_prune.cofi.structure/2"
+# /1 (hf_prune before the reference semantics): a removed sublayer still applied its LayerNorm, so its weights differ
+_OLD_FORMATS = {"hf_prune.cofi.structure/1"}
 
 
 class RemovedAttention(nn.Module):
-    """An attention sublayer with every head removed: `LayerNorm(x + b)`, `b` the output projection's folded bias.
+    """An attention sublayer with every head removed: the identity (the residual passes through, no LayerNorm).
 
-    Replaces the stock attention module (same `self` / `output` children, so the same state-dict keys) so that a
-    removed sublayer costs one add and one LayerNorm at inference instead of the full module chain, which dominates
-    batch-1 latency of a small pruned model. In training mode it runs the stock `output` module (dropout included).
+    This is the masked model's value for a removed sublayer (see `hf_prune.methods.cofi.model`) and what the CoFi
+    authors' pruned model computes. It replaces the stock attention module and has no parameters: the removed
+    sublayer's projections, bias and LayerNorm are gone from the checkpoint.
     """
 
-    def __init__(self, attention: nn.Module, head_dim: int):
-        super().__init__()
-        self.self = EmptySelfAttention(head_dim)
-        self.output = attention.output
+    removed = True
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        out = self.output
-        if self.training:
-            return out(hidden_states[..., :0], hidden_states), None
-        bias = out.dense.bias
-        return out.LayerNorm(hidden_states if bias is None else hidden_states + bias), None
+        return hidden_states, None
 
 
 class RemovedIntermediate(nn.Module):
-    """FFN up projection with every neuron removed: a 0-wide activation (keeps the 0-row `dense` for its keys)."""
+    """FFN up projection with every neuron removed: a 0-wide activation, no parameters."""
 
-    def __init__(self, intermediate: nn.Module):
-        super().__init__()
-        self.dense = intermediate.dense
+    removed = True
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states[..., :0]
 
 
 class RemovedFFNOutput(nn.Module):
-    """FFN down projection + LayerNorm with every neuron removed: `LayerNorm(x + b)` (see [`RemovedAttention`])."""
+    """FFN down projection + LayerNorm with every neuron removed: returns the residual unchanged (see
+    [`RemovedAttention`])."""
 
-    def __init__(self, output: nn.Module):
-        super().__init__()
-        self.dense, self.LayerNorm, self.dropout = output.dense, output.LayerNorm, output.dropout
+    removed = True
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
-        if self.training:  # the stock computation on the 0-wide activation (dropout included)
-            return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
-        bias = self.dense.bias
-        return self.LayerNorm(input_tensor if bias is None else input_tensor + bias)
+        return input_tensor
 
 
 def describe_structure(model: nn.Module) -> dict[str, Any]:
@@ -90,8 +62,7 @@ def describe_structure(model: nn.Module) -> dict[str, Any]:
     hidden = ad.embedding_layernorm().normalized_shape[0]
     layers = []
     for i in range(ad.dims.num_layers):
-        heads = ad.attn_out(i).in_features // ad.dims.head_dim
-        ffn = ad.ffn_up(i).out_features
+        heads, ffn = ad.kept_heads(i), ad.kept_neurons(i)
         layers.append(
             {"heads": heads, "intermediate_size": ffn, "attention_removed": heads == 0, "ffn_removed": ffn == 0}
         )
@@ -116,6 +87,12 @@ def structure_record(model: nn.Module, ad, hidden_size: int, layers: list[dict[s
 
 
 def _check(structure: dict[str, Any], ad) -> None:
+    if isinstance(structure, dict) and structure.get("format") in _OLD_FORMATS:
+        raise ValueError(
+            f"This CoFi checkpoint uses structure format {structure['format']!r}, written by an earlier hf_prune in "
+            f"which a removed sublayer still applied its LayerNorm; this version ({FORMAT!r}) treats a removed sublayer "
+            "as the identity, as the CoFi reference code does, so it cannot load it faithfully. Re-run the CoFi export."
+        )
     if not isinstance(structure, dict) or structure.get("format") != FORMAT:
         raise ValueError(f"Not a CoFi structure description (expected format {FORMAT!r}): {structure!r:.200}")
     if structure.get("model_type") != ad.model_type:
@@ -131,9 +108,7 @@ def _check(structure: dict[str, Any], ad) -> None:
 
 
 def _linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    with warnings.catch_warnings():  # a removed sublayer is a 0-wide Linear; its (no-op) init warns
-        warnings.simplefilter("ignore")
-        new = nn.Linear(in_features, out_features, bias=old.bias is not None, device="meta")
+    new = nn.Linear(in_features, out_features, bias=old.bias is not None, device="meta")
     w = torch.empty(out_features, in_features, device=old.weight.device, dtype=old.weight.dtype)
     new.weight = nn.Parameter(w, requires_grad=old.weight.requires_grad)
     if old.bias is not None:
@@ -168,23 +143,23 @@ def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
     for i, spec in enumerate(structure["layers"]):
         layer = ad.layers[i]
         heads, ffn = int(spec["heads"]), int(spec["intermediate_size"])
-        att = layer.attention
-        if heads > 0:
-            s = att.self
+        if heads == 0:
+            layer.attention = RemovedAttention()
+        else:
+            s = layer.attention.self
             for proj in ("query", "key", "value"):
                 setattr(s, proj, _linear(getattr(s, proj), d, heads * dh))
             s.num_attention_heads = heads
             s.all_head_size = heads * dh
-        att.output.dense = _linear(att.output.dense, heads * dh, d)
-        att.output.LayerNorm = _layernorm(att.output.LayerNorm, d)
-        if heads == 0:
-            layer.attention = RemovedAttention(att, dh)
-        layer.intermediate.dense = _linear(layer.intermediate.dense, d, ffn)
-        layer.output.dense = _linear(layer.output.dense, ffn, d)
-        layer.output.LayerNorm = _layernorm(layer.output.LayerNorm, d)
+            out = layer.attention.output
+            out.dense = _linear(out.dense, heads * dh, d)
+            out.LayerNorm = _layernorm(out.LayerNorm, d)
         if ffn == 0:
-            layer.intermediate = RemovedIntermediate(layer.intermediate)
-            layer.output = RemovedFFNOutput(layer.output)
+            layer.intermediate, layer.output = RemovedIntermediate(), RemovedFFNOutput()
+        else:
+            layer.intermediate.dense = _linear(layer.intermediate.dense, d, ffn)
+            layer.output.dense = _linear(layer.output.dense, ffn, d)
+            layer.output.LayerNorm = _layernorm(layer.output.LayerNorm, d)
     for parent, attr in ad.head_inputs():
         old = getattr(parent, attr)
         setattr(parent, attr, _linear(old, d, old.out_features))
