@@ -6,20 +6,24 @@
 
 Runs `integrations/cofi_minilm_sentiment.py` (teacher, CoFi at each target with the recipe's per-target length, a
 no-distillation ablation), then times the teacher and every exported (saved and reloaded) model on CPU at batch 1 and
-batch 32 (sequence length 64), in eager mode and under `torch.compile`, at 1 and 2 intra-op threads, in interleaved
-rounds, and computes the analytic FLOPs of each. Prints markdown tables and writes
+batch 32 (sequence length 64) in three runtimes (eager PyTorch, `torch.compile`, and ONNX Runtime on each model's
+ONNX export, checked to give the same logits), at 1 and 2 intra-op threads, in interleaved rounds, and computes the
+analytic FLOPs of each. Prints markdown tables and writes
 `benchmarks/results/cofi_minilm[_LABEL].json` and `.md`. Extra arguments go to the recipe (e.g. `--targets 0.9`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -47,42 +51,86 @@ def forward_flops(structure: dict, seq_len: int, num_labels: int = 2) -> int:
     return total
 
 
-def _median_ms(model, inputs: dict, repeats: int) -> float:
+RUNTIMES = ("eager", "compiled", "onnxruntime")
+
+
+def _median_ms(run, repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(**inputs)
+        run()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
 
-def latencies(models: dict, seq_len: int, threads: int, compiled: bool, rounds: int, repeats: int) -> dict:
-    """Median forward latency (ms) of every model at batch 1 and 32, `threads` intra-op threads.
+def export_onnx(model, path: str, seq_len: int) -> str:
+    """Exports `model` to ONNX (batch and sequence length dynamic) and checks ONNX Runtime gives the same logits."""
+    import onnxruntime as ort
+
+    ids = torch.randint(0, model.config.vocab_size, (2, seq_len))
+    mask = torch.ones_like(ids)
+    mask[1, seq_len // 2:] = 0  # one padded sequence, so the mask path is part of the check
+    with warnings.catch_warnings():  # the tracer's notes on Python-side shape checks; the check below is the judge
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (ids, mask), path, input_names=["input_ids", "attention_mask"],
+                          output_names=["logits"], dynamo=False,
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask")})
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
+    got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    diff = float(abs(got - ref).max())
+    if diff > 1e-3:
+        raise RuntimeError(f"ONNX export of {path} differs from the PyTorch model by {diff:.2e} in the logits")
+    return path
+
+
+def _runner(model, inputs: dict, runtime: str, threads: int, onnx_path: str | None):
+    """A zero-argument callable running one forward of `model` on `inputs` in `runtime`."""
+    if runtime == "eager":
+        return lambda: model(**inputs)
+    if runtime == "compiled":
+        compiled = torch.compile(model)
+        return lambda: compiled(**inputs)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    return lambda: session.run(None, feed)
+
+
+def latencies(models: dict, seq_len: int, threads: int, runtime: str, rounds: int, repeats: int,
+              onnx_paths: dict | None = None, token_ids: tuple[int, int] = (1000, 2000)) -> dict:
+    """Median forward latency (ms) of every model at batch 1 and 32, `threads` intra-op threads, in `runtime`.
 
     The models are timed in interleaved rounds (each round: `repeats` forwards of every model in turn; the result is
     the median over rounds of each round's median), so a slow spell of the machine hits teacher and students alike
-    and the speed-up ratios stay comparable. `compiled`: each model goes through `torch.compile` (inductor) first, the
-    same way for the teacher and the students.
+    and the speed-up ratios stay comparable. `runtime`: `eager` PyTorch; `compiled`, each model through
+    `torch.compile` (inductor); `onnxruntime`, each model's ONNX export (`onnx_paths`) in an ONNX Runtime CPU
+    session with all graph optimisations. Teacher and students always go through the same runtime. The inputs are
+    random ids in `token_ids` (ordinary word pieces of the MiniLM vocabulary), no padding.
     """
     torch.set_num_threads(threads)
     out = {name: {} for name in models}
     for batch in (1, 32):
-        ids = torch.randint(1000, 2000, (batch, seq_len))
+        ids = torch.randint(*token_ids, (batch, seq_len))
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         reps = repeats if batch == 1 else max(3, repeats // 5)
         with torch.inference_mode():
-            if compiled:
+            if runtime == "compiled":
                 torch._dynamo.reset()
-                runners = {name: torch.compile(m) for name, m in models.items()}
-            else:
-                runners = dict(models)
-            for m in runners.values():  # warm-up (and compilation)
+            runners = {name: _runner(m, inputs, runtime, threads, (onnx_paths or {}).get(name))
+                       for name, m in models.items()}
+            for run in runners.values():  # warm-up (and compilation)
                 for _ in range(3):
-                    m(**inputs)
+                    run()
             per_round = {name: [] for name in models}
             for _ in range(rounds):
-                for name, m in runners.items():
-                    per_round[name].append(_median_ms(m, inputs, reps))
+                for name, run in runners.items():
+                    per_round[name].append(_median_ms(run, reps))
         for name, values in per_round.items():
             out[name][f"b{batch}"] = statistics.median(values)
     return out
@@ -92,12 +140,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--label", default="", help="suffix of the result files; use it for any shortened protocol")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts to time")
-    p.add_argument("--no-compile", action="store_true", help="time eager mode only (no torch.compile rows)")
+    p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES),
+                   help="where to time the models: eager PyTorch, torch.compile (needs a C compiler), ONNX Runtime "
+                        '(needs `pip install -e ".[bench]"`)')
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per setting")
     p.add_argument("--repeats", type=int, default=10, help="batch-1 forwards per model per round (batch 32: 1/5)")
     p.add_argument("--skip-ablation", action="store_true", help="no no-distillation runs (e.g. for a one-target re-run)")
     args, rest = p.parse_known_args(argv)
     rest = list(rest)
+    if "onnxruntime" in args.runtimes and importlib.util.find_spec("onnxruntime") is None:
+        p.error('--runtimes onnxruntime needs ONNX Runtime: pip install -e ".[bench]" (or leave it out of --runtimes)')
     if "--no-distill-ablation" not in rest and not args.skip_ablation:
         rest.append("--no-distill-ablation")
     if "--output" not in rest:
@@ -108,9 +160,13 @@ def main(argv=None):
     for run in results["runs"]:  # the saved, reloaded models
         models[run["name"]] = AutoModelForSequenceClassification.from_pretrained(run["path"]).eval()
     t_flops = forward_flops(describe_structure(models["teacher"]), seq)
-    settings = [(mode, t) for mode in (["eager"] if args.no_compile else ["eager", "compiled"]) for t in args.threads]
-    timed = {f"{mode}_{t}t": latencies(models, seq, t, mode == "compiled", args.rounds, args.repeats)
-             for mode, t in settings}
+    names = {"eager": "eager", "compiled": "compiled", "onnxruntime": "ort"}
+    with tempfile.TemporaryDirectory(prefix="hf_prune_cofi_onnx_") as onnx_dir:
+        onnx_paths = None
+        if "onnxruntime" in args.runtimes:
+            onnx_paths = {n: export_onnx(m, os.path.join(onnx_dir, f"{n}.onnx"), seq) for n, m in models.items()}
+        timed = {f"{names[rt]}_{t}t": latencies(models, seq, t, rt, args.rounds, args.repeats, onnx_paths)
+                 for rt in args.runtimes for t in args.threads}
     teacher_info = {"name": "teacher (MiniLM-L6, dense)", "accuracy": results["teacher"]["eval_accuracy"],
                     "sparsity": 0.0, "train_wall_time_s": results["teacher"].get("train_wall_time_s")}
     rows = []

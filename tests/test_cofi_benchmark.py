@@ -1,0 +1,77 @@
+"""The CoFi benchmark's timing harness on a tiny pruned model: ONNX export equal to PyTorch, every runtime timed."""
+
+import os
+import sys
+
+import onnxruntime as ort  # from the [test] extra, as for the benchmark's [bench] extra
+import pytest
+import torch
+
+from hf_prune import CoFiConfig
+from hf_prune.methods.cofi.plugin import CoFiPlugin
+from hf_prune.methods.cofi.structure import RemovedAttention, RemovedFFNOutput
+
+from cofi_helpers import tiny_bert
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import cofi_minilm as bench  # noqa: E402
+
+
+def _pruned_tiny():
+    model = tiny_bert(0).eval()
+    plugin = CoFiPlugin(CoFiConfig(), model)
+    with torch.no_grad():
+        g = plugin.gates.gates
+        for gate in g.values():
+            gate.log_alpha.fill_(5.0)
+        g["mha"].log_alpha[1] = -9.0  # layer 1 attention removed
+        g["neuron"].log_alpha[3] = -9.0  # layer 3 FFN removed
+        g["head"].log_alpha[0, :3] = -9.0
+        g["hidden"].log_alpha[:4] = -9.0
+    small = plugin.export(model).eval()
+    assert isinstance(small.bert.encoder.layer[1].attention, RemovedAttention)
+    assert isinstance(small.bert.encoder.layer[3].output, RemovedFFNOutput)
+    return small
+
+
+def test_onnx_export_of_pruned_model_equals_pytorch(tmp_path):
+    small = _pruned_tiny()
+    path = bench.export_onnx(small, str(tmp_path / "small.onnx"), seq_len=16)
+    ids = torch.randint(0, 64, (3, 12))  # another batch size and length than the export's: the axes are dynamic
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    with torch.no_grad():
+        ref = small(input_ids=ids, attention_mask=mask).logits.numpy()
+    got = ort.InferenceSession(path).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    assert abs(got - ref).max() < 1e-4
+
+
+def test_onnx_export_refuses_a_model_it_gets_wrong(tmp_path, monkeypatch):
+    small = _pruned_tiny()
+    real = small.forward
+
+    def shifted(*args, **kwargs):  # the PyTorch reference drifts away from what was exported
+        out = real(*args, **kwargs)
+        if not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export():
+            out.logits = out.logits + 1.0
+        return out
+
+    monkeypatch.setattr(small, "forward", shifted)
+    with pytest.raises(RuntimeError, match="differs from the PyTorch model"):
+        bench.export_onnx(small, str(tmp_path / "small.onnx"), seq_len=16)
+
+
+@pytest.mark.parametrize("runtime", ["eager", "onnxruntime"])
+def test_latencies_times_every_model_at_both_batch_sizes(tmp_path, runtime):
+    small = _pruned_tiny()
+    teacher = tiny_bert(1).eval()
+    models = {"teacher": teacher, "small": small}
+    paths = None
+    if runtime == "onnxruntime":
+        paths = {n: bench.export_onnx(m, str(tmp_path / f"{n}.onnx"), 16) for n, m in models.items()}
+    out = bench.latencies(models, 16, threads=1, runtime=runtime, rounds=2, repeats=3, onnx_paths=paths,
+                          token_ids=(0, 64))
+    assert set(out) == {"teacher", "small"}
+    for name in out:
+        assert set(out[name]) == {"b1", "b32"}
+        assert all(v > 0 for v in out[name].values())
