@@ -193,6 +193,39 @@ def test_export_equals_masked_model(arch, seed):
         assert (dense(**inputs).logits - masked).abs().max() > 1e-3
 
 
+def test_export_folds_fractional_layer_gates_once():
+    """Deterministic gate values strictly inside (0, 1) (layer, head, neuron, hidden) fold into the weights exactly once.
+
+    Weights are drawn large so every sublayer moves the residual stream by O(1): an error in the folding is then
+    visible in the hidden states, not hidden under the small outputs of a default-initialised tiny model.
+    """
+    torch.manual_seed(0)
+    model = tiny_bert(0).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embeddings" not in name:
+                p.normal_(0.0, 0.3)
+    plugin = CoFiPlugin(CoFiConfig(), model)
+    with torch.no_grad():
+        g = plugin.gates.gates
+        for gate in g.values():
+            gate.log_alpha.uniform_(0.3, 1.5)  # test-time values 0.60-0.88: kept, but not 1
+    masks = plugin.gates.deterministic_masks()
+    assert all(((m == 0) | ((m > 0.5) & (m < 0.95))).all() for m in masks.values())
+    assert (masks["mha"] > 0).all() and (masks["ffn"] > 0).all()  # every sublayer kept, with its gate below 1
+    inputs = _inputs()
+    with torch.no_grad():
+        masked = model(**inputs, output_hidden_states=True)
+        small = plugin.export(model)
+        exported = small(**inputs, output_hidden_states=True)
+    kept = torch.nonzero(masks["hidden"]).flatten()
+    assert len(masked.hidden_states) == len(exported.hidden_states) == 5
+    for h_masked, h_small in zip(masked.hidden_states, exported.hidden_states):
+        assert h_masked.abs().max() > 0.1
+        torch.testing.assert_close(h_small, h_masked[..., kept], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(exported.logits, masked.logits, atol=1e-4, rtol=1e-4)
+
+
 def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublayers(tmp_path):
     model = tiny_bert(0).eval()
     plugin = CoFiPlugin(CoFiConfig(), model)

@@ -88,8 +88,9 @@ def pruned_state_dict(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple
                 put(lin.weight, lin.weight.index_select(0, r).index_select(1, c))
                 if lin.bias is not None:
                     put(lin.bias, lin.bias.index_select(0, r))
+            # masked model: (W (ctx * z_head) + b) * z_mha * z_hidden, so rows scale by z_mha z_hidden, columns by z_head
             z_mha = float(masks["mha"][layer])
-            col_scale = (masks["head"][layer][h_idx] * z_mha).repeat_interleave(dh)
+            col_scale = masks["head"][layer][h_idx].repeat_interleave(dh)
             _fold_out(put, dev, ad.attn_out(layer), hid, rows, zh * z_mha, col_scale)
             fold_ln(ad.attn_layernorm(layer))
         else:
@@ -103,7 +104,7 @@ def pruned_state_dict(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple
             if up.bias is not None:
                 put(up.bias, up.bias.index_select(0, dev(n_idx, up.bias).long()))
             z_ffn = float(masks["ffn"][layer])
-            _fold_out(put, dev, ad.ffn_down(layer), hid, n_idx, zh * z_ffn, masks["neuron"][layer][n_idx] * z_ffn)
+            _fold_out(put, dev, ad.ffn_down(layer), hid, n_idx, zh * z_ffn, masks["neuron"][layer][n_idx])
             fold_ln(ad.ffn_layernorm(layer))
         else:
             drop(ad.ffn_act_module(layer))
