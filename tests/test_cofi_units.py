@@ -338,3 +338,14 @@ def test_model_card_speed_line_keeps_to_speedups_and_table_keeps_everything():
     speed_line = next(line for line in text.splitlines() if line.startswith("- **Measured speed**"))
     assert speed_line == "- **Measured speed**: speedup_b1_eager_1t: 6.456"
     assert "| latency_b1_eager_1t_ms | 3.968 |" in text and "| speedup_b1_eager_1t | 6.456 |" in text
+
+
+def test_structure_of_the_old_format_is_refused_naming_it():
+    """A /1 checkpoint (removed sublayers kept their LayerNorm) would load with other semantics: refused, not guessed."""
+    from hf_prune.methods.cofi.structure import apply_structure
+
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5), tiny_bert(0))
+    _random_gates(plugin, 3)
+    structure = dict(describe_structure(plugin.export(plugin.model)), format="hf_prune.cofi.structure/1")
+    with pytest.raises(ValueError, match=r"structure/1.*identity.*Re-run the CoFi export"):
+        apply_structure(tiny_bert(0), structure)

@@ -19,7 +19,7 @@ dimensions only, which is what a LayerNorm of the smaller width computes; every 
 of weights (or a LayerNorm's affine output), so its value folds into those weights and biases.
 
 A *removed* sublayer (its layer gate is 0, or none of its heads / neurons is left) is the identity: it passes its
-input through, LayerNorm included, as in the CoFi authors' code (`CoFiBertSelfOutput` returns the residual when the
+input through unchanged, its LayerNorm skipped as well, as in the CoFi authors' code (`CoFiBertSelfOutput` returns the residual when the
 gated output is all zero, and their pruned model drops a sublayer with no unit left). While training this is decided
 per sampled gate value, like LayerDrop; after export the sublayer is gone entirely, which matters for the latency of
 a small pruned model (no LayerNorm, no module chain).
