@@ -121,6 +121,7 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
         lagrangian_learning_rate=args.lagrangian_lr,
         gate_init_droprate=args.gate_init_droprate,
         match_target_on_freeze=not args.no_match_target,
+        multiple_of=args.multiple_of,
     )
     trainer = PruningTrainer(
         model=student, teacher_model=teacher, pruning_config=config,
@@ -179,7 +180,7 @@ def cofi_epochs(args, target: float) -> float:
 def run_settings(args, target: float, distill: bool) -> dict:
     """Everything that determines a CoFi run's result: a finished run is reused only if these match."""
     keys = ("seed", "max_length", "teacher_epochs", "lr", "gate_lr", "lagrangian_lr", "warmup",
-            "finetune", "gate_init_droprate", "no_match_target", "max_train", "max_test")
+            "finetune", "gate_init_droprate", "no_match_target", "max_train", "max_test", "multiple_of")
     return {"target": target, "distill": distill, "cofi_epochs": cofi_epochs(args, target),
             "structure_format": STRUCTURE_FORMAT,  # a run exported by an hf_prune with other semantics is redone
             **{k: getattr(args, k) for k in keys}}
@@ -205,6 +206,8 @@ def parse_args(argv=None):
     p.add_argument("--finetune", type=float, default=0.3, help="final fixed-mask phase (fraction of the run)")
     p.add_argument("--no-match-target", action="store_true",
                    help="keep the controller's own final masks instead of matching the target when fine-tuning starts")
+    p.add_argument("--multiple-of", type=int, default=16,
+                   help="hidden size and FFN widths of the exported model are multiples of this (CoFiConfig.multiple_of)")
     p.add_argument("--no-distill-ablation", action="store_true", help="also run each target without the teacher")
     p.add_argument("--ablation-targets", type=float, nargs="+", default=None,
                    help="with --no-distill-ablation: only these targets (default: every target)")

@@ -51,7 +51,7 @@ def _random_gates(plugin, seed=0, scale=3.0):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_expected_size_formula_equals_direct_count_for_deterministic_masks(seed):
     model = tiny_bert(seed)
-    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5), model)
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5, multiple_of=1), model)  # no alignment: units as the paper
     _random_gates(plugin, seed)
     masks = {k: (v != 0).float() for k, v in plugin.gates.deterministic_masks().items()}
     formula = expected_params(plugin.adapter.dims, **masks).item()
@@ -67,7 +67,7 @@ def test_expected_size_formula_equals_direct_count_for_deterministic_masks(seed)
 @pytest.mark.parametrize("target", [0.3, 0.6, 0.9])
 def test_freeze_matches_target_sparsity_and_keeps_the_ranking(target):
     model = tiny_bert(0)
-    plugin = CoFiPlugin(CoFiConfig(target_sparsity=target), model)
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=target, multiple_of=1), model)
     _random_gates(plugin, 3)
     dims = plugin.adapter.dims
     plain = {k: (v != 0).float() for k, v in plugin.gates.deterministic_masks().items()}
@@ -126,6 +126,7 @@ def test_layer_matching_respects_order_constraint():
         ({"gate_learning_rate": 0.0}, "gate_learning_rate"),
         ({"finetune_steps": 1.5}, "finetune_steps"),
         ({"teacher_layers": [4, 2]}, "teacher_layers"),
+        ({"multiple_of": 0}, "multiple_of must be an integer >= 1"),
     ],
 )
 def test_bad_configs_raise_naming_the_field(kwargs, field):
@@ -228,7 +229,7 @@ def test_export_folds_fractional_layer_gates_once():
 
 def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublayers(tmp_path):
     model = tiny_bert(0).eval()
-    plugin = CoFiPlugin(CoFiConfig(), model)
+    plugin = CoFiPlugin(CoFiConfig(multiple_of=1), model)
     with torch.no_grad():
         g = plugin.gates.gates
         g["mha"].log_alpha.copy_(torch.tensor([5.0, -9.0, 5.0, 5.0]))  # layer 1 attention removed
@@ -349,3 +350,49 @@ def test_structure_of_the_old_format_is_refused_naming_it():
     structure = dict(describe_structure(plugin.export(plugin.model)), format="hf_prune.cofi.structure/1")
     with pytest.raises(ValueError, match=r"structure/1.*identity.*Re-run the CoFi export"):
         apply_structure(tiny_bert(0), structure)
+
+
+def test_align_rounds_to_the_nearest_fillable_multiple():
+    from hf_prune.methods.cofi.gates import _align
+
+    keep = torch.tensor([325, 330, 3, 100, 90, 384, 41])
+    available = torch.tensor([384, 330, 384, 100, 95, 384, 41])
+    # 325 -> 320 (nearest); 330 -> 336 unfillable (330 non-zero gates) -> 320; below one multiple and a row kept whole
+    # stay; 100 -> 96; 90 -> 96 unfillable -> 80; 41 -> 48 unfillable -> 32
+    assert _align(keep, available, 16, 384).tolist() == [320, 320, 3, 96, 80, 384, 32]
+    la = torch.randn(2, 384, generator=torch.Generator().manual_seed(0)) + 1.5
+    for row, k in zip(deterministic_gates(la, multiple_of=16), torch.round(keep_probability(la).sum(-1))):
+        n = int((row != 0).sum())
+        assert n % 16 == 0 and abs(n - k) <= 8, (n, k)
+
+
+def test_multiple_of_aligns_hidden_and_pads_ffn_with_zero_neurons():
+    model = tiny_bert(1, hidden_size=64, intermediate_size=96).eval()
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5, multiple_of=8), model)
+    _random_gates(plugin, 5, scale=2.0)
+    masks = plugin.gates.deterministic_masks()
+    kept_hidden = int((masks["hidden"] != 0).sum())
+    assert kept_hidden % 8 == 0 and 0 < kept_hidden < 64
+    neurons = (masks["neuron"] * masks["ffn"].unsqueeze(-1) != 0).sum(-1).tolist()
+    assert any(n % 8 for n in neurons), neurons  # the FFN widths themselves are not aligned by the masks
+    inputs = _inputs()
+    with torch.no_grad():
+        masked = model(**inputs).logits
+        small = plugin.export(model)
+        torch.testing.assert_close(small(**inputs).logits, masked, atol=1e-4, rtol=0)
+    s = describe_structure(small)
+    assert s["hidden_size"] == kept_hidden
+    widths = [l["intermediate_size"] for l in s["layers"]]
+    assert widths == [min(96, -(-n // 8) * 8) if n else 0 for n in neurons]
+    metrics = small.hf_prune_state.metrics
+    assert metrics["kept_neurons_per_layer"] == neurons
+    # the padding neurons are zero and counted in the stored size (the sparsity is that of the stored weights)
+    for layer, (n, w) in enumerate(zip(neurons, widths)):
+        if n:
+            enc = small.bert.encoder.layer[layer]
+            assert enc.intermediate.dense.weight[n:].abs().sum() == 0 and enc.intermediate.dense.bias[n:].abs().sum() == 0
+            assert enc.output.dense.weight[:, n:].abs().sum() == 0
+    padding = sum((w - n) * 2 * kept_hidden for n, w in zip(neurons, widths))
+    unpadded = expected_params(plugin.adapter.dims, **{k: (v != 0).float() for k, v in masks.items()}).item()
+    assert get_adapter(small).prunable_weight_count() == unpadded + padding
+    assert metrics["sparsity"] == pytest.approx(1 - (unpadded + padding) / plugin.adapter.dims.full_params)

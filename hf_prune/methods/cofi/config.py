@@ -81,6 +81,13 @@ class CoFiConfig(PruningConfig):
             weight of the model's own loss on the labels when a teacher is given (without a teacher it is always 1).
         teacher_layers (`list[int]`, *optional*):
             1-based teacher layers matched by the layer loss; by default every ceil(L/4)-th layer ending at the top.
+        multiple_of (`int`, defaults to 16):
+            Width alignment of the exported model, because matrix kernels run markedly faster on widths that are
+            multiples of the vector length (on MiniLM-L6 at 90 % sparsity, batch 32, CPU: hidden 325 / FFN 837 ran
+            ~25 % slower than 320 / 832). The deterministic hidden mask keeps the nearest multiple of this many
+            dimensions (the masks the fine-tuning phase trains with, so the model adapts), and the export pads each
+            kept FFN with zero neurons up to a multiple (exact: the outputs do not change). Heads are whole already.
+            1 turns it off (the paper's behaviour).
     """
 
     target_sparsity: float = 0.6
@@ -99,6 +106,7 @@ class CoFiConfig(PruningConfig):
     distill_layer_weight: float = 0.5
     hard_label_weight: float = 0.0
     teacher_layers: list[int] | None = None
+    multiple_of: int = 16
 
     def validate(self) -> None:
         super().validate()
@@ -113,6 +121,7 @@ class CoFiConfig(PruningConfig):
                 f"{_OWNER}: every unit is disabled (prune_layers, prune_heads, prune_neurons and prune_hidden are all "
                 "False); enable at least one"
             )
+        check_positive_int(_OWNER, "multiple_of", self.multiple_of)
         _check_steps("sparsity_warmup_steps", self.sparsity_warmup_steps)
         _check_steps("finetune_steps", self.finetune_steps)
         for name in ("gate_learning_rate", "lagrangian_learning_rate", "temperature"):

@@ -32,22 +32,40 @@ def sample_gates(log_alpha: torch.Tensor, generator: torch.Generator | None = No
     return (s * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
 
 
-def deterministic_gates(log_alpha: torch.Tensor) -> torch.Tensor:
+def deterministic_gates(log_alpha: torch.Tensor, multiple_of: int = 1) -> torch.Tensor:
     """Deterministic mask over the last dimension of `log_alpha`.
 
     In each row, the `round(sum(keep_probability))` gates with the highest logits are kept, with the test-time value
     `min(1, max(0, sigmoid(log_alpha) * (r - l) + l))`; all others are exactly 0. A kept gate whose test-time value
     is 0 is removed as well (it contributes nothing), so "kept" always means "non-zero".
+
+    With `multiple_of` > 1 the number kept per row is rounded to the nearest multiple of it (down when there are not
+    enough gates with a non-zero test-time value to round up; unchanged when below one multiple), capped at the row
+    length: aligned widths run faster in matrix kernels.
     """
     with torch.no_grad():
         flat = log_alpha.detach().reshape(-1, log_alpha.shape[-1]) if log_alpha.dim() else log_alpha.view(1, 1)
         soft = (torch.sigmoid(flat) * (LIMIT_R - LIMIT_L) + LIMIT_L).clamp(0.0, 1.0)
         keep = torch.round(keep_probability(flat).sum(-1)).long()
+        if multiple_of > 1:
+            keep = _align(keep, (soft > 0).sum(-1), multiple_of, flat.shape[-1])
         order = torch.argsort(flat, dim=-1, descending=True, stable=True)
         ranks = torch.empty_like(order)
         ranks.scatter_(-1, order, torch.arange(flat.shape[-1], device=flat.device).expand_as(order))
         mask = torch.where(ranks < keep.unsqueeze(-1), soft, torch.zeros_like(soft))
         return mask.reshape(log_alpha.shape)
+
+
+def _align(keep: torch.Tensor, available: torch.Tensor, multiple: int, size: int) -> torch.Tensor:
+    """`keep` rounded to the nearest multiple of `multiple` that `available` non-zero gates can fill.
+
+    A row kept whole, or keeping less than one multiple, stays as it is.
+    """
+    up = torch.div(keep + multiple // 2, multiple, rounding_mode="floor") * multiple
+    down = torch.div(available, multiple, rounding_mode="floor") * multiple
+    aligned = torch.where(up <= available, up, down)
+    aligned = torch.where(available >= size, torch.clamp(up, max=size), aligned)  # every gate open: may keep all
+    return torch.where((keep < multiple) | (keep >= size) | (aligned == 0), keep, aligned)
 
 
 def init_log_alpha(size: tuple[int, ...], droprate: float) -> torch.Tensor:

@@ -71,6 +71,7 @@ class CoFiGates(nn.Module):
             self.register_buffer(f"fixed_{n}", torch.zeros_like(g.log_alpha, requires_grad=False))
         self.dims = d
         self.head_dim = d.head_dim
+        self.hidden_multiple_of = config.multiple_of
         self.current: dict[str, torch.Tensor] = {}
         self.removed: dict[str, torch.Tensor | None] = {}
 
@@ -88,7 +89,7 @@ class CoFiGates(nn.Module):
         """Fixed masks once frozen, else the deterministic masks of the current logits."""
         if self.is_frozen():
             return {n: getattr(self, f"fixed_{n}") for n in self.gates}
-        return {n: deterministic_gates(g.log_alpha) for n, g in self.gates.items()}
+        return self.masks_at_offset(0.0)
 
     def keep_probabilities(self) -> dict[str, torch.Tensor]:
         return {n: g.keep_probability() for n, g in self.gates.items()}
@@ -105,8 +106,14 @@ class CoFiGates(nn.Module):
         }
 
     def masks_at_offset(self, offset: float) -> dict[str, torch.Tensor]:
-        """Deterministic masks of the logits shifted by one common `offset` (0: the plain deterministic masks)."""
-        return {n: deterministic_gates(g.log_alpha + offset) for n, g in self.gates.items()}
+        """Deterministic masks of the logits shifted by one common `offset` (0: the plain deterministic masks).
+
+        The hidden mask keeps a multiple of `CoFiConfig.multiple_of` dimensions (see [`deterministic_gates`]).
+        """
+        return {
+            n: deterministic_gates(g.log_alpha + offset, self.hidden_multiple_of if n == "hidden" else 1)
+            for n, g in self.gates.items()
+        }
 
     @torch.no_grad()
     def offset_for_target(self, target: float, iterations: int = 40) -> tuple[float, float]:

@@ -206,7 +206,7 @@ class CoFiPlugin(TrainingPlugin):
         model = getattr(model, "module", model)
         masks = final_masks(self.gates)
         dense_params = self.adapter.dims.full_params
-        small, structure = build_pruned_model(model, masks)
+        small, structure = build_pruned_model(model, masks, self.config.multiple_of)
         kept_params = get_adapter(small).prunable_weight_count()
         kept = kept_units(masks)
         metrics = {
@@ -218,6 +218,7 @@ class CoFiPlugin(TrainingPlugin):
             "params_after": sum(p.numel() for p in small.parameters()),
             "structure": structure,
             "kept_head_indices": kept["heads"],
+            "kept_neurons_per_layer": [len(n) for n in kept["neurons"]],  # before the zero padding to `multiple_of`
         }
         if self.train_start is not None:
             metrics["train_wall_time_s"] = time.perf_counter() - self.train_start

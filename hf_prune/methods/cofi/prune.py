@@ -39,12 +39,16 @@ def kept_units(masks: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def pruned_state_dict(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+def pruned_state_dict(
+    model: nn.Module, masks: dict[str, torch.Tensor], multiple_of: int = 1
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Folds the gate values into the weights and slices out the removed units.
 
     A removed attention or FFN sublayer (no head / neuron left, or its layer gate 0) loses all its weights, its
-    LayerNorm included: the masked model computes it as the identity. Returns the new state dict (keys of the dense
-    model without the removed modules' entries) and the structure.
+    LayerNorm included: the masked model computes it as the identity. A kept FFN is padded with zero neurons (zero
+    up-projection row and bias, zero down-projection column) to a multiple of `multiple_of` (at most the original
+    width); they add exactly 0 to the output. Returns the new state dict (keys of the dense model without the
+    removed modules' entries) and the structure (its `intermediate_size` includes the padding).
     """
     ad = get_adapter(model)
     dh = ad.dims.head_dim
@@ -106,13 +110,15 @@ def pruned_state_dict(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple
             z_ffn = float(masks["ffn"][layer])
             _fold_out(put, dev, ad.ffn_down(layer), hid, n_idx, zh * z_ffn, masks["neuron"][layer][n_idx])
             fold_ln(ad.ffn_layernorm(layer))
+            width = _pad_ffn(sd, names, up, ad.ffn_down(layer), multiple_of, ad.dims.intermediate_size)
         else:
             drop(ad.ffn_act_module(layer))
             drop(ad.ffn_block(layer))
+            width = 0
         layers.append(
             {
                 "heads": len(h_idx),
-                "intermediate_size": int(n_idx.numel()),
+                "intermediate_size": width,
                 "attention_removed": not h_idx,
                 "ffn_removed": n_idx.numel() == 0,
             }
@@ -122,6 +128,20 @@ def pruned_state_dict(model: nn.Module, masks: dict[str, torch.Tensor]) -> tuple
         put(lin.weight, lin.weight.index_select(1, dev(hid, lin.weight).long()))
     structure = structure_record(model, ad, int(hid.numel()), layers)
     return sd, structure
+
+
+def _pad_ffn(sd: dict, names: dict, up: nn.Linear, down: nn.Linear, multiple_of: int, original: int) -> int:
+    """Appends zero neurons to a kept FFN in `sd` up to a multiple of `multiple_of`; returns the new width."""
+    w_up, w_down = sd[names[id(up.weight)]], sd[names[id(down.weight)]]
+    n = w_up.shape[0]
+    width = min(-(-n // multiple_of) * multiple_of, max(original, n))
+    if width > n:
+        sd[names[id(up.weight)]] = torch.cat([w_up, w_up.new_zeros(width - n, w_up.shape[1])])
+        sd[names[id(down.weight)]] = torch.cat([w_down, w_down.new_zeros(w_down.shape[0], width - n)], dim=1)
+        if up.bias is not None:
+            b = sd[names[id(up.bias)]]
+            sd[names[id(up.bias)]] = torch.cat([b, b.new_zeros(width - n)])
+    return width
 
 
 def _fold_out(put, dev, lin: nn.Linear, hid, cols, row_scale, col_scale) -> None:
@@ -134,9 +154,12 @@ def _fold_out(put, dev, lin: nn.Linear, hid, cols, row_scale, col_scale) -> None
 
 
 @torch.no_grad()
-def build_pruned_model(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """A new, physically smaller model of the same class whose outputs equal the masked model's."""
-    sd, structure = pruned_state_dict(model, masks)
+def build_pruned_model(model: nn.Module, masks: dict[str, torch.Tensor], multiple_of: int = 1) -> nn.Module:
+    """A new, physically smaller model of the same class whose outputs equal the masked model's.
+
+    `multiple_of`: kept FFN widths are padded with zero neurons to a multiple of it (see [`pruned_state_dict`]).
+    """
+    sd, structure = pruned_state_dict(model, masks, multiple_of)
     config = copy.deepcopy(model.config)
     ref = next(p for n, p in model.named_parameters() if not n.startswith(ATTR + "."))
     small = type(model)(config).to(device=ref.device, dtype=ref.dtype)
