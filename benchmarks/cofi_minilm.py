@@ -54,6 +54,12 @@ def forward_flops(structure: dict, seq_len: int, num_labels: int = 2) -> int:
 RUNTIMES = ("eager", "compiled", "onnxruntime")
 
 
+def _ffn_cell(row: dict) -> str:
+    """Per-layer FFN widths; where the export padded a layer with zero neurons, the kept count in parentheses."""
+    kept = row.get("ffn_kept_per_layer") or row["ffn_per_layer"]
+    return "[" + ", ".join(f"{w}" + (f" ({k})" if k != w else "") for w, k in zip(row["ffn_per_layer"], kept)) + "]"
+
+
 def _median_ms(run, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -179,6 +185,8 @@ def main(argv=None):
             "train_wall_time_s": info["train_wall_time_s"], "structure": s,
             "heads_per_layer": [l["heads"] for l in s["layers"]],
             "ffn_per_layer": [l["intermediate_size"] for l in s["layers"]], "hidden": s["hidden_size"],
+            "ffn_kept_per_layer": (get_pruning_state(model).metrics.get("kept_neurons_per_layer")
+                                   if key != "teacher" else None),  # before the zero padding (multiple_of)
             "latency_ms": {k: v[key] for k, v in timed.items()},
             "speedup": {k: {b: v["teacher"][b] / v[key][b] for b in v[key]} for k, v in timed.items()},
         }
@@ -202,16 +210,18 @@ def main(argv=None):
         f"8,500 train, {proto['max_test'] or 2068} test). Protocol: {args.label or 'full'}; CPU latency at seq {seq} "
         f"({platform.processor() or platform.machine()}), median of {args.rounds} interleaved rounds.",
         "",
-        "| model | acc | sparsity | params | FLOPs ratio | heads/layer | FFN/layer | hidden | train s |",
+        "| model | acc | sparsity | params | FLOPs ratio | heads/layer | FFN/layer (kept) | hidden | train s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['accuracy']:.4f} | {r['sparsity']:.3f} | {r['params'] / 1e6:.2f}M | "
-            f"{r['flops_ratio']:.2f}x | {r['heads_per_layer']} | {r['ffn_per_layer']} | {r['hidden']} | "
+            f"{r['flops_ratio']:.2f}x | {r['heads_per_layer']} | {_ffn_cell(r)} | {r['hidden']} | "
             f"{(r['train_wall_time_s'] or 0):.0f} |"
         )
-    lines += ["", "Latency (ms) and speed-up vs the teacher; target: speed-up >= 0.7x the FLOPs ratio.", "",
+    lines += ["", "FFN widths include the zero neurons the export pads each kept FFN with (to a multiple of "
+              "`CoFiConfig.multiple_of`; kept neurons in parentheses), and the FLOPs count them: they are computed.",
+              "", "Latency (ms) and speed-up vs the teacher; target: speed-up >= 0.7x the FLOPs ratio.", "",
               "| model | needed | " + " | ".join(f"{k} b1 | {k} b32" for k in timed) + " |",
               "|---|---|" + "---|---|" * len(timed)]
     for r in rows:

@@ -75,3 +75,9 @@ def test_latencies_times_every_model_at_both_batch_sizes(tmp_path, runtime):
     for name in out:
         assert set(out[name]) == {"b1", "b32"}
         assert all(v > 0 for v in out[name].values())
+
+
+def test_ffn_cell_shows_kept_neurons_where_the_export_padded():
+    row = {"ffn_per_layer": [848, 0, 96], "ffn_kept_per_layer": [837, 0, 96]}
+    assert bench._ffn_cell(row) == "[848 (837), 0, 96]"
+    assert bench._ffn_cell({"ffn_per_layer": [1536, 1536], "ffn_kept_per_layer": None}) == "[1536, 1536]"

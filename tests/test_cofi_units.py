@@ -314,7 +314,7 @@ def test_masked_model_removed_sublayer_is_identity(train):
 def test_model_card_of_structured_export_reports_removed_units():
     from hf_prune.export.card import build_model_card
 
-    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5), tiny_bert(0))
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5, multiple_of=1), tiny_bert(0))
     _random_gates(plugin, 3)
     small = plugin.export(plugin.model)
     text = str(build_model_card(small))
@@ -396,3 +396,8 @@ def test_multiple_of_aligns_hidden_and_pads_ffn_with_zero_neurons():
     unpadded = expected_params(plugin.adapter.dims, **{k: (v != 0).float() for k, v in masks.items()}).item()
     assert get_adapter(small).prunable_weight_count() == unpadded + padding
     assert metrics["sparsity"] == pytest.approx(1 - (unpadded + padding) / plugin.adapter.dims.full_params)
+    from hf_prune.export.card import build_model_card
+
+    text = str(build_model_card(small))
+    layer, (n, w) = next((i, nw) for i, nw in enumerate(zip(neurons, widths)) if nw[1] > nw[0])
+    assert f"{w} / 96 ({n} kept + {w - n} zero padding)" in text

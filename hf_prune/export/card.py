@@ -113,10 +113,16 @@ def _structure_summary(metrics: dict) -> dict | None:
     if not isinstance(structure, dict) or "layers" not in structure:
         return None
     original = structure.get("original", {})
+    kept = metrics.get("kept_neurons_per_layer") or [None] * len(structure["layers"])
+
+    def ffn(width: int, n: int | None) -> str:  # CoFiConfig.multiple_of pads a kept FFN with zero neurons
+        pad = f" ({n} kept + {width - n} zero padding)" if n is not None and width > n else ""
+        return f"{width} / {original.get('intermediate_size', '?')}{pad}"
+
     rows = [
         {"layer": i, "heads": f"{l['heads']} / {original.get('num_attention_heads', '?')}",
-         "ffn": f"{l['intermediate_size']} / {original.get('intermediate_size', '?')}"}
-        for i, l in enumerate(structure["layers"])
+         "ffn": ffn(l["intermediate_size"], n)}
+        for i, (l, n) in enumerate(zip(structure["layers"], kept))
     ]
     return {"rows": rows, "hidden": structure.get("hidden_size"), "hidden_before": original.get("hidden_size"),
             "params_before": metrics.get("params_before")}
