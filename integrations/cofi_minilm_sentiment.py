@@ -42,6 +42,7 @@ from hf_prune.methods.cofi.structure import FORMAT as STRUCTURE_FORMAT
 
 
 BASE_MODEL = "nreimers/MiniLM-L6-H384-uncased"  # the Hub id of the shipped MiniLM-L6 weights (model card metadata)
+AUTO_ATTENTION_LAYERS = 2  # `--attention-layers auto` from 80 % sparsity
 
 
 def load_data(tokenizer, seed: int, max_length: int, max_train: int | None = None, max_test: int | None = None):
@@ -122,6 +123,7 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
         gate_init_droprate=args.gate_init_droprate,
         match_target_on_freeze=not args.no_match_target,
         multiple_of=args.multiple_of,
+        target_attention_layers=attention_layers(args, target),
     )
     trainer = PruningTrainer(
         model=student, teacher_model=teacher, pruning_config=config,
@@ -177,11 +179,23 @@ def cofi_epochs(args, target: float) -> float:
     return 6.0 if target >= 0.8 else 4.0
 
 
+def attention_layers(args, target: float) -> int | None:
+    """`CoFiConfig.target_attention_layers` at `target`: `--attention-layers` if a number, else (`auto`) free below
+    80 % sparsity and AUTO_ATTENTION_LAYERS from 80 %, where a few wide attention sublayers run faster at batch 1
+    than many narrow ones of the same FLOPs (see the README's CoFi section)."""
+    if args.attention_layers == "none":
+        return None
+    if args.attention_layers != "auto":
+        return int(args.attention_layers)
+    return AUTO_ATTENTION_LAYERS if target >= 0.8 else None
+
+
 def run_settings(args, target: float, distill: bool) -> dict:
     """Everything that determines a CoFi run's result: a finished run is reused only if these match."""
     keys = ("seed", "max_length", "teacher_epochs", "lr", "gate_lr", "lagrangian_lr", "warmup",
             "finetune", "gate_init_droprate", "no_match_target", "max_train", "max_test", "multiple_of")
     return {"target": target, "distill": distill, "cofi_epochs": cofi_epochs(args, target),
+            "attention_layers": attention_layers(args, target),
             "structure_format": STRUCTURE_FORMAT,  # a run exported by an hf_prune with other semantics is redone
             **{k: getattr(args, k) for k in keys}}
 
@@ -208,6 +222,9 @@ def parse_args(argv=None):
                    help="keep the controller's own final masks instead of matching the target when fine-tuning starts")
     p.add_argument("--multiple-of", type=int, default=16,
                    help="hidden size and FFN widths of the exported model are multiples of this (CoFiConfig.multiple_of)")
+    p.add_argument("--attention-layers", default="auto",
+                   help="attention sublayers to keep (CoFiConfig.target_attention_layers): a number, `none` (free), or "
+                        f"`auto` (free below 80 %% sparsity, {AUTO_ATTENTION_LAYERS} from 80 %%)")
     p.add_argument("--no-distill-ablation", action="store_true", help="also run each target without the teacher")
     p.add_argument("--ablation-targets", type=float, nargs="+", default=None,
                    help="with --no-distill-ablation: only these targets (default: every target)")

@@ -40,6 +40,8 @@ from .sparsity import mask_sparsity
 
 ATTR = "hf_prune_cofi"
 GATE_NAMES = ("head", "mha", "neuron", "ffn", "hidden")
+# the layer-count constraints: sublayer kind -> (its layer gate, its unit gate)
+SUBLAYER_GATES = {"attention": ("mha", "head"), "ffn": ("ffn", "neuron")}
 
 
 class CoFiGates(nn.Module):
@@ -60,6 +62,13 @@ class CoFiGates(nn.Module):
         )
         self.lambda_1 = nn.Parameter(torch.zeros(()))
         self.lambda_2 = nn.Parameter(torch.zeros(()))
+        # target_attention_layers / target_ffn_layers: sublayer kind -> number kept, each with its (lambda_1, lambda_2)
+        self.layer_targets = {
+            kind: n for kind, n in (("attention", config.target_attention_layers), ("ffn", config.target_ffn_layers))
+            if n is not None
+        }
+        _check_layer_targets(self.layer_targets, d, config.target_sparsity)
+        self.layer_lambdas = nn.ParameterDict({kind: nn.Parameter(torch.zeros(2)) for kind in self.layer_targets})
         self.layer_transform = None
         if teacher_hidden_size is not None:
             self.layer_transform = nn.Linear(d.hidden_size, teacher_hidden_size)
@@ -80,7 +89,7 @@ class CoFiGates(nn.Module):
         return [g.log_alpha for g in self.gates.values()]
 
     def lagrangian_parameters(self) -> list[nn.Parameter]:
-        return [self.lambda_1, self.lambda_2]
+        return [self.lambda_1, self.lambda_2, *self.layer_lambdas.values()]
 
     def is_frozen(self) -> bool:
         return bool(self.frozen.item())
@@ -108,12 +117,25 @@ class CoFiGates(nn.Module):
     def masks_at_offset(self, offset: float) -> dict[str, torch.Tensor]:
         """Deterministic masks of the logits shifted by one common `offset` (0: the plain deterministic masks).
 
-        The hidden mask keeps a multiple of `CoFiConfig.multiple_of` dimensions (see [`deterministic_gates`]).
+        The hidden mask keeps a multiple of `CoFiConfig.multiple_of` dimensions (see [`deterministic_gates`]). With
+        a layer-count target, at most that many sublayers of the kind stay: those with the highest layer-gate logits
+        among the ones that still have a head / neuron.
         """
-        return {
+        masks = {
             n: deterministic_gates(g.log_alpha + offset, self.hidden_multiple_of if n == "hidden" else 1)
             for n, g in self.gates.items()
         }
+        for kind, n in self.layer_targets.items():
+            layer_gate, unit_gate = SUBLAYER_GATES[kind]
+            alive = masks[layer_gate] != 0
+            if unit_gate in masks:
+                alive &= (masks[unit_gate] != 0).any(-1)
+            if int(alive.sum()) > n:
+                logits = self.gates[layer_gate].log_alpha.detach().masked_fill(~alive, float("-inf"))
+                keep = torch.zeros_like(alive)
+                keep[torch.topk(logits, n).indices] = True
+                masks[layer_gate] = masks[layer_gate] * keep
+        return masks
 
     @torch.no_grad()
     def offset_for_target(self, target: float, iterations: int = 40) -> tuple[float, float]:
@@ -155,6 +177,21 @@ class CoFiGates(nn.Module):
     def z(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
         v = self.current.get(name)
         return None if v is None else v.to(dtype=like.dtype)
+
+
+def _check_layer_targets(targets: dict[str, int], d, target_sparsity: float) -> None:
+    """Refuses layer-count targets the model does not have, or that cannot keep `1 - target_sparsity` of it."""
+    for kind, n in targets.items():
+        if n > d.num_layers:
+            raise ValueError(f"CoFiConfig.target_{kind}_layers={n} is more than the model's {d.num_layers} layers")
+    attn = targets.get("attention", d.num_layers) * 4 * d.head_dim * d.num_heads * d.hidden_size
+    ffn = targets.get("ffn", d.num_layers) * 2 * d.intermediate_size * d.hidden_size
+    if (attn + ffn) / d.full_params < 1.0 - target_sparsity:
+        given = ", ".join(f"target_{k}_layers={n}" for k, n in targets.items())
+        raise ValueError(
+            f"CoFiConfig: {given} leave at most {(attn + ffn) / d.full_params:.1%} of the prunable parameters, but "
+            f"target_sparsity={target_sparsity} keeps {1.0 - target_sparsity:.1%}; allow more layers or prune more"
+        )
 
 
 def _removed(z_layer: torch.Tensor | None, z_units: torch.Tensor | None) -> torch.Tensor | None:

@@ -18,7 +18,15 @@ from .distill import default_teacher_layers, layer_costs, layer_loss, match_laye
 from . import export_format  # noqa: F401  (registers the "structured" export format)
 from .model import inject_gates
 from .prune import build_pruned_model, final_masks, kept_units
-from .sparsity import expected_sparsity, lagrangian_term, mask_sparsity, target_at, unit_counts
+from .sparsity import (
+    expected_sparsity,
+    expected_sublayers,
+    lagrangian_term,
+    layer_target_at,
+    mask_sparsity,
+    target_at,
+    unit_counts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +176,7 @@ class CoFiPlugin(TrainingPlugin):
             lam1 = _GradientReversal.apply(self.gates.lambda_1)
             lam2 = _GradientReversal.apply(self.gates.lambda_2)
             lag = lagrangian_term(s, t, lam1, lam2)
-            total = total + lag
+            total = total + lag + self._layer_count_terms(probs, logs)
             logs.update({"loss_lagrangian": float(lag.detach()), "expected_sparsity": float(s.detach())})
             counts = unit_counts(self.adapter.dims, **{k: v.detach() for k, v in probs.items()})
         else:
@@ -176,6 +184,9 @@ class CoFiPlugin(TrainingPlugin):
             t = self.config.target_sparsity
             logs["expected_sparsity"] = float(expected_sparsity(self.adapter.dims, **masks))
             counts = unit_counts(self.adapter.dims, **masks)
+            if self.gates.layer_targets:
+                kept = expected_sublayers(**masks)
+                logs.update({f"expected_{k}_sublayers": float(kept[k]) for k in self.gates.layer_targets})
         logs.update(
             {
                 "target_sparsity": float(t),
@@ -190,6 +201,28 @@ class CoFiPlugin(TrainingPlugin):
             }
         )
         return total, logs
+
+    def _layer_count_terms(self, probs: dict[str, torch.Tensor], logs: dict[str, float]):
+        """The Lagrangian terms of `target_attention_layers` / `target_ffn_layers` (0 when neither is set).
+
+        The gap is a fraction of the layer count, so its lambdas live on the scale of the sparsity constraint's.
+        """
+        total = 0.0
+        if not self.gates.layer_targets:
+            return total
+        num_layers = self.adapter.dims.num_layers
+        kept = expected_sublayers(**probs)
+        for kind, n in self.gates.layer_targets.items():
+            target = layer_target_at(self.step, num_layers, n, self.warmup_steps)
+            lam = _GradientReversal.apply(self.gates.layer_lambdas[kind])
+            term = lagrangian_term(kept[kind] / num_layers, target / num_layers, lam[0], lam[1])
+            total = total + term
+            logs.update({
+                f"expected_{kind}_sublayers": float(kept[kind].detach()),
+                f"target_{kind}_sublayers": float(target),
+                f"lambda_{kind}_layers": float(self.gates.layer_lambdas[kind][0].detach()),
+            })
+        return total
 
     def _layer_loss(self, inputs, outputs, teacher_outputs):
         s_hidden = list(outputs.hidden_states[1:])

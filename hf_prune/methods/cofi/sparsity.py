@@ -6,6 +6,10 @@ nested (a head survives only if its attention sublayer does; a neuron only if it
 expected count is the same expression with each unit count replaced by the sum of products of keep probabilities:
 `E[P] = E[d] * sum_l (4 d_h sum_h p_mha(l) p_head(l, h) + 2 sum_i p_ffn(l) p_neuron(l, i))`.
 With deterministic 0/1 masks the same formula is an exact parameter count of the physically pruned model.
+
+The optional layer-count constraints (`CoFiConfig.target_attention_layers` / `target_ffn_layers`) use the expected
+number of kept sublayers: a sublayer survives if its layer gate does and at least one of its heads / neurons does,
+`E[A] = sum_l p_mha(l) (1 - prod_h (1 - p_head(l, h)))` (likewise for the FFN).
 """
 
 from __future__ import annotations
@@ -80,11 +84,37 @@ def mask_sparsity(dims: EncoderDims, masks: dict[str, torch.Tensor]) -> float:
     return float(expected_sparsity(dims, **{k: (v != 0).float() for k, v in masks.items()}))
 
 
+def expected_sublayers(
+    *,
+    head: torch.Tensor | None = None,
+    mha: torch.Tensor | None = None,
+    neuron: torch.Tensor | None = None,
+    ffn: torch.Tensor | None = None,
+    **_: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """Expected number of kept attention (`attention`) and FFN (`ffn`) sublayers; exact for 0/1 inputs."""
+
+    def kept(layer: torch.Tensor | None, units: torch.Tensor | None) -> torch.Tensor | None:
+        if layer is None and units is None:
+            return None
+        p = layer if layer is not None else 1.0
+        if units is not None:
+            p = p * (1.0 - torch.prod(1.0 - units, dim=-1))
+        return p.sum()
+
+    return {"attention": kept(mha, head), "ffn": kept(ffn, neuron)}
+
+
 def target_at(step: int, target: float, warmup_steps: int) -> float:
     """Target sparsity at `step`: linear ramp from 0 to `target` over `warmup_steps`, then constant."""
     if warmup_steps <= 0:
         return float(target)
     return float(target) * min(1.0, max(0, step) / warmup_steps)
+
+
+def layer_target_at(step: int, num_layers: int, target: int, warmup_steps: int) -> float:
+    """Target number of kept sublayers at `step`: linear ramp from `num_layers` down to `target` over the warm-up."""
+    return num_layers - target_at(step, num_layers - target, warmup_steps)
 
 
 def lagrangian_term(
