@@ -268,10 +268,49 @@ def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublay
         assert not any(k.startswith(("bert.encoder.layer.1.attention.", "bert.encoder.layer.3.intermediate.",
                                      "bert.encoder.layer.3.output.")) for k in keys)
         assert "bert.encoder.layer.3.attention.output.LayerNorm.weight" in keys
+        # layers with a removed sublayer skip it (a subclass of the stock layer); full layers stay stock
+        assert [type(l).__name__ for l in enc] == ["BertLayer", "CoFiPrunedBertLayer", "BertLayer",
+                                                   "CoFiPrunedBertLayer"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, masked, atol=1e-4, rtol=0)
         loaded.train()  # the stand-ins are the identity in training mode too (dropout is 0 in this config)
         torch.testing.assert_close(loaded(**inputs).logits, masked, atol=1e-4, rtol=0)
+
+
+def test_export_layer_with_every_sublayer_removed_is_skipped():
+    """A layer with neither attention nor FFN left is the identity; its stand-ins are never called."""
+    import copy
+    import pickle
+
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    model = tiny_bert(0).eval()
+    plugin = CoFiPlugin(CoFiConfig(multiple_of=1), model)
+    with torch.no_grad():
+        for gate in plugin.gates.gates.values():
+            gate.log_alpha.fill_(5.0)
+        plugin.gates.gates["mha"].log_alpha[1] = -9.0
+        plugin.gates.gates["ffn"].log_alpha[1] = -9.0
+        plugin.gates.gates["neuron"].log_alpha[2] = -9.0  # layer 2: FFN removed by its neurons
+    inputs = _inputs()
+    with torch.no_grad():
+        masked = model(**inputs, output_hidden_states=True)
+        small = plugin.export(model)
+        enc = small.bert.encoder.layer
+        calls = []
+        for sub in (enc[1].attention, enc[1].intermediate, enc[1].output, enc[2].intermediate, enc[2].output):
+            sub.register_forward_hook(lambda *a: calls.append(1))
+        out = small(**inputs, output_hidden_states=True)
+        assert calls == []
+        assert isinstance(enc[1], BertLayer) and isinstance(enc[2], BertLayer)
+        # hidden states are still recorded per layer (transformers finds layers by class), equal to the masked model's
+        assert len(out.hidden_states) == len(masked.hidden_states) == 5
+        torch.testing.assert_close(out.hidden_states[2], out.hidden_states[1], atol=0, rtol=0)
+        for a, b in zip(out.hidden_states, masked.hidden_states):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        assert pickle.loads(pickle.dumps(type(enc[1]))) is type(enc[1])  # importable by name
+        dup = copy.deepcopy(small)
+        torch.testing.assert_close(dup(**inputs).logits, masked.logits, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("train", [False, True])

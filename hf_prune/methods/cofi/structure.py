@@ -5,8 +5,8 @@ size from its modules into a JSON-able dict. `apply_structure(model, structure)`
 of the original config (on any device, including `meta`) so that the pruned weights load into it. Both go through
 the architecture adapter, so they are the only place that knows how a pruned BERT-family model is laid out. A
 removed attention or FFN sublayer becomes a parameter-free identity stand-in ([`RemovedAttention`],
-[`RemovedIntermediate`] + [`RemovedFFNOutput`]); the model stays of its stock class and every other weight keeps
-its stock key.
+[`RemovedIntermediate`] + [`RemovedFFNOutput`]), and its layer skips it outright (see [`skipping_layer_class`]);
+the model stays of its stock class and every other weight keeps its stock key.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from transformers.pytorch_utils import apply_chunking_to_forward
 
 from .arch import get_adapter
 
@@ -54,6 +56,41 @@ class RemovedFFNOutput(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         return input_tensor
+
+
+class _SkipRemovedSublayers:
+    """Layer forward that runs only the kept sublayers: a removed one is not called at all.
+
+    The stock layer would call the removed sublayer's stand-ins and the FFN chunking helper anyway, ~25 us per layer
+    on a CPU, which is a tenth of a millisecond in a 2 ms batch-1 pass of a 90 %-pruned MiniLM. Same result: the
+    stand-ins are the identity. Encoder layers only (the adapter refuses decoders and cross-attention).
+    """
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                cache=None, **kwargs):
+        if not getattr(self.attention, "removed", False):
+            hidden_states = self.attention(hidden_states, attention_mask, cache=cache, **kwargs)[0]
+        if not getattr(self.intermediate, "removed", False):
+            hidden_states = apply_chunking_to_forward(
+                self.feed_forward_chunk, self.chunk_size_feed_forward, self.seq_len_dim, hidden_states
+            )
+        return hidden_states
+
+
+_SKIPPING_CLASSES: dict[type, type] = {}
+
+
+def skipping_layer_class(layer_cls: type) -> type:
+    """`layer_cls` with the forward of [`_SkipRemovedSublayers`]; a layer with a removed sublayer takes this class.
+
+    A subclass, so `isinstance(layer, BertLayer)` holds (transformers records `output_hidden_states` that way) and
+    the state dict is the stock one. Registered in this module under its name, so the class pickles by reference.
+    """
+    if layer_cls not in _SKIPPING_CLASSES:
+        name = f"CoFiPruned{layer_cls.__name__}"
+        cls = type(name, (_SkipRemovedSublayers, layer_cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = _SKIPPING_CLASSES[layer_cls] = cls
+    return _SKIPPING_CLASSES[layer_cls]
 
 
 def describe_structure(model: nn.Module) -> dict[str, Any]:
@@ -160,6 +197,8 @@ def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
             layer.intermediate.dense = _linear(layer.intermediate.dense, d, ffn)
             layer.output.dense = _linear(layer.output.dense, ffn, d)
             layer.output.LayerNorm = _layernorm(layer.output.LayerNorm, d)
+        if heads == 0 or ffn == 0:
+            layer.__class__ = skipping_layer_class(type(layer))  # adds no state: only the forward differs
     for parent, attr in ad.head_inputs():
         old = getattr(parent, attr)
         setattr(parent, attr, _linear(old, d, old.out_features))
