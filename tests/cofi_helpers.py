@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 torch.set_num_threads(1)  # tiny models: extra threads only add contention on shared CI cores
 
@@ -47,3 +47,21 @@ class ToyDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def random_gates(plugin, seed: int = 0, scale: float = 3.0) -> None:
+    """Draws every gate logit of a `CoFiPlugin` from N(0, scale^2)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in plugin.gates.gates.values():
+            gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=g) * scale)
+
+
+def training_args(out, **kw) -> TrainingArguments:
+    """Short, quiet, deterministic CPU `TrainingArguments` for the tiny models."""
+    base = dict(
+        output_dir=str(out), per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=2, save_strategy="no",
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=7, data_seed=7, dataloader_num_workers=0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)

@@ -2,22 +2,13 @@
 
 import pytest
 import torch
-from transformers import TrainingArguments
 
 from hf_prune import CoFiConfig, PruningTrainer
-from hf_prune.methods.cofi.model import get_gates
 from hf_prune.methods.cofi.plugin import CoFiPlugin
 from hf_prune.methods.cofi.sparsity import expected_sparsity, expected_sublayers, layer_target_at
 from hf_prune.methods.cofi.structure import describe_structure
 
-from cofi_helpers import ToyDataset, tiny_bert
-
-
-def _random_gates(plugin, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in plugin.gates.gates.values():
-            gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=g) * scale)
+from cofi_helpers import ToyDataset, random_gates as _random_gates, tiny_bert, training_args as _args
 
 
 def _kept_sublayers(model):
@@ -92,15 +83,6 @@ def test_fixed_masks_keep_at_most_the_target_and_match_sparsity(seed, n_attn, n_
     attn, ffn = _kept_sublayers(small)
     assert attn == len(kept_attn)
     assert ffn <= (n_ffn if n_ffn is not None else 4)
-
-
-def _args(out, **kw):
-    base = dict(
-        output_dir=str(out), per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=2, save_strategy="no",
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=7, data_seed=7, dataloader_num_workers=0,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
 
 
 def _train(tmp_path, name, target_attention_layers):

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from hf_prune import CoFiConfig, PruningConfig, PruningTrainer, register_pruning_method
 from hf_prune.methods.cofi.model import get_gates
@@ -17,18 +17,9 @@ from hf_prune.methods.cofi.sparsity import expected_sparsity
 from hf_prune.methods.cofi.structure import describe_structure
 from hf_prune.training.plugin import TrainingPlugin, register_training_plugin
 
-from cofi_helpers import ToyDataset, tiny_bert
+from cofi_helpers import ToyDataset, tiny_bert, training_args as _args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _args(out, **kw):
-    base = dict(
-        output_dir=str(out), per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=2, save_strategy="no",
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=7, data_seed=7, dataloader_num_workers=0,
-    )
-    base.update(kw)
-    return TrainingArguments(**base)
 
 
 def _sparsity(model):

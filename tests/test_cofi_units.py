@@ -10,11 +10,10 @@ from hf_prune.methods.cofi.arch import get_adapter
 from hf_prune.methods.cofi.distill import match_layers
 from hf_prune.methods.cofi.gates import deterministic_gates, keep_probability, sample_gates
 from hf_prune.methods.cofi.plugin import CoFiPlugin
-from hf_prune.methods.cofi.prune import final_masks
 from hf_prune.methods.cofi.sparsity import expected_params, expected_sparsity
 from hf_prune.methods.cofi.structure import describe_structure
 
-from cofi_helpers import tiny_bert
+from cofi_helpers import random_gates as _random_gates, tiny_bert
 
 
 def test_gate_samples_in_unit_interval_with_keep_probability():
@@ -39,13 +38,6 @@ def test_deterministic_gates_keep_expected_number_highest_first():
     assert int((m != 0).sum()) == k
     kept = set(torch.nonzero(m[0]).flatten().tolist())
     assert kept == set(torch.argsort(log_alpha[0], descending=True)[:k].tolist())
-
-
-def _random_gates(plugin, seed=0, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for gate in plugin.gates.gates.values():
-            gate.log_alpha.copy_(torch.randn(gate.log_alpha.shape, generator=g) * scale)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
