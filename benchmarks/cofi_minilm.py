@@ -4,8 +4,9 @@
     flock /tmp/hf_prune_cpu.lock python benchmarks/cofi_minilm.py --max-train 3000 --teacher-epochs 1 \
         --cofi-epochs 1 --label shortened                                         # a shortened run, labelled as such
 
-Runs `integrations/cofi_minilm_sentiment.py` (teacher, CoFi at each target with the recipe's per-target length, a
-no-distillation ablation), then times the teacher and every exported (saved and reloaded) model on CPU at batch 1 and
+Runs `integrations/cofi_minilm_sentiment.py` (teacher, CoFi at each target with the recipe's per-target length and
+attention-layer target, a no-distillation ablation, and a run without the attention-layer target where there is one),
+then times the teacher and every exported (saved and reloaded) model on CPU at batch 1 and
 batch 32 (sequence length 64) in three runtimes (eager PyTorch, `torch.compile`, and ONNX Runtime on each model's
 ONNX export, checked to give the same logits), at 1 and 2 intra-op threads, in interleaved rounds, and computes the
 analytic FLOPs of each. Prints markdown tables and writes
@@ -151,13 +152,14 @@ def main(argv=None):
                         '(needs `pip install -e ".[bench]"`)')
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per setting")
     p.add_argument("--repeats", type=int, default=10, help="batch-1 forwards per model per round (batch 32: 1/5)")
-    p.add_argument("--skip-ablation", action="store_true", help="no no-distillation runs (e.g. for a one-target re-run)")
+    p.add_argument("--skip-ablation", action="store_true",
+                   help="no ablation runs (no-distillation, no layer cap), e.g. for a one-target re-run")
     args, rest = p.parse_known_args(argv)
     rest = list(rest)
     if "onnxruntime" in args.runtimes and importlib.util.find_spec("onnxruntime") is None:
         p.error('--runtimes onnxruntime needs ONNX Runtime: pip install -e ".[bench]" (or leave it out of --runtimes)')
-    if "--no-distill-ablation" not in rest and not args.skip_ablation:
-        rest.append("--no-distill-ablation")
+    if not args.skip_ablation:
+        rest += [flag for flag in ("--no-distill-ablation", "--layer-cap-ablation") if flag not in rest]
     if "--output" not in rest:
         rest += ["--output", os.path.join("runs", "cofi_minilm" + (f"_{args.label}" if args.label else ""))]
     results = recipe.main(rest)

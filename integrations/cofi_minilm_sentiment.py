@@ -101,10 +101,12 @@ def train_teacher(args, tokenizer, train, test) -> tuple[str, dict]:
 
 
 def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill: bool = True,
-             teacher_accuracy: float | None = None) -> dict:
-    name = f"cofi-{round(target * 100)}" + ("" if distill else "-nodistill")
+             teacher_accuracy: float | None = None, layer_cap: bool = True) -> dict:
+    """One CoFi run at `target`; `layer_cap=False` leaves the number of attention sublayers free (the ablation)."""
+    name = f"cofi-{round(target * 100)}" + ("" if distill else "-nodistill") + ("" if layer_cap else "-nolayercap")
     out = os.path.join(args.output, name)
-    settings = run_settings(args, target, distill)
+    n_attention = attention_layers(args, target) if layer_cap else None
+    settings = run_settings(args, target, distill, n_attention)
     done_file = os.path.join(out, "cofi_run.json")
     if os.path.isfile(done_file):
         with open(done_file) as fh:
@@ -123,7 +125,7 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
         gate_init_droprate=args.gate_init_droprate,
         match_target_on_freeze=not args.no_match_target,
         multiple_of=args.multiple_of,
-        target_attention_layers=attention_layers(args, target),
+        target_attention_layers=n_attention,
     )
     trainer = PruningTrainer(
         model=student, teacher_model=teacher, pruning_config=config,
@@ -190,12 +192,18 @@ def attention_layers(args, target: float) -> int | None:
     return AUTO_ATTENTION_LAYERS if target >= 0.8 else None
 
 
-def run_settings(args, target: float, distill: bool) -> dict:
+def _attention_layers_arg(value: str) -> str:
+    if value in ("auto", "none") or (value.isdigit() and int(value) >= 0):
+        return value
+    raise argparse.ArgumentTypeError(f"expected a number of layers, `auto` or `none`, got {value!r}")
+
+
+def run_settings(args, target: float, distill: bool, n_attention: int | None) -> dict:
     """Everything that determines a CoFi run's result: a finished run is reused only if these match."""
     keys = ("seed", "max_length", "teacher_epochs", "lr", "gate_lr", "lagrangian_lr", "warmup",
             "finetune", "gate_init_droprate", "no_match_target", "max_train", "max_test", "multiple_of")
     return {"target": target, "distill": distill, "cofi_epochs": cofi_epochs(args, target),
-            "attention_layers": attention_layers(args, target),
+            "attention_layers": n_attention,
             "structure_format": STRUCTURE_FORMAT,  # a run exported by an hf_prune with other semantics is redone
             **{k: getattr(args, k) for k in keys}}
 
@@ -222,14 +230,16 @@ def parse_args(argv=None):
                    help="keep the controller's own final masks instead of matching the target when fine-tuning starts")
     p.add_argument("--multiple-of", type=int, default=16,
                    help="hidden size and FFN widths of the exported model are multiples of this (CoFiConfig.multiple_of)")
-    p.add_argument("--attention-layers", default="auto",
+    p.add_argument("--attention-layers", default="auto", type=_attention_layers_arg,
                    help="attention sublayers to keep (CoFiConfig.target_attention_layers): a number, `none` (free), or "
                         f"`auto` (free below 80 %% sparsity, {AUTO_ATTENTION_LAYERS} from 80 %%)")
     p.add_argument("--no-distill-ablation", action="store_true", help="also run each target without the teacher")
+    p.add_argument("--layer-cap-ablation", action="store_true",
+                   help="also run each target that has an attention-layer target without it (`-nolayercap`)")
     p.add_argument("--ablation-targets", type=float, nargs="+", default=None,
-                   help="with --no-distill-ablation: only these targets (default: every target)")
+                   help="run the ablations only at these targets (default: every target)")
     p.add_argument("--ablation-only", action="store_true",
-                   help="train only the no-distillation runs (e.g. in a second process beside the distilled ones)")
+                   help="train only the ablation runs (e.g. in a second process beside the main ones)")
     p.add_argument("--max-train", type=int, default=None, help="shorten: use only the first N training sentences")
     p.add_argument("--max-test", type=int, default=None, help="shorten: use only the first N test sentences")
     return p.parse_args(argv)
@@ -245,11 +255,17 @@ def main(argv=None) -> dict:
     results = {"teacher": {"path": teacher_path, **teacher_info}, "runs": [],
                "protocol": {k: v for k, v in vars(args).items()}, "command": " ".join(sys.argv)}
     for target in args.targets:
-        ablate = args.no_distill_ablation and (args.ablation_targets is None or target in args.ablation_targets)
-        variants = [True, False] if ablate else [True]
-        for distill in ([False] if args.ablation_only else variants):
+        ablate = args.ablation_targets is None or target in args.ablation_targets
+        variants = [(True, True)]  # (distill, layer cap)
+        if args.no_distill_ablation and ablate:
+            variants.append((False, True))
+        if args.layer_cap_ablation and ablate and attention_layers(args, target) is not None:
+            variants.append((True, False))
+        if args.ablation_only:
+            variants = variants[1:]
+        for distill, layer_cap in variants:
             r = run_cofi(args, tokenizer, teacher_path, train, test, target, distill,
-                         teacher_accuracy=teacher_info["eval_accuracy"])
+                         teacher_accuracy=teacher_info["eval_accuracy"], layer_cap=layer_cap)
             print(f"{r['name']}: accuracy {r['accuracy']:.4f} (masked {r['masked_model_accuracy']:.4f}), "
                   f"sparsity {r['sparsity']:.3f}, params {r['params']}", flush=True)
             results["runs"].append(r)
