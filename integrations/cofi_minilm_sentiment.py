@@ -42,7 +42,7 @@ from hf_prune.methods.cofi.structure import FORMAT as STRUCTURE_FORMAT
 
 
 BASE_MODEL = "nreimers/MiniLM-L6-H384-uncased"  # the Hub id of the shipped MiniLM-L6 weights (model card metadata)
-AUTO_ATTENTION_LAYERS = 2  # `--attention-layers auto` from 80 % sparsity
+VARIANT_MIN_TARGET = 0.8  # --attention-layer-variants apply to the targets of at least this sparsity
 
 
 def load_data(tokenizer, seed: int, max_length: int, max_train: int | None = None, max_test: int | None = None):
@@ -101,11 +101,12 @@ def train_teacher(args, tokenizer, train, test) -> tuple[str, dict]:
 
 
 def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill: bool = True,
-             teacher_accuracy: float | None = None, layer_cap: bool = True) -> dict:
-    """One CoFi run at `target`; `layer_cap=False` leaves the number of attention sublayers free (the ablation)."""
-    name = f"cofi-{round(target * 100)}" + ("" if distill else "-nodistill") + ("" if layer_cap else "-nolayercap")
+             teacher_accuracy: float | None = None, attention_variant: int | None = None) -> dict:
+    """One CoFi run at `target`; `attention_variant=N` is the variant keeping N attention sublayers (`-attnN`)."""
+    name = (f"cofi-{round(target * 100)}" + ("" if distill else "-nodistill")
+            + (f"-attn{attention_variant}" if attention_variant is not None else ""))
     out = os.path.join(args.output, name)
-    n_attention = attention_layers(args, target) if layer_cap else None
+    n_attention = attention_variant if attention_variant is not None else attention_layers(args)
     settings = run_settings(args, target, distill, n_attention)
     done_file = os.path.join(out, "cofi_run.json")
     if os.path.isfile(done_file):
@@ -181,21 +182,15 @@ def cofi_epochs(args, target: float) -> float:
     return 6.0 if target >= 0.8 else 4.0
 
 
-def attention_layers(args, target: float) -> int | None:
-    """`CoFiConfig.target_attention_layers` at `target`: `--attention-layers` if a number, else (`auto`) free below
-    80 % sparsity and AUTO_ATTENTION_LAYERS from 80 %, where a few wide attention sublayers run faster at batch 1
-    than many narrow ones of the same FLOPs (see the README's CoFi section)."""
-    if args.attention_layers == "none":
-        return None
-    if args.attention_layers != "auto":
-        return int(args.attention_layers)
-    return AUTO_ATTENTION_LAYERS if target >= 0.8 else None
+def attention_layers(args) -> int | None:
+    """`CoFiConfig.target_attention_layers` of the main runs: `--attention-layers` (`none`: free, as in the paper)."""
+    return None if args.attention_layers == "none" else int(args.attention_layers)
 
 
 def _attention_layers_arg(value: str) -> str:
-    if value in ("auto", "none") or (value.isdigit() and int(value) >= 0):
+    if value == "none" or (value.isdigit() and int(value) >= 0):
         return value
-    raise argparse.ArgumentTypeError(f"expected a number of layers, `auto` or `none`, got {value!r}")
+    raise argparse.ArgumentTypeError(f"expected a number of layers or `none`, got {value!r}")
 
 
 def run_settings(args, target: float, distill: bool, n_attention: int | None) -> dict:
@@ -230,16 +225,16 @@ def parse_args(argv=None):
                    help="keep the controller's own final masks instead of matching the target when fine-tuning starts")
     p.add_argument("--multiple-of", type=int, default=16,
                    help="hidden size and FFN widths of the exported model are multiples of this (CoFiConfig.multiple_of)")
-    p.add_argument("--attention-layers", default="auto", type=_attention_layers_arg,
-                   help="attention sublayers to keep (CoFiConfig.target_attention_layers): a number, `none` (free), or "
-                        f"`auto` (free below 80 %% sparsity, {AUTO_ATTENTION_LAYERS} from 80 %%)")
+    p.add_argument("--attention-layers", default="none", type=_attention_layers_arg,
+                   help="attention sublayers the CoFi runs keep (CoFiConfig.target_attention_layers); `none`: free")
+    p.add_argument("--attention-layer-variants", type=int, nargs="+", default=[],
+                   help=f"also run each target of at least {VARIANT_MIN_TARGET * 100:.0f} %% sparsity keeping N attention "
+                        "sublayers, for each N given (`cofi-XX-attnN`; fewer, wider sublayers run faster at batch 1)")
     p.add_argument("--no-distill-ablation", action="store_true", help="also run each target without the teacher")
-    p.add_argument("--layer-cap-ablation", action="store_true",
-                   help="also run each target that has an attention-layer target without it (`-nolayercap`)")
     p.add_argument("--ablation-targets", type=float, nargs="+", default=None,
                    help="run the ablations only at these targets (default: every target)")
     p.add_argument("--ablation-only", action="store_true",
-                   help="train only the ablation runs (e.g. in a second process beside the main ones)")
+                   help="train only the ablation and variant runs (e.g. in a second process beside the main ones)")
     p.add_argument("--max-train", type=int, default=None, help="shorten: use only the first N training sentences")
     p.add_argument("--max-test", type=int, default=None, help="shorten: use only the first N test sentences")
     return p.parse_args(argv)
@@ -256,16 +251,16 @@ def main(argv=None) -> dict:
                "protocol": {k: v for k, v in vars(args).items()}, "command": " ".join(sys.argv)}
     for target in args.targets:
         ablate = args.ablation_targets is None or target in args.ablation_targets
-        variants = [(True, True)]  # (distill, layer cap)
+        variants = [(True, None)]  # (distill, attention-layer variant)
         if args.no_distill_ablation and ablate:
-            variants.append((False, True))
-        if args.layer_cap_ablation and ablate and attention_layers(args, target) is not None:
-            variants.append((True, False))
+            variants.append((False, None))
+        if target >= VARIANT_MIN_TARGET:
+            variants += [(True, n) for n in args.attention_layer_variants]
         if args.ablation_only:
             variants = variants[1:]
-        for distill, layer_cap in variants:
+        for distill, n_attention in variants:
             r = run_cofi(args, tokenizer, teacher_path, train, test, target, distill,
-                         teacher_accuracy=teacher_info["eval_accuracy"], layer_cap=layer_cap)
+                         teacher_accuracy=teacher_info["eval_accuracy"], attention_variant=n_attention)
             print(f"{r['name']}: accuracy {r['accuracy']:.4f} (masked {r['masked_model_accuracy']:.4f}), "
                   f"sparsity {r['sparsity']:.3f}, params {r['params']}", flush=True)
             results["runs"].append(r)

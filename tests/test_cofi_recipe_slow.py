@@ -62,8 +62,5 @@ def test_recipe_teacher_cofi_export_reload_and_resume(tmp_path, capsys):
     # ... and any changed setting does not match the finished run
     changed = recipe.run_settings(recipe.parse_args(SHORT + ["--gate-lr", "0.2"]), 0.5, True, None)
     assert changed != run["settings"]
-    assert run["settings"]["attention_layers"] is None  # `--attention-layers auto`: free below 80 % sparsity
-    args = recipe.parse_args(SHORT)
-    assert recipe.attention_layers(args, 0.9) == recipe.AUTO_ATTENTION_LAYERS
-    assert recipe.attention_layers(recipe.parse_args(SHORT + ["--attention-layers", "none"]), 0.9) is None
-    assert recipe.attention_layers(recipe.parse_args(SHORT + ["--attention-layers", "3"]), 0.5) == 3
+    assert run["settings"]["attention_layers"] is None  # free by default, as in the paper
+    assert recipe.attention_layers(recipe.parse_args(SHORT + ["--attention-layers", "3"])) == 3
