@@ -81,3 +81,16 @@ def test_ffn_cell_shows_kept_neurons_where_the_export_padded():
     row = {"ffn_per_layer": [848, 0, 96], "ffn_kept_per_layer": [837, 0, 96]}
     assert bench._ffn_cell(row) == "[848 (837), 0, 96]"
     assert bench._ffn_cell({"ffn_per_layer": [1536, 1536], "ffn_kept_per_layer": None}) == "[1536, 1536]"
+
+
+def test_floor_model_is_the_teacher_without_sublayers():
+    teacher = tiny_bert(1).eval()
+    floor = bench.floor_model(teacher)
+    assert not any(".encoder." in n for n, _ in floor.named_parameters())
+    assert all(l["attention_removed"] and l["ffn_removed"] for l in bench.describe_structure(floor)["layers"])
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        hidden = teacher.bert.embeddings(input_ids=ids)  # what the encoder would have passed through unchanged
+        expected = teacher.classifier(teacher.bert.pooler(hidden))
+        torch.testing.assert_close(floor(input_ids=ids).logits, expected)
+    assert teacher.bert.encoder.layer[0].attention.self.query.weight.shape == (32, 32)  # the teacher is untouched
