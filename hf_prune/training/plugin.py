@@ -50,6 +50,15 @@ class TrainingPlugin:
         """
         return []
 
+    def unsynced_module_names(self) -> list[str]:
+        """Names (in `model.named_modules()`) of submodules the method uses outside the model's forward.
+
+        DDP cannot reduce the gradients of a parameter the loss reads outside `forward` (it marks it ready twice), so
+        `PruningTrainer` keeps these submodules' parameters and buffers out of DDP, broadcasts them from rank 0 when
+        training starts and averages their gradients across processes itself, before gradient clipping.
+        """
+        return []
+
     def compute_loss(self, model, inputs, outputs, loss, **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
         """Returns the (possibly augmented) training loss and scalars to log.
 

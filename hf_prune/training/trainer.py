@@ -54,6 +54,8 @@ class PruningTrainer(Trainer):
         self.pruning_config = pruning_config
         self.teacher_model = teacher_model
         self.pruning_plugin: TrainingPlugin = plugin_cls(pruning_config, model, teacher_model=teacher_model)
+        self._unsynced = _keep_out_of_ddp(model, self.pruning_plugin.unsynced_module_names())
+        self._unsynced_broadcast = False
         super().__init__(model, args, *trainer_args, **kwargs)
         for callback in self.pruning_plugin.callbacks():
             self.add_callback(callback)
@@ -94,6 +96,18 @@ class PruningTrainer(Trainer):
                 if group.get("hf_prune_constant_lr") and i < len(lambdas):
                     lambdas[i] = _constant
         return scheduler
+
+    # ------------------------------------------------------------------------------------------ multi-process
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        distributed = bool(self._unsynced) and self.args.world_size > 1 and torch.distributed.is_initialized()
+        if distributed and not self._unsynced_broadcast:  # every rank starts from rank 0's method state
+            for tensor in self._unsynced:
+                torch.distributed.broadcast(tensor.data, src=0)
+            self._unsynced_broadcast = True
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if distributed and self.accelerator.sync_gradients:
+            _average_gradients([t for t in self._unsynced if isinstance(t, torch.nn.Parameter) and t.requires_grad])
+        return loss
 
     # ---------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -137,6 +151,41 @@ class PruningTrainer(Trainer):
     def export_pruned_model(self) -> torch.nn.Module:
         """The method's final model (for CoFi: physically smaller), with its `PruningState` attached."""
         return self.pruning_plugin.export(self.accelerator.unwrap_model(self.model))
+
+
+def _keep_out_of_ddp(model: torch.nn.Module, module_names: list[str]) -> list[torch.Tensor]:
+    """Marks the parameters and buffers of `module_names` for DDP to ignore; returns them (names in a fixed order).
+
+    See [`TrainingPlugin.unsynced_module_names`]. `torch.nn.parallel.DistributedDataParallel`'s documented way to
+    leave tensors out (read when the model is wrapped, which `Trainer` does later).
+    """
+    if not module_names:
+        return []
+    modules = dict(model.named_modules())
+    names, tensors = [], []
+    for prefix in module_names:
+        for name, tensor in list(modules[prefix].named_parameters(prefix=prefix)) + list(
+            modules[prefix].named_buffers(prefix=prefix)
+        ):
+            names.append(name)
+            tensors.append(tensor)
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored + names)
+    return tensors
+
+
+def _average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """All-reduce (mean) of the gradients of `params`, in one flat tensor; a missing gradient counts as zero."""
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
 
 
 def _constant(step: int) -> float:

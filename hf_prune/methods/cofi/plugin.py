@@ -16,7 +16,7 @@ from .arch import get_adapter
 from .config import CoFiConfig, resolve_steps
 from .distill import default_teacher_layers, layer_costs, layer_loss, match_layers, prediction_loss
 from . import export_format  # noqa: F401  (registers the "structured" export format)
-from .model import inject_gates
+from .model import ATTR, inject_gates
 from .prune import build_pruned_model, final_masks, kept_units
 from .sparsity import (
     expected_sparsity,
@@ -141,6 +141,9 @@ class CoFiPlugin(TrainingPlugin):
                 "hf_prune_constant_lr": True,
             },
         ]
+
+    def unsynced_module_names(self) -> list[str]:
+        return [ATTR]  # the gates and lambdas enter the Lagrangian, the layer transform the layer loss
 
     def forward_kwargs(self) -> dict[str, Any]:
         return {"output_hidden_states": True} if self.teacher_layers else {}
