@@ -94,10 +94,11 @@ class CoFiConfig(PruningConfig):
             expected number of kept attention sublayers to it, and the fixed masks keep at most this many (the
             highest layer-gate logits among the sublayers that still have a head). This is Sheared-LLaMA's
             target-architecture constraint (Xia et al., 2023) applied to CoFi's layer gates; hf_prune's addition, not
-            part of the CoFi paper. Why: at batch 1 on a CPU every sublayer costs a fixed ~0.1 ms of kernel launches
-            and Python whatever its width, so at high sparsity a few wide sublayers run markedly faster than many
-            narrow ones of the same FLOPs (see the README's CoFi section). Needs `prune_layers=True`; `None` (the
-            default) leaves the number free, as in the paper.
+            part of the CoFi paper. Why: at batch 1 on a CPU every sublayer costs a fixed dispatch time whatever its
+            width, so at high sparsity a few wide sublayers run faster than many narrow ones of the same FLOPs
+            (MiniLM-L6 at 90 %, eager PyTorch, one thread: 1.90 ms with one attention sublayer vs 2.20 ms with four
+            left free, for 0.9 points of accuracy; see the README's CoFi section). Needs `prune_layers=True`; `None`
+            (the default) leaves the number free, as in the paper.
         target_ffn_layers (`int`, *optional*): the same for the FFN sublayers.
     """
 
