@@ -5,10 +5,11 @@
         --cofi-epochs 1 --label shortened                                         # a shortened run, labelled as such
 
 Runs `integrations/cofi_minilm_sentiment.py` (teacher, CoFi at each target with the recipe's per-target length, a
-no-distillation ablation, and at 90 % the variants keeping 1 and 2 attention sublayers), then times the teacher and every exported (saved and reloaded) model on CPU at batch 1 and
-batch 32 (sequence length 64) in three runtimes (eager PyTorch, `torch.compile`, and ONNX Runtime on each model's
-ONNX export, checked to give the same logits), at 1 and 2 intra-op threads, in interleaved rounds, and computes the
-analytic FLOPs of each. Prints markdown tables and writes
+no-distillation ablation, and at 90 % the variants keeping 1 and 2 attention sublayers), then times the teacher, every
+exported (saved and reloaded) model and a `floor` model (the teacher with no sublayer left: the fixed cost of a
+forward) on CPU at batch 1 and batch 32 (sequence length 64) in three runtimes (eager PyTorch, `torch.compile`, and
+ONNX Runtime on each model's ONNX export, checked to give the same logits), at 1 and 2 intra-op threads, in
+interleaved rounds, and computes the analytic FLOPs of each. Prints markdown tables and writes
 `benchmarks/results/cofi_minilm[_LABEL].json` and `.md`. Extra arguments go to the recipe (e.g. `--targets 0.9`).
 """
 

@@ -13,7 +13,9 @@ Steps (all standard Hugging Face pieces):
    whose settings match is reused (`OUTPUT/cofi-XX/cofi_run.json`), so an interrupted recipe resumes.
 3. `trainer.export_pruned_model()` -> physically smaller `BertForSequenceClassification`, saved to `OUTPUT/cofi-XX`
    and reloadable with `AutoModelForSequenceClassification.from_pretrained` after `import hf_prune`.
-Accuracy on the 2,068 test sentences is printed and written to `OUTPUT/results.json`.
+Accuracy on the 2,068 test sentences is printed and written to `OUTPUT/results.json`. `--attention-layers N` caps the
+attention sublayers of every run (`CoFiConfig.target_attention_layers`); `--attention-layer-variants 1 2` adds, from
+80 % sparsity, runs keeping 1 and 2 (`OUTPUT/cofi-90-attn1`, ...), which trade accuracy for batch-1 latency.
 """
 
 from __future__ import annotations
