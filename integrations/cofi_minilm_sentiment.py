@@ -108,7 +108,7 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
     name = (f"cofi-{round(target * 100)}" + ("" if distill else "-nodistill")
             + (f"-attn{attention_variant}" if attention_variant is not None else ""))
     out = os.path.join(args.output, name)
-    n_attention = attention_variant if attention_variant is not None else attention_layers(args)
+    n_attention = attention_variant if attention_variant is not None else args.attention_layers
     settings = run_settings(args, target, distill, n_attention)
     done_file = os.path.join(out, "cofi_run.json")
     if os.path.isfile(done_file):
@@ -184,14 +184,12 @@ def cofi_epochs(args, target: float) -> float:
     return 6.0 if target >= 0.8 else 4.0
 
 
-def attention_layers(args) -> int | None:
-    """`CoFiConfig.target_attention_layers` of the main runs: `--attention-layers` (`none`: free, as in the paper)."""
-    return None if args.attention_layers == "none" else int(args.attention_layers)
-
-
-def _attention_layers_arg(value: str) -> str:
-    if value == "none" or (value.isdigit() and int(value) >= 0):
-        return value
+def _attention_layers_arg(value: str) -> int | None:
+    """`--attention-layers`: `CoFiConfig.target_attention_layers` of the main runs (`none`: free, as in the paper)."""
+    if value == "none":
+        return None
+    if value.isdigit():
+        return int(value)
     raise argparse.ArgumentTypeError(f"expected a number of layers or `none`, got {value!r}")
 
 
@@ -227,7 +225,7 @@ def parse_args(argv=None):
                    help="keep the controller's own final masks instead of matching the target when fine-tuning starts")
     p.add_argument("--multiple-of", type=int, default=16,
                    help="hidden size and FFN widths of the exported model are multiples of this (CoFiConfig.multiple_of)")
-    p.add_argument("--attention-layers", default="none", type=_attention_layers_arg,
+    p.add_argument("--attention-layers", default=None, type=_attention_layers_arg,
                    help="attention sublayers the CoFi runs keep (CoFiConfig.target_attention_layers); `none`: free")
     p.add_argument("--attention-layer-variants", type=int, nargs="+", default=[],
                    help=f"also run each target of at least {VARIANT_MIN_TARGET * 100:.0f} %% sparsity keeping N attention "

@@ -63,4 +63,5 @@ def test_recipe_teacher_cofi_export_reload_and_resume(tmp_path, capsys):
     changed = recipe.run_settings(recipe.parse_args(SHORT + ["--gate-lr", "0.2"]), 0.5, True, None)
     assert changed != run["settings"]
     assert run["settings"]["attention_layers"] is None  # free by default, as in the paper
-    assert recipe.attention_layers(recipe.parse_args(SHORT + ["--attention-layers", "3"])) == 3
+    assert recipe.parse_args(SHORT + ["--attention-layers", "3"]).attention_layers == 3
+    assert recipe.parse_args(SHORT + ["--attention-layers", "none"]).attention_layers is None

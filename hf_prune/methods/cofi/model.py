@@ -127,9 +127,7 @@ class CoFiGates(nn.Module):
         }
         for kind, n in self.layer_targets.items():
             layer_gate, unit_gate = SUBLAYER_GATES[kind]
-            alive = masks[layer_gate] != 0
-            if unit_gate in masks:
-                alive &= (masks[unit_gate] != 0).any(-1)
+            alive = ~_removed(masks[layer_gate], masks.get(unit_gate))
             if int(alive.sum()) > n:
                 logits = self.gates[layer_gate].log_alpha.detach().masked_fill(~alive, float("-inf"))
                 keep = torch.zeros_like(alive)
@@ -184,8 +182,8 @@ def _check_layer_targets(targets: dict[str, int], d, target_sparsity: float) -> 
     for kind, n in targets.items():
         if n > d.num_layers:
             raise ValueError(f"CoFiConfig.target_{kind}_layers={n} is more than the model's {d.num_layers} layers")
-    attn = targets.get("attention", d.num_layers) * 4 * d.head_dim * d.num_heads * d.hidden_size
-    ffn = targets.get("ffn", d.num_layers) * 2 * d.intermediate_size * d.hidden_size
+    attn = targets.get("attention", d.num_layers) * d.attention_params
+    ffn = targets.get("ffn", d.num_layers) * d.ffn_params
     if (attn + ffn) / d.full_params < 1.0 - target_sparsity:
         given = ", ".join(f"target_{k}_layers={n}" for k, n in targets.items())
         raise ValueError(

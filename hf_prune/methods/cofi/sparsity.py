@@ -30,9 +30,18 @@ class EncoderDims:
     intermediate_size: int
 
     @property
+    def attention_params(self) -> int:
+        """Prunable weights of one dense attention sublayer (Q, K, V, O)."""
+        return 4 * self.head_dim * self.num_heads * self.hidden_size
+
+    @property
+    def ffn_params(self) -> int:
+        """Prunable weights of one dense FFN sublayer (up, down)."""
+        return 2 * self.intermediate_size * self.hidden_size
+
+    @property
     def full_params(self) -> int:
-        per_layer = 4 * self.head_dim * self.num_heads * self.hidden_size + 2 * self.intermediate_size * self.hidden_size
-        return self.num_layers * per_layer
+        return self.num_layers * (self.attention_params + self.ffn_params)
 
 
 def unit_counts(
