@@ -31,6 +31,11 @@ def main(out, regrowth):
         history.append(torch.cat([m.mask.flatten() for m in pruner.updater.masks.values()]).clone())
     torch.save({"history": torch.stack(history), "updates": pruner.updater.updates_done,
                 "weights": {k: v.clone() for k, v in model.state_dict().items()}}, os.path.join(out, f"rank{rank}.pt"))
+    # Free DDP (its reducer holds gloo work) on every rank before the process group goes: with torch 2.13 a DDP
+    # module still alive at destroy_process_group() hung or aborted the exit about one run in seven, with or without
+    # hf_prune.
+    dist.barrier()
+    del ddp, pruner, opt
     dist.destroy_process_group()
 
 
