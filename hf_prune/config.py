@@ -1,8 +1,13 @@
 """`PruningConfig`: the base of every method's configuration, and the open method registry.
 
-A config is a keyword-only dataclass. It validates itself at construction (so bad input fails before any work),
-round-trips through JSON with a version stamp, and drops unknown keys with a warning so that configs written by a
-newer hf_prune still load. Methods register under a string key; third parties can register their own.
+A config is a keyword-only dataclass. It validates itself at construction and again on every field assignment (so
+bad input fails before any work, and a config can never be made invalid afterwards), round-trips through JSON with
+a version stamp, and drops unknown keys with a warning so that configs written by a newer hf_prune still load.
+Methods register under a string key; third parties can register their own.
+
+Every field is checked against its annotation by one shared helper ([`check_fields`]): the type (`bool` is never
+an `int`), floats finite (NaN and inf are refused), and the regular expressions of fields declared with
+`field(metadata=REGEX)` compiled. Each method's `validate()` adds only the ranges and cross-field rules.
 """
 
 from __future__ import annotations
@@ -10,7 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,6 +28,9 @@ from .version import __version__
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "pruning_config.json"
+
+#: `field(metadata=REGEX)`: every string in the field's value (the value, its list items, its dict keys) is a regex.
+REGEX = {"hf_prune_regex": True}
 
 _METHOD_REGISTRY: dict[str, type["PruningConfig"]] = {}
 
@@ -79,10 +91,37 @@ class PruningConfig:
     method: ClassVar[str] = ""
 
     def __post_init__(self):
-        self.validate()
+        self._run_validation()
+        object.__setattr__(self, "_hf_prune_ready", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Assignment re-validates the whole config; a refused value leaves the config as it was.
+        if name.startswith("_") or not self.__dict__.get("_hf_prune_ready") or self.__dict__.get("_hf_prune_busy"):
+            object.__setattr__(self, name, value)
+            return
+        before = dict(self.__dict__)
+        object.__setattr__(self, name, value)
+        try:
+            self._run_validation()
+        except Exception:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
+
+    def _run_validation(self) -> None:
+        object.__setattr__(self, "_hf_prune_busy", True)
+        try:
+            self.validate()
+        finally:
+            object.__setattr__(self, "_hf_prune_busy", False)
 
     def validate(self) -> None:
-        """Raises `ValueError` naming the offending field. Subclasses extend it (and call `super().validate()`)."""
+        """Raises `ValueError` naming the offending field. Subclasses extend it (and call `super().validate()`).
+
+        Runs at construction and on assignment; the entry points (`oneshot`, `attach`, `PruningTrainer`, ...) call it
+        again, which catches lists or dicts changed in place.
+        """
+        check_fields(self)
 
     # ----------------------------------------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -150,6 +189,125 @@ def _jsonable(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- validation helpers
+def check_fields(config: "PruningConfig") -> None:
+    """Checks every dataclass field of `config` against its type annotation: type, finiteness of floats, regexes.
+
+    Raises `ValueError` naming `Owner.field`, what is allowed and the value given.
+    """
+    owner = type(config).__name__
+    hints = _type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        hint = hints.get(f.name, Any)
+        problem = _type_problem(value, hint)
+        if problem is not None:
+            detail = "" if problem == _NOT_FINITE else problem  # "must be a finite number, got nan" says it already
+            raise ValueError(f"{owner}.{f.name} must be {_describe(hint)}, got {value!r}{detail}")
+        if f.metadata.get("hf_prune_regex"):
+            for pattern in _strings_in(value):
+                check_regex(owner, f.name, pattern)
+
+
+def check_regex(owner: str, name: str, pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{owner}.{name}: {pattern!r} is not a valid regular expression ({err})") from None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+_NOT_FINITE = ", which is not finite"
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        try:
+            _HINTS[cls] = typing.get_type_hints(cls)
+        except Exception:  # an annotation that cannot be resolved is left to the method's own checks
+            _HINTS[cls] = {}
+    return _HINTS[cls]
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """`None` when `value` fits `hint`; else a suffix for the error ("" or ", which is not finite")."""
+    if hint is Any:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        problems = [_type_problem(value, h) for h in typing.get_args(hint)]
+        return None if None in problems else max(problems, key=len)
+    if hint is type(None):
+        return None if value is None else ""
+    if hint is bool:
+        return None if isinstance(value, bool) else ""
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else ""
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return ""
+        return None if math.isfinite(value) else _NOT_FINITE
+    if hint is str:
+        return None if isinstance(value, str) else ""
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return ""
+        args = typing.get_args(hint)
+        item = args[0] if args else Any
+        for v in value:
+            problem = _type_problem(v, item)
+            if problem is not None:
+                return f" (item {v!r}{problem})"
+        return None
+    if origin is dict:
+        if not isinstance(value, dict):
+            return ""
+        key_hint, value_hint = (typing.get_args(hint) or (Any, Any))
+        for k, v in value.items():
+            for item, item_hint in ((k, key_hint), (v, value_hint)):
+                problem = _type_problem(item, item_hint)
+                if problem is not None:
+                    return f" (entry {k!r}: {v!r}{problem})"
+        return None
+    return None  # other annotations: the method's validate() checks them
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if hint is float:
+        return "a finite number"
+    if hint is int:
+        return "an integer"
+    if hint is bool:
+        return "True or False"
+    if hint is str:
+        return "a string"
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    if origin is dict:
+        args = typing.get_args(hint)
+        return f"a dict of {_describe(args[0])} to {_describe(args[1])}" if args else "a dict"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _plural(hint: Any) -> str:
+    return {float: "finite numbers", int: "integers", str: "strings", bool: "booleans"}.get(hint, _describe(hint))
+
+
+def _strings_in(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [k for k in value if isinstance(k, str)]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
 def check_open_unit_interval(owner: str, name: str, value: Any, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -164,10 +322,10 @@ def check_positive_int(owner: str, name: str, value: Any, *, allow_zero: bool = 
 
 
 def check_positive_number(owner: str, name: str, value: Any, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{owner}.{name} must be a number {bound}, got {value!r}")
+        raise ValueError(f"{owner}.{name} must be a finite number {bound}, got {value!r}")
 
 
 def check_choice(owner: str, name: str, value: Any, choices) -> None:

@@ -151,3 +151,17 @@ def run_python(code: str, *, env: dict | None = None, timeout: float = 120, bloc
         [sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout, env=full_env,
         cwd=str(REPO_ROOT),
     )
+
+
+def rewrite_with_checksums(path, tensors: dict) -> None:
+    """Rewrites a safetensors file with fresh checksums: a file that is *consistently* wrong (as a buggy writer would
+    make it), so that the structural checks behind the checksums are what a test exercises."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hf_prune.export.integrity import checksum_metadata
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={**metadata, **checksum_metadata(tensors)})

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import hf_prune
-from export_utils import prune, run_python, tiny_model
+from export_utils import prune, rewrite_with_checksums, run_python, tiny_model
 from hf_prune.export import CorruptCheckpointError, describe_export, format_description, load_compressed_state_dict
 
 
@@ -98,7 +98,7 @@ def test_wrong_bitmask_length_gives_clear_error(tmp_path):
     tensors = load_file(out / "model.safetensors")
     key = "model.layers.0.mlp.up_proj.weight_hf_prune_bitmask"
     tensors[key] = tensors[key][:-1].contiguous()
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    rewrite_with_checksums(out / "model.safetensors", tensors)  # a consistent but wrong writer, not bit rot
     from transformers import AutoModelForCausalLM
 
     with pytest.raises(CorruptCheckpointError, match=r"'model.layers.0.mlp.up_proj.weight'.*bitmask index has shape"):
@@ -110,7 +110,7 @@ def test_wrong_bitmask_length_gives_clear_error(tmp_path):
     model.save_pretrained(out)
     tensors = load_file(out / "model.safetensors")
     tensors[key][0, 0] ^= 1  # one more or one fewer kept entry than there are values
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    rewrite_with_checksums(out / "model.safetensors", tensors)
     desc = describe_export(out)
     assert desc["verified"] is False and any("bitmask marks" in e for e in desc["errors"])
     with pytest.raises(RuntimeError):

@@ -12,6 +12,35 @@ from safetensors import SafetensorError, safe_open
 
 from .codecs import META_SUFFIX, CorruptCheckpointError
 from .formats import decompress_state_dict, split_key
+from .integrity import verify_checksums
+
+
+def _format_version(path: Path) -> int:
+    """The export format version `config.json` beside `path` declares (0: not an hf_prune export)."""
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    if not config_file.is_file():
+        return 0
+    qc = _read_json(config_file).get("quantization_config") or {}
+    if qc.get("quant_method") != "hf_prune":
+        return 0
+    from .quantizer import check_export_config
+
+    return check_export_config(qc).format_version
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`; errors name the file and the line."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CorruptCheckpointError(f"hf_prune: {path} is not UTF-8 text: {err}") from None
+    except json.JSONDecodeError as err:
+        raise CorruptCheckpointError(
+            f"hf_prune: {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+        ) from None
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"hf_prune: {path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -33,6 +62,14 @@ def _weight_files(directory: Path) -> list[Path]:
 
 def check_safetensors_file(path: str | os.PathLike) -> None:
     """Raises `CorruptCheckpointError` naming `path` when its header is unreadable or the file is truncated."""
+    read_safetensors_header(path)
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and the offset its data starts at, after checking the file is whole.
+
+    Raises `CorruptCheckpointError` naming `path` when the header is unreadable or the file is truncated.
+    """
     path = Path(path)
     size = path.stat().st_size
     # The safetensors layout is: 8-byte little-endian header length, JSON header, data. safetensors' own error for a
@@ -46,14 +83,20 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
             raise CorruptCheckpointError(f"hf_prune: {path} is truncated: header says {n} bytes, file has {size - 8}")
         try:
             header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CorruptCheckpointError(f"hf_prune: {path} has a corrupted safetensors header: {err}") from None
+            assert isinstance(header, dict) and all(
+                k == "__metadata__" or (isinstance(v, dict) and len(v.get("data_offsets", ())) == 2)
+                for k, v in header.items()
+            )
+        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as err:
+            detail = f": {err}" if not isinstance(err, AssertionError) else ": not a tensor table"
+            raise CorruptCheckpointError(f"hf_prune: {path} has a corrupted safetensors header{detail}") from None
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise CorruptCheckpointError(
             f"hf_prune: {path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}. "
             "Re-download or re-export it."
         )
+    return header, 8 + n
 
 
 def check_compressed_headers(files: list[str | os.PathLike]) -> None:
@@ -111,6 +154,7 @@ def load_compressed_state_dict(path: str | os.PathLike) -> dict[str, torch.Tenso
     path = Path(path)
     files = _weight_files(path) if path.is_dir() else [path]
     check_compressed_headers(files)
+    verify_checksums(files, required=_format_version(path) >= 2)
     tensors = {}
     for file in files:
         with safe_open(str(file), framework="pt") as f:
@@ -126,9 +170,9 @@ def describe_export(directory: str | os.PathLike, *, verify: bool = True) -> dic
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{str(directory)!r} has no config.json: not a model export")
-    config = json.loads(config_file.read_text())
+    config = _read_json(config_file)
     qc = config.get("quantization_config") or {}
-    ours = qc.get("quant_method") == "hf_prune"
+    ours = isinstance(qc, dict) and qc.get("quant_method") == "hf_prune"
     pruning = qc.get("pruning") or {}
     files = _weight_files(directory)
     desc = {
@@ -151,10 +195,21 @@ def describe_export(directory: str | os.PathLike, *, verify: bool = True) -> dic
         "file_bytes": sum(p.stat().st_size for p in files if p.exists()),
         "dense_bytes": None,
         "verified": None,
+        "checksums_verified": None,
         "errors": [],
     }
     try:
+        if ours:  # what from_pretrained would refuse (format version, unknown format), info refuses too
+            from .quantizer import check_export_config
+
+            try:
+                check_export_config(qc)
+            except ValueError as err:
+                raise CorruptCheckpointError(f"{config_file}: {err}") from None
         check_compressed_headers(files)
+        if verify:
+            checked = verify_checksums(files, required=ours and qc.get("format_version", 1) >= 2)
+            desc["checksums_verified"] = len(checked)
     except (CorruptCheckpointError, FileNotFoundError) as err:
         desc["verified"] = False
         desc["errors"].append(str(err))
@@ -224,6 +279,10 @@ def format_description(desc: dict) -> str:
     if desc["verified"] is None:
         lines.append("Files verified: not checked")
     else:
-        lines.append(f"Files verified: {'yes' if desc['verified'] else 'NO'}")
+        how = ""
+        if desc["verified"]:
+            n = desc.get("checksums_verified")
+            how = f" ({n} tensor checksums match)" if n else " (structure only: this checkpoint has no checksums)"
+        lines.append(f"Files verified: {'yes' if desc['verified'] else 'NO'}{how}")
         lines += [f"  error: {e}" for e in desc["errors"]]
     return "\n".join(lines)

@@ -40,7 +40,8 @@ from .formats import get_export_format
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "hf_prune"
-FORMAT_VERSION = 1
+#: 2: every safetensors file carries per-tensor checksums (`integrity.py`). 1: no checksums, still read.
+FORMAT_VERSION = 2
 
 
 class HfPruneExportConfig(QuantizationConfigMixin):
@@ -52,7 +53,7 @@ class HfPruneExportConfig(QuantizationConfigMixin):
         format_config: format-specific JSON (e.g. per-layer shapes of a structured model).
         pruning: the [`PruningState`] as JSON (`config`, `layout`, `module_sparsity`, `metrics`, `base_model`,
             `command`), so that a loaded model re-saves with the same model card.
-        format_version: on-disk format version; a newer one than this hf_prune reads is an error.
+        format_version: on-disk format version (1 or 2); a newer one than this hf_prune reads is an error.
     """
 
     def __init__(
@@ -68,7 +69,12 @@ class HfPruneExportConfig(QuantizationConfigMixin):
     ):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"HfPruneExportConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
-        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+        if isinstance(format_version, bool) or not isinstance(format_version, int) or format_version < 1:
+            raise ValueError(
+                f"hf_prune quantization_config.format_version must be an integer 1..{FORMAT_VERSION}, got "
+                f"{format_version!r}: config.json is corrupted"
+            )
+        if format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This checkpoint uses hf_prune export format version {format_version!r}; this hf_prune "
                 f"({__version__}) reads versions <= {FORMAT_VERSION}. Upgrade hf_prune."
@@ -85,6 +91,20 @@ class HfPruneExportConfig(QuantizationConfigMixin):
 
     def pruned_modules(self) -> list[str]:
         return list(((self.pruning or {}).get("module_sparsity") or {}).keys())
+
+    @property
+    def has_checksums(self) -> bool:
+        return self.format_version >= 2
+
+
+def check_export_config(data: dict) -> HfPruneExportConfig:
+    """What the loader accepts, so that `hf-prune info` refuses exactly what `from_pretrained` refuses: the
+    `quantization_config` dict builds (quant method, format version) and names a registered export format."""
+    if not isinstance(data, dict):
+        raise ValueError(f"hf_prune quantization_config must be a JSON object, got {type(data).__name__}")
+    qconfig = HfPruneExportConfig.from_dict(dict(data))
+    get_export_format(qconfig.format)
+    return qconfig
 
 
 class HfPruneDecompress(ConversionOps):
@@ -157,9 +177,12 @@ class HfPruneQuantizer(HfQuantizer):
         files = [f for f in kwargs.get("checkpoint_files") or [] if str(f).endswith(".safetensors")]
         if files:
             from .info import check_compressed_headers
+            from .integrity import verify_checksums
 
-            # Fail before loading, with the file and tensor named, rather than inside the loader's report.
+            # Fail before loading, with the file and tensor named, rather than inside the loader's report (or, for
+            # corruption that keeps the structure, not at all).
             check_compressed_headers(files)
+            verify_checksums(files, required=self.quantization_config.has_checksums)
         self.export_format.prepare_model(model, self.quantization_config)
 
     def postprocess_model(self, model, **kwargs):
@@ -181,8 +204,11 @@ class HfPruneQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         from .save import compressed_state_dict
 
+        from .integrity import checksum_metadata
+
         state_dict, self.last_report = compressed_state_dict(model, self.quantization_config)
-        return state_dict, {"hf_prune_format": self.quantization_config.format, "hf_prune_version": __version__}
+        metadata = {"hf_prune_format": self.quantization_config.format, "hf_prune_version": __version__}
+        return state_dict, {**metadata, **checksum_metadata(state_dict)}
 
     def _dequantize(self, model, dtype=None):
         # Weights are dense in memory already; `dequantize()` only drops the compressed-save behaviour.

@@ -78,7 +78,7 @@ def _jsonable(value: Any) -> Any:
 def export_config_for(model, state: PruningState | None = None, format: str | None = None):
     """The `HfPruneExportConfig` describing `model` now (refreshed from its current `PruningState`)."""
     from .formats import get_export_format
-    from .quantizer import HfPruneExportConfig
+    from .quantizer import FORMAT_VERSION, HfPruneExportConfig
 
     state = state or get_pruning_state(model)
     current = getattr(model.config, "quantization_config", None)
@@ -86,6 +86,7 @@ def export_config_for(model, state: PruningState | None = None, format: str | No
     if state is None:
         if current is None:
             raise ValueError("This model has no hf_prune PruningState; prune it with hf_prune first")
+        current.format_version = FORMAT_VERSION  # what a save writes now, whatever version it was read from
         return current
     fmt_name = format or state.metrics.get("export_format") or (current.format if current else None)
     fmt_name = fmt_name or ("structured" if state.layout == "structured" and _has_format("structured") else "sparse")
@@ -259,10 +260,15 @@ def _write_export(model, directory: Path, *, dense: bool, save_kwargs: dict):
     model.config.quantization_config = qconfig
     cls_save(model, directory, **save_kwargs)
     report = model.hf_quantizer.last_report
-    if report is None or not list(directory.glob("*.safetensors")):
+    files = sorted(directory.glob("*.safetensors"))
+    if report is None or not files:
         # Never finish an export that transformers wrote without our compression (e.g. a future save path that
         # bypasses the quantizer): that would be the silent uncompressed copy users complain about.
         raise RuntimeError(f"hf_prune: the compressed weights were not written to {directory}; export aborted")
+    from .integrity import verify_checksums
+
+    # Read back what was written (from the page cache): an export that would not load is never moved into place.
+    verify_checksums(files, required=True)
     return report
 
 

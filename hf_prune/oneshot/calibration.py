@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -22,14 +23,41 @@ def tokenize_texts(texts: Sequence[str], tokenizer, separator: str = "\n\n") -> 
 
 
 def calibration_windows(
-    calibration, tokenizer, *, num_samples: int, seq_len: int, seed: int = 0, owner: str = "config"
+    calibration,
+    tokenizer,
+    *,
+    num_samples: int,
+    seq_len: int,
+    seed: int = 0,
+    owner: str = "config",
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """A `(num_samples, seq_len)` tensor of token ids (fewer rows, with a warning, if the data runs out).
 
     `calibration` may be a list of strings, a `datasets.Dataset` with a `text` or `input_ids` column, a 2-D tensor
     of token ids, or a list of token-id lists. Text is concatenated and cut into non-overlapping windows chosen at
-    random (seeded); pre-tokenised rows are used as given (cut to `seq_len`).
+    random (seeded); pre-tokenised rows are used as given (cut to `seq_len`). With `vocab_size`, every id must be in
+    `[0, vocab_size)` (the model's embedding rows): an error names the offending id and where it is.
     """
+    windows = _windows(calibration, tokenizer, num_samples, seq_len, seed, owner)
+    if vocab_size is not None:
+        check_token_ids(windows, vocab_size)
+    return windows
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Raises naming the first token id outside `[0, vocab_size)`, its window and position."""
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        row, col = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"calibration: token id {int(ids[row, col])} (window {row}, position {col}) is outside the model's "
+            f"vocabulary: ids must be in [0, {vocab_size}) (vocab_size {vocab_size}, the input embedding's rows); "
+            f"{int(bad.sum())} id(s) are out of range. Was the calibration tokenised with another tokenizer?"
+        )
+
+
+def _windows(calibration, tokenizer, num_samples: int, seq_len: int, seed: int, owner: str) -> torch.Tensor:
     if calibration is None:
         raise ValueError("this method needs calibration data: pass `calibration=` (texts, a Dataset or token ids)")
     if _is_dataset(calibration):
@@ -74,12 +102,25 @@ def _pretokenised(rows, num_samples: int, seq_len: int, owner: str) -> torch.Ten
     if isinstance(rows, torch.Tensor):
         if rows.dim() == 1:
             rows = rows[None, :]
-        if rows.dim() != 2 or rows.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"calibration token ids must be a 2-D integer tensor, got shape {tuple(rows.shape)}")
+        if rows.dim() != 2 or rows.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+            raise ValueError(
+                f"calibration token ids must be a 1-D or 2-D integer tensor, got {rows.dtype} of shape "
+                f"{tuple(rows.shape)}"
+            )
         rows = rows[:num_samples, :seq_len].long()
         if rows.numel() == 0:
             raise ValueError("calibration token ids are empty")
         return rows
+    for i, row in enumerate(rows):
+        if isinstance(row, str) or not isinstance(row, Sequence | torch.Tensor):
+            raise ValueError(f"calibration: row {i} is a {type(row).__name__}, expected a sequence of token ids")
+        values = row.tolist() if isinstance(row, torch.Tensor) else row
+        for j, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise ValueError(
+                    f"calibration: token id {v!r} (row {i}, position {j}) is a {type(v).__name__}; token ids must be "
+                    "integers (not cast silently)"
+                )
     lengths = {len(r) for r in rows}
     if 0 in lengths:
         raise ValueError("calibration contains an empty token-id sequence")

@@ -6,11 +6,13 @@ import re
 from dataclasses import dataclass, field
 
 from ..config import (
+    REGEX,
     PruningConfig,
     check_choice,
     check_open_unit_interval,
     check_positive_int,
     check_positive_number,
+    check_regex,
 )
 
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -64,12 +66,12 @@ class OneShotConfig(PruningConfig):
 
     sparsity: float | None = None
     pattern: str = "unstructured"
-    targets: list[str] | None = None
-    ignore: list[str] = field(default_factory=list)
+    targets: list[str] | None = field(default=None, metadata=REGEX)
+    ignore: list[str] = field(default_factory=list, metadata=REGEX)
     num_calibration_samples: int = 128
     max_seq_length: int = 512
     calibration_batch_size: int = 8
-    sparsity_overrides: dict[str, float] = field(default_factory=dict)
+    sparsity_overrides: dict[str, float] = field(default_factory=dict, metadata=REGEX)
     owl: bool = False
     owl_lambda: float = 0.08
     owl_threshold: float = 5.0
@@ -109,14 +111,11 @@ class OneShotConfig(PruningConfig):
                 isinstance(p, str) and p for p in value
             ):
                 raise ValueError(f"{owner}.{name} must be a list of non-empty module names or regexes, got {value!r}")
-            for pattern in value:
-                _compile(owner, name, pattern)
         if self.targets is not None and not self.targets:
             raise ValueError(f"{owner}.targets is empty; omit it to prune every Linear in the transformer blocks")
         if not isinstance(self.sparsity_overrides, dict):
             raise ValueError(f"{owner}.sparsity_overrides must be a dict {{module pattern: sparsity}}")
         for pattern, value in self.sparsity_overrides.items():
-            _compile(owner, "sparsity_overrides", pattern)
             check_open_unit_interval(owner, f"sparsity_overrides[{pattern!r}]", value)
         check_positive_int(owner, "num_calibration_samples", self.num_calibration_samples)
         check_positive_int(owner, "max_seq_length", self.max_seq_length)
@@ -141,13 +140,6 @@ class OneShotConfig(PruningConfig):
     @property
     def uses_calibration(self) -> bool:
         return self.needs_calibration or self.owl
-
-
-def _compile(owner: str, name: str, pattern: str) -> re.Pattern:
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{owner}.{name}: {pattern!r} is not a valid regex ({err})") from None
 
 
 def name_matches(pattern: str, name: str) -> bool:

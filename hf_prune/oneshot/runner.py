@@ -52,14 +52,17 @@ def oneshot(
     if not isinstance(config, OneShotConfig):
         raise TypeError(f"oneshot() takes a one-shot config (ADMMConfig, WandaConfig, ...), got {type(config).__name__}")
     owner = type(config).__name__
+    config.validate()  # again: lists may have been changed in place since construction
     solver = build_solver(config)
     blocks = find_blocks(model)
     plan = plan_layers(blocks, config, masks)
+    check_finite_parameters(model)
     windows = None
     if config.uses_calibration:
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         windows = calibration_windows(
             calibration, tokenizer, num_samples=config.num_calibration_samples, seq_len=config.max_seq_length,
-            seed=config.seed, owner=owner,
+            seed=config.seed, owner=owner, vocab_size=getattr(embeddings, "num_embeddings", None),
         )
     started = time.perf_counter()
     device = next(model.parameters()).device
@@ -103,6 +106,23 @@ def oneshot(
     )
     logger.info("%s pruned %d modules in %.1fs", config.method, len(sparsity), elapsed)
     return model
+
+
+def check_finite_parameters(model: nn.Module) -> None:
+    """Refuses a model with NaN or inf in any floating-point parameter or buffer, before any layer is touched: the
+    methods would otherwise prune around it (magnitude, Wanda) or fail half-way with unrelated advice (ADMM)."""
+    bad = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.device.type != "meta":
+            count = int((~torch.isfinite(tensor)).sum())
+            if count:
+                bad.append(f"{name} ({count} of {tensor.numel()})")
+    if bad:
+        raise ValueError(
+            f"the model has non-finite (NaN or inf) values in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+            + (" ..." if len(bad) > 5 else "")
+            + ". Nothing was pruned; check how the model was loaded or trained (e.g. fp16 overflow) first."
+        )
 
 
 def _solve(entry: LayerPlan, solver: LayerSolver, stats: LayerStats | None) -> None:

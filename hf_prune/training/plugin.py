@@ -89,6 +89,7 @@ def register_training_plugin(config_cls: type[PruningConfig]):
 
 
 def get_training_plugin_class(config: PruningConfig) -> type[TrainingPlugin]:
+    config.validate()  # again: lists may have been changed in place since construction
     for cls in type(config).__mro__:
         if cls in _PLUGINS:
             return _PLUGINS[cls]

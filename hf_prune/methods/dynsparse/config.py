@@ -4,9 +4,10 @@ Structured Dynamic Sparse Pre-Training of BERT"), plus the paper's sparse learni
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...config import (
+    REGEX,
     PruningConfig,
     check_choice,
     check_open_unit_interval,
@@ -79,8 +80,8 @@ class DynSparseConfig(PruningConfig):
     pruning_ratio: float = 0.5
     pruning_ratio_decay: str = "cosine"
     regrowth: str = "random"
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
+    target_modules: list[str] | str | None = field(default=None, metadata=REGEX)
+    exclude_modules: list[str] | str | None = field(default=None, metadata=REGEX)
     seed: int = 0
 
     def validate(self) -> None:

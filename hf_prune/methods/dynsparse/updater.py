@@ -55,6 +55,7 @@ class DynSparseUpdater:
     def __init__(self, model: nn.Module, config: DynSparseConfig):
         if not isinstance(config, DynSparseConfig):
             raise TypeError(f"DynSparseUpdater needs a DynSparseConfig, got {type(config).__name__}")
+        config.validate()  # again: lists may have been changed in place since construction
         self.model = model
         self.config = config
         self.generator = torch.Generator().manual_seed(config.seed)
