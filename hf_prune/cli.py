@@ -33,30 +33,70 @@ def read_texts(path: str | os.PathLike, what: str) -> list[str]:
         return [t for f in files for t in read_texts(f, what)]
     if not path.is_file():
         raise FileNotFoundError(f"--{what}: no such file or directory: {str(path)!r}")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--{what} {str(path)!r} is not UTF-8 text ({err})") from None
     if path.suffix == ".jsonl":
         texts = []
-        with path.open(encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                        raise ValueError(f"--{what} {str(path)!r} line {number}: expected a JSON object with a 'text' string")
-                    texts.append(record["text"])
-        return texts
-    return [path.read_text(encoding="utf-8")]
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--{what} {str(path)!r} line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"--{what} {str(path)!r} line {number}: expected a JSON object with a 'text' string")
+            texts.append(record["text"])
+    else:
+        texts = [content]
+    if not any(t.strip() for t in texts):
+        raise ValueError(f"--{what} {str(path)!r} holds no text")
+    return texts
 
 
 def _parse_set(values: list[str]) -> dict:
+    """`--set KEY=VALUE` pairs; a value is JSON when it parses as JSON (numbers, lists, true), else a string."""
     options = {}
     for item in values:
         key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key in options:
+            raise ValueError(f"--set {key}= is given twice")
         try:
-            options[key.replace("-", "_")] = json.loads(raw)
+            options[key] = json.loads(raw)
         except json.JSONDecodeError:
-            options[key.replace("-", "_")] = raw
+            options[key] = raw
     return options
+
+
+def config_from_args(config_cls, flags: dict[str, tuple[str, object]], sets: list[str]):
+    """Builds the method config from its dedicated flags and `--set` pairs.
+
+    Args:
+        config_cls: the `PruningConfig` subclass.
+        flags: `{field: (flag, value)}`; a value of `None` means the flag was not given (the field's default holds).
+        sets: the raw `--set KEY=VALUE` items; they may set any field, including a dedicated flag's field when that
+            flag is not given too.
+    """
+    import dataclasses
+
+    options = _parse_set(sets)
+    fields = sorted(f.name for f in dataclasses.fields(config_cls) if f.init)
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"--set {', '.join(unknown)}: not a field of {config_cls.__name__}; its fields: {', '.join(fields)}")
+    kwargs = {}
+    for name, (flag, value) in flags.items():
+        if value is None:
+            continue
+        if name in options:
+            raise ValueError(f"{flag} and --set {name}= both set {config_cls.__name__}.{name}; give it once")
+        kwargs[name] = value
+    return config_cls(**kwargs, **options)
 
 
 def _oneshot_parser(sub) -> None:
@@ -64,10 +104,10 @@ def _oneshot_parser(sub) -> None:
     p.add_argument("model", help="path of a transformers checkpoint directory")
     p.add_argument("--method", default="admm", help="one-shot method: admm (default), wanda, sparsegpt, magnitude")
     p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in (0, 1); implied by --pattern N:M")
-    p.add_argument("--pattern", default="unstructured", help="'unstructured' (default) or N:M, e.g. 2:4")
+    p.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M, e.g. 2:4")
     p.add_argument("--calibration", help="calibration text: .txt, .jsonl (text field) or a directory of them")
-    p.add_argument("--num-samples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--num-samples", type=int, default=None, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     p.add_argument("--eval", help="held-out text for perplexity before and after pruning (same formats)")
     p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
     p.add_argument("--output", required=True, help="directory to write the pruned model to")
@@ -96,9 +136,11 @@ def run_oneshot(args) -> int:
     if not issubclass(config_cls, OneShotConfig):
         one_shot = [m for m in registered_methods() if issubclass(get_config_class(m), OneShotConfig)]
         raise ValueError(f"--method {args.method!r} is not a one-shot method; choose from {one_shot}")
-    config = config_cls(
-        sparsity=args.sparsity, pattern=args.pattern, num_calibration_samples=args.num_samples,
-        max_seq_length=args.seq_len, **_parse_set(args.set),
+    config = config_from_args(
+        config_cls,
+        {"sparsity": ("--sparsity", args.sparsity), "pattern": ("--pattern", args.pattern),
+         "num_calibration_samples": ("--num-samples", args.num_samples), "max_seq_length": ("--seq-len", args.seq_len)},
+        args.set,
     )
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite:
@@ -123,14 +165,14 @@ def run_oneshot(args) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
     ppl_before = ppl_after = None
     if eval_texts:
-        ppl_before = perplexity(model, eval_texts, tokenizer, seq_len=args.seq_len, max_windows=args.eval_windows)
+        ppl_before = perplexity(model, eval_texts, tokenizer, seq_len=config.max_seq_length, max_windows=args.eval_windows)
         print(f"perplexity before pruning: {ppl_before:.2f}", flush=True)
     started = time.perf_counter()
     oneshot(model, config, calibration=calibration, tokenizer=tokenizer)
     elapsed = time.perf_counter() - started
     state = get_pruning_state(model)
     if eval_texts:
-        ppl_after = perplexity(model, eval_texts, tokenizer, seq_len=args.seq_len, max_windows=args.eval_windows)
+        ppl_after = perplexity(model, eval_texts, tokenizer, seq_len=config.max_seq_length, max_windows=args.eval_windows)
         state.metrics.update(perplexity_before=round(ppl_before, 3), perplexity_after=round(ppl_after, 3))
     state.base_model = state.base_model or args.model
     state.command = "hf-prune " + shlex.join(args.argv)

@@ -10,9 +10,13 @@ transformers itself are not patched; other models are untouched.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import types
 from pathlib import Path
@@ -191,8 +195,11 @@ def save_pruned(
         is_main_process: only the main process writes (as in `save_pretrained`).
         save_kwargs: passed to transformers' `save_pretrained` (e.g. `max_shard_size`).
 
-    The files are written to a hidden temporary directory next to `save_directory` and moved in at the end;
-    `config.json` is moved last, so an interrupted save never leaves a directory that looks like a complete model.
+    The files are written to a hidden temporary directory next to `save_directory`, verified, and then swapped in
+    whole: at any moment (a crash or `kill -9` included) `save_directory` holds the complete old export, the complete
+    new one, or nothing, never a mix. Hidden temporary directories that an interrupted save of the same target left
+    behind are removed by the next save. Files and directories get the usual permissions (umask), as with
+    transformers.
     """
     if not is_main_process:
         return Path(save_directory)
@@ -211,7 +218,8 @@ def save_pruned(
                 "or choose another directory"
             )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.hf_prune-tmp-", dir=target.parent))
+    _remove_stale_temporaries(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-", dir=target.parent))
     try:
         report = _write_export(model, tmp, dense=dense, save_kwargs=save_kwargs)
         user_readme = target / _README
@@ -229,6 +237,7 @@ def save_pruned(
                     repo_id=repo_id or target.name, tags=tags,
                 )
                 card.save(tmp / _README)
+        _apply_umask(tmp)
         _move_into_place(tmp, target, keep_readme=keep_user_readme or not model_card)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -278,21 +287,120 @@ def _move_into_place(tmp: Path, target: Path, *, keep_readme: bool) -> None:
             target.rmdir()
         os.rename(tmp, target)  # atomic on POSIX: the directory appears complete or not at all
         return
-    # Non-empty directory: take down the old export (config.json first, so it stops looking complete), then move
-    # the new files in with config.json last.
-    stale = [target / "config.json"] + [
-        target / name for name in _holds_model(target) if name != "config.json"
-    ]
-    if not keep_readme and (target / _README).is_file():
-        stale.append(target / _README)
-    for path in stale:
-        if path.is_file():
-            path.unlink()
-    new_files = sorted(p.name for p in tmp.iterdir())
-    for name in [n for n in new_files if n != "config.json"] + ["config.json"]:
-        if name == _README and keep_readme:
-            continue
+    # Non-empty directory: the new directory gets the user's other files too (hard links: no copy of Trainer
+    # checkpoints), then the two directories are swapped, so the old export stays whole until the new one is in.
+    new_names = sorted(p.name for p in tmp.iterdir())
+    replaced = set(_holds_model(target)) | set(new_names)
+    if not keep_readme:
+        replaced.add(_README)
+    for entry in target.iterdir():
+        if entry.name not in replaced:
+            _link_into(entry, tmp / entry.name)
+    if _exchange(tmp, target):  # target now holds the new export, tmp the old one
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    aside = target.parent / f"{_temp_prefix(target)}{os.getpid()}-old"
+    try:
+        os.rename(target, aside)
+    except OSError:  # e.g. target is a mount point: fall back to replacing the files in place
+        _replace_files(tmp, target, new_names, keep_readme=keep_readme)
+        return
+    os.rename(tmp, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _replace_files(tmp: Path, target: Path, new_names: list[str], *, keep_readme: bool) -> None:
+    """In-place replacement where the directory itself cannot be renamed (the only case that is not atomic): the
+    old export is taken down first (config.json first, so it stops looking complete), then the new files move in
+    with config.json last."""
+    for name in ["config.json", *(n for n in _holds_model(target) if n != "config.json")]:
+        (target / name).unlink(missing_ok=True)
+    if not keep_readme:
+        (target / _README).unlink(missing_ok=True)
+    for name in [n for n in new_names if n != "config.json"] + ["config.json"]:
         os.replace(tmp / name, target / name)
+
+
+def _link_into(src: Path, dst: Path) -> None:
+    """Hard-links `src` (a file or a whole tree) at `dst`; copies where the filesystem has no hard links."""
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+    else:
+        _link_or_copy(src, dst)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        if os.path.islink(src):
+            os.symlink(os.readlink(src), dst)
+        else:
+            os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swaps two directories (Linux `renameat2(RENAME_EXCHANGE)`); `False` where that is unavailable.
+
+    Neither `os` nor any library exposes the exchange, so it is called through ctypes; everywhere else the caller
+    falls back to two renames (the target is briefly absent, never mixed).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+# --------------------------------------------------------------------------------------- interrupted saves
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.hf_prune-tmp-"
+
+
+def _remove_stale_temporaries(target: Path) -> None:
+    """Deletes what an interrupted save of `target` left beside it: `.NAME.hf_prune-tmp-<pid>-*` directories of
+    processes that no longer run (names without a pid come from older hf_prune versions, also stale)."""
+    prefix = _temp_prefix(target)
+    for path in target.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue  # another process is saving to the same target right now
+        logger.info("hf_prune: removing %s, left by an interrupted save", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _apply_umask(directory: Path) -> None:
+    """The modes a plain `open()` would give (safetensors writes its files 0600)."""
+    mask = _umask()
+    os.chmod(directory, 0o777 & ~mask)
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --------------------------------------------------------------------------------- per-instance entry points

@@ -9,6 +9,7 @@ The trainer knows nothing about a method's maths. It looks up the [`TrainingPlug
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from typing import Any
@@ -124,10 +125,27 @@ class PruningTrainer(Trainer):
                 kwargs["teacher_outputs"] = self.teacher_model(
                     **teacher_inputs, **self.pruning_plugin.teacher_forward_kwargs()
                 )
+        model_loss = loss
         loss, logs = self.pruning_plugin.compute_loss(model, inputs, outputs, loss, **kwargs)
+        self._check_finite(loss, model_loss, logs)
         for key, value in logs.items():
             self._pruning_logs[key].append(float(value))
         return (loss, outputs) if return_outputs else loss
+
+    def _check_finite(self, loss, model_loss, logs: dict[str, float]) -> None:
+        """Stops training, naming the step and the part, as soon as the loss or a multiplier is NaN or inf: every
+        later step (and the export) would only carry the NaN on."""
+        if loss is not None and bool(torch.isfinite(loss.detach()).all()):
+            return
+        parts = {"loss (the model's own)": float(model_loss.detach()) if model_loss is not None else None}
+        parts.update({k: v for k, v in logs.items() if k.startswith(("loss", "lambda"))})
+        bad = {k: v for k, v in parts.items() if v is not None and not math.isfinite(v)}
+        raise FloatingPointError(
+            f"hf_prune: training stopped at step {self.state.global_step + 1}: the {self.pruning_config.method} loss is "
+            f"not finite ({float(loss.detach()) if loss is not None else None}); non-finite parts: "
+            f"{', '.join(f'{k}={v}' for k, v in bad.items()) or 'none of the logged parts (the combination overflowed)'}. "
+            "Nothing was exported. Lower the learning rates, or check the inputs and the model for NaN."
+        )
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._pruning_logs and "loss" in logs:  # training logs: add the method's averages since the last log
