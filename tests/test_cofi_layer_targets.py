@@ -20,8 +20,8 @@ def _kept_sublayers(model):
     "kwargs, message",
     [
         ({"target_attention_layers": -1}, "target_attention_layers must be an integer >= 0"),
-        ({"target_ffn_layers": 1.5}, "target_ffn_layers must be an integer >= 0"),
-        ({"target_attention_layers": True}, "target_attention_layers must be an integer >= 0"),
+        ({"target_ffn_layers": 1.5}, "target_ffn_layers must be an integer or None, got 1.5"),
+        ({"target_attention_layers": True}, "target_attention_layers must be an integer or None, got True"),
         ({"target_attention_layers": 2, "prune_layers": False}, "target_attention_layers=2 needs prune_layers=True"),
     ],
 )
