@@ -70,3 +70,13 @@ def random_texts(n_texts=8, words=200, seed=0):
     return [
         " ".join(f"w{int(i)}" for i in torch.randint(1, VOCAB, (words,), generator=generator)) for _ in range(n_texts)
     ]
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny LLaMA checkpoint directory with its tokenizer, as the CLI reads one."""
+    torch.manual_seed(0)
+    path = tmp_path / "model"
+    TINY_MODELS["llama"]().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -12,7 +12,7 @@ from hf_prune import CoFiConfig, MagnitudeConfig, PruningTrainer, WandaConfig, o
 from hf_prune.cli import main
 
 from cofi_helpers import ToyDataset, tiny_bert, training_args
-from conftest import TINY_MODELS, VOCAB, random_texts, tiny_tokenizer
+from conftest import TINY_MODELS, VOCAB, random_texts
 
 
 def _snapshot(model):
@@ -87,15 +87,6 @@ def test_nan_learning_rate_never_reaches_training():
 
 
 # -------------------------------------------------------------------------------------------------- CLI
-@pytest.fixture
-def model_dir(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "model"
-    TINY_MODELS["llama"]().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def calib(tmp_path):
     path = tmp_path / "calib.txt"

@@ -5,16 +5,7 @@ import torch
 
 from hf_prune.cli import main
 
-from conftest import TINY_MODELS, random_texts, tiny_tokenizer
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "model"
-    TINY_MODELS["llama"]().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+from conftest import random_texts
 
 
 @pytest.fixture

@@ -173,26 +173,25 @@ def test_corrupt_config_json_is_named_with_its_line(tmp_path, capsys):
     assert "config.json is not valid JSON (line 3, column 3" in err and str(out) in err
 
 
-def test_a_tensor_lost_from_the_files_is_named(tmp_path):
-    out = _export(tmp_path, "unstructured")
-    path = out / "model.safetensors"
+def _rewrite_keeping_checksums(path: Path, change) -> None:
+    """Rewrites the file with its tensors changed by `change(tensors)` and the old metadata (checksums) kept."""
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     tensors = load_file(path)
-    del tensors["model.norm.weight"]
-    save_file(tensors, path, metadata=metadata)  # the checksums still list it
+    change(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_a_tensor_lost_from_the_files_is_named(tmp_path):
+    path = _export(tmp_path, "unstructured") / "model.safetensors"
+    _rewrite_keeping_checksums(path, lambda tensors: tensors.pop("model.norm.weight"))  # the checksums still list it
     with pytest.raises(CorruptCheckpointError, match=r"listed in the checksums are in none of the files: model.norm.weight"):
         verify_checksums([path], required=True)
 
 
 def test_a_tensor_added_without_checksum_is_named(tmp_path):
-    out = _export(tmp_path, "unstructured")
-    path = out / "model.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(path)
-    tensors["extra.weight"] = torch.zeros(3)
-    save_file(tensors, path, metadata=metadata)
+    path = _export(tmp_path, "unstructured") / "model.safetensors"
+    _rewrite_keeping_checksums(path, lambda tensors: tensors.update({"extra.weight": torch.zeros(3)}))
     with pytest.raises(CorruptCheckpointError, match=r"holds tensor\(s\) with no checksum: extra.weight"):
         verify_checksums([path], required=True)
 
