@@ -129,3 +129,24 @@ def test_bad_inputs(calibration_ids):
         hf_prune.get_sparse_peft_model(model, LoraConfig(target_modules="all-linear", use_dora=True))
     with pytest.raises(ValueError, match="init_lora_weights='pissa'"):
         hf_prune.get_sparse_peft_model(model, LoraConfig(target_modules="all-linear", init_lora_weights="pissa"))
+
+
+@pytest.mark.parametrize("trainer_kind", ["stock"])
+def test_stock_trainer_trains_masked_lora(tmp_path, calibration_ids, trainer_kind):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = _pruned(dict(pattern="2:4"), calibration_ids)
+    masks = _masks(model)
+    peft_model = hf_prune.get_sparse_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
+    ids = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(3))
+    train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    args = TrainingArguments(tmp_path / "run", max_steps=10, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", logging_steps=1, use_cpu=True)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=train)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0]
+    merged = trainer.model.merge_and_unload()
+    modules = dict(merged.named_modules())
+    assert all(torch.equal(modules[n].weight != 0, m) for n, m in masks.items())
