@@ -23,4 +23,8 @@ def __getattr__(name):
         from .training.trainer import PruningTrainer
 
         return PruningTrainer
+    if name == "get_sparse_peft_model":  # lazy: imports peft only when recovery is used
+        from .peft import get_sparse_peft_model
+
+        return get_sparse_peft_model
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

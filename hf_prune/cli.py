@@ -227,6 +227,40 @@ def run_push(args) -> int:
     return 0
 
 
+def _recover_parser(sub) -> None:
+    p = sub.add_parser("recover", help="recover a pruned checkpoint with masked LoRA on text, merged (mask kept exactly)")
+    p.add_argument("directory", help="an hf_prune checkpoint (sparse export)")
+    p.add_argument("--data", required=True, help="training text: .txt, .jsonl (text field) or a directory of them")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--output", required=True, help="directory for the merged compressed export")
+    p.add_argument("--rank", type=int, default=16, help="LoRA r (lora_alpha = 2r), all linear layers")
+    p.add_argument("--learning-rate", type=float, default=2e-4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
+
+
+def run_recover(args) -> int:
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .peft.recover import recover
+
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
+    texts = read_texts(args.data, "--data")
+    tokenizer = AutoTokenizer.from_pretrained(args.directory)
+    model = AutoModelForCausalLM.from_pretrained(args.directory)
+    config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
+    merged = recover(model, texts, tokenizer, steps=args.steps, lora_config=config, seq_len=args.seq_len,
+                     batch_size=args.batch_size, learning_rate=args.learning_rate)
+    merged.save_pretrained(args.output, overwrite=args.overwrite)
+    tokenizer.save_pretrained(args.output)
+    print(f"recovered model saved to {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-prune", description="Pruning for the Hugging Face stack")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -234,12 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     _oneshot_parser(sub)
     _info_parser(sub)
     _push_parser(sub)
+    _recover_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in the model card as the command that reproduces the run
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"oneshot": run_oneshot, "info": run_info, "push": run_push}[args.command](args)
+        return {"oneshot": run_oneshot, "info": run_info, "push": run_push, "recover": run_recover}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, PushError) as err:
         print(f"hf-prune {args.command}: error: {err}", file=sys.stderr)
         return 2

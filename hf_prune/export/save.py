@@ -126,6 +126,9 @@ def enable_compressed_save(model, state: PruningState | None = None, *, quantize
     model.config.quantization_config = quantizer.quantization_config
     model.save_pretrained = types.MethodType(_save_pretrained, model)
     model.push_to_hub = types.MethodType(_push_to_hub, model)
+    from ..peft.loading import watch_adapter_loads  # saved masked adapters reload masked (no peft import here)
+
+    watch_adapter_loads(model)
     return model
 
 
