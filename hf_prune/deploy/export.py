@@ -78,6 +78,9 @@ def _load_source(model_or_dir, task: str):
         raise FileNotFoundError(f"model directory {str(source)!r} does not exist (the Hub is not reached from here)")
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{str(source)!r} is not a model directory: it has no config.json")
+    if not any(source.glob("*.safetensors")) and not (source / "pytorch_model.bin").is_file():
+        onnx = " (it holds an ONNX export)" if (source / ONNX_FILE).is_file() else ""
+        raise FileNotFoundError(f"{str(source)!r} is not a model directory: it has no *.safetensors weights{onnx}")
     from transformers import AutoConfig, AutoTokenizer
 
     import transformers
@@ -98,6 +101,7 @@ def _save_config(model, directory: Path, task: Task) -> None:
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]
     config.save_pretrained(directory)
     if task.decoder and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
