@@ -62,7 +62,7 @@ class _DecoderWithCache(nn.Module):
 
 def cache_kwargs(model: nn.Module, cache) -> dict:
     """The cache argument: `cache` from transformers 5.24 (which deprecates `past_key_values`), else the old name."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return {"cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values": cache}
 
 
 def output_cache(output):
@@ -75,7 +75,7 @@ def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def encoder_input_names(model: nn.Module) -> list[str]:
-    accepted = inspect.signature(model.forward).parameters
+    accepted = inspect.signature(type(model).forward).parameters  # the class: a wrapped instance forward hides it
     return [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
 
 
