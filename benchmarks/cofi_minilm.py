@@ -30,7 +30,10 @@ import warnings
 import torch
 from transformers import AutoModelForSequenceClassification
 
+import numpy as np
+
 from hf_prune import get_pruning_state, save_pruned  # importing hf_prune registers the checkpoint loader
+from hf_prune.deploy import export_onnx as hf_prune_export_onnx
 from hf_prune.methods.cofi import describe_structure
 from hf_prune.methods.cofi.structure import apply_structure
 
@@ -91,32 +94,37 @@ def _median_ms(run, repeats: int) -> float:
     return statistics.median(times)
 
 
-def export_onnx(model, path: str, seq_len: int) -> str:
-    """Exports `model` to ONNX (batch and sequence length dynamic) and checks ONNX Runtime gives the same logits."""
-    import onnxruntime as ort
-
-    ids = torch.randint(0, model.config.vocab_size, (2, seq_len))
-    mask = torch.ones_like(ids)
-    mask[1, seq_len // 2:] = 0  # one padded sequence, so the mask path is part of the check
-    with warnings.catch_warnings():  # the tracer's notes on Python-side shape checks; the check below is the judge
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (ids, mask), path, input_names=["input_ids", "attention_mask"],
-                          output_names=["logits"], dynamo=False,
-                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask")})
-    with torch.no_grad():
-        ref = model(input_ids=ids, attention_mask=mask).logits.numpy()
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = session.run(None, _feed(session, {"input_ids": ids, "attention_mask": mask}))[0]
-    diff = float(abs(got - ref).max())
-    if diff > 1e-3:
-        raise RuntimeError(f"ONNX export of {path} differs from the PyTorch model by {diff:.2e} in the logits")
-    return path
+def export_onnx(model, directory: str, int8: bool = False) -> dict:
+    """`hf_prune.export_onnx` of `model` into `directory` (checked against PyTorch: fp32 within 1e-4, int8 by argmax
+    agreement); returns {"fp32": model.onnx path, "int8": model_quantized.onnx path or None, "report": ...}."""
+    report = hf_prune_export_onnx(model, directory, task="text-classification", int8=int8, overwrite=True)
+    return {"fp32": os.path.join(directory, "model.onnx"),
+            "int8": os.path.join(directory, "model_quantized.onnx") if int8 else None, "report": report}
 
 
 def _feed(session, inputs: dict) -> dict:
     """The inputs an ONNX Runtime session declares (a model with no attention left has no `attention_mask` input:
     the exporter drops inputs the graph does not read)."""
-    return {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
+    values = {**inputs, "token_type_ids": torch.zeros_like(inputs["input_ids"])}
+    return {i.name: values[i.name].numpy() for i in session.get_inputs()}
+
+
+def ort_accuracy(onnx_path: str, test, batch_size: int = 64) -> float:
+    """Accuracy of an ONNX graph on the test sentences (padded per batch), in ONNX Runtime."""
+    from hf_prune_ort import OnnxModel
+
+    model = OnnxModel.from_pretrained(os.path.dirname(onnx_path), os.path.basename(onnx_path))
+    correct = 0
+    for i in range(0, len(test), batch_size):
+        rows = test[i:i + batch_size]
+        width = max(len(r) for r in rows["input_ids"])
+        ids = np.zeros((len(rows["input_ids"]), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for j, r in enumerate(rows["input_ids"]):
+            ids[j, :len(r)], mask[j, :len(r)] = r, 1
+        pred = model(ids, attention_mask=mask).logits.argmax(-1)
+        correct += int((pred == np.asarray(rows["labels"])).sum())
+    return correct / len(test)
 
 
 def _runner(model, inputs: dict, runtime: str, threads: int, onnx_path: str | None):
@@ -170,6 +178,25 @@ def latencies(models: dict, seq_len: int, threads: int, runtime: str, rounds: in
     return out
 
 
+def int8_table(models: dict, exports: dict, results: dict, seq: int, args) -> list[dict]:
+    """Per model: fp32 and int8 ONNX accuracy on the test sentences and ONNX Runtime latency, timed interleaved."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(results["teacher"]["path"])
+    _, test = recipe.load_data(tokenizer, results["protocol"]["seed"], seq, None, results["protocol"]["max_test"])
+    names = [n for n in models if n != FLOOR]
+    paths = {**{n: exports[n]["fp32"] for n in names}, **{f"{n}-int8": exports[n]["int8"] for n in names}}
+    timed = {f"ort_{t}t": latencies(dict.fromkeys(paths), seq, t, "onnxruntime", args.rounds, args.repeats, paths)
+             for t in args.threads}
+    rows = []
+    for n in names:
+        rows.append({"model": n, "fp32_accuracy": ort_accuracy(paths[n], test),
+                     "int8_accuracy": ort_accuracy(paths[f"{n}-int8"], test),
+                     "int8_check": exports[n]["report"].int8,
+                     "latency_ms": {k: {"fp32": v[n], "int8": v[f"{n}-int8"]} for k, v in timed.items()}})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--label", default="", help="suffix of the result files; use it for any shortened protocol")
@@ -179,6 +206,8 @@ def main(argv=None):
                         '(needs `pip install -e ".[bench]"`)')
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per setting")
     p.add_argument("--repeats", type=int, default=10, help="batch-1 forwards per model per round (batch 32: 1/5)")
+    p.add_argument("--int8", action="store_true",
+                   help="add int8 rows (dynamic int8 ONNX of each model): test accuracy in ONNX Runtime and latency")
     p.add_argument("--skip-ablation", action="store_true",
                    help="no ablation or variant runs (no-distillation, `-attnN`), e.g. for a one-target re-run")
     args, rest = p.parse_known_args(argv)
@@ -201,11 +230,15 @@ def main(argv=None):
     t_flops = forward_flops(describe_structure(models["teacher"]), seq)
     names = {"eager": "eager", "compiled": "compiled", "onnxruntime": "ort"}
     with tempfile.TemporaryDirectory(prefix="hf_prune_cofi_onnx_") as onnx_dir:
-        onnx_paths = None
+        onnx_paths, int8_rows = None, []
         if "onnxruntime" in args.runtimes:
-            onnx_paths = {n: export_onnx(m, os.path.join(onnx_dir, f"{n}.onnx"), seq) for n, m in models.items()}
+            exports = {n: export_onnx(m, os.path.join(onnx_dir, n), int8=args.int8 and n != FLOOR)
+                       for n, m in models.items()}
+            onnx_paths = {n: e["fp32"] for n, e in exports.items()}
         timed = {f"{names[rt]}_{t}t": latencies(models, seq, t, rt, args.rounds, args.repeats, onnx_paths)
                  for rt in args.runtimes for t in args.threads}
+        if args.int8 and onnx_paths:
+            int8_rows = int8_table(models, exports, results, seq, args)
     teacher_info = {"name": "teacher (MiniLM-L6, dense)", "accuracy": results["teacher"]["eval_accuracy"],
                     "sparsity": 0.0, "train_wall_time_s": results["teacher"].get("train_wall_time_s")}
     rows = []
@@ -272,6 +305,18 @@ def main(argv=None):
     lines += ["", f"The `{FLOOR}` row is the teacher with every attention and FFN sublayer removed (embeddings, pooler "
               "and classifier only): no export can be faster in that setting, and its speed-up is the most any "
               "amount of pruning could give."]
+    if int8_rows:
+        lines += ["", "int8 on top (`hf-prune export-onnx --int8`: dynamic int8 weights, ONNX Runtime), interleaved "
+                  "with the fp32 exports; accuracy of each ONNX graph on the test sentences; goal: int8 >= 1.5x over "
+                  "fp32 at batch 32 for <= 0.5 points.", "",
+                  "| model | fp32 ORT acc | int8 ORT acc | points lost | "
+                  + " | ".join(f"{k} b1 fp32 / int8 (x) | {k} b32 fp32 / int8 (x)" for k in int8_rows[0]["latency_ms"])
+                  + " |", "|---|---|---|---|" + "---|---|" * len(int8_rows[0]["latency_ms"])]
+        for r in int8_rows:
+            cells = [f"{v['fp32'][b]:.2f} / {v['int8'][b]:.2f} ({v['fp32'][b] / v['int8'][b]:.2f}x)"
+                     for v in r["latency_ms"].values() for b in ("b1", "b32")]
+            lines.append(f"| {r['model']} | {r['fp32_accuracy']:.4f} | {r['int8_accuracy']:.4f} | "
+                         f"{100 * (r['fp32_accuracy'] - r['int8_accuracy']):.2f} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
@@ -280,7 +325,7 @@ def main(argv=None):
         json.dump({"protocol": proto, "label": args.label or "full", "latency_settings": list(timed),
                    "rounds": args.rounds, "repeats_b1": args.repeats,
                    "command": " ".join(["python", "benchmarks/cofi_minilm.py"] + (argv or sys.argv[1:])),
-                   "rows": rows, "floor_latency_ms": floor}, fh, indent=2)
+                   "rows": rows, "floor_latency_ms": floor, "int8_rows": int8_rows}, fh, indent=2, default=str)
     with open(stem + ".md", "w") as fh:
         fh.write(table + "\n")
 

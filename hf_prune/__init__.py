@@ -27,4 +27,9 @@ def __getattr__(name):
         from .peft import get_sparse_peft_model
 
         return get_sparse_peft_model
+    # Lazy: the ONNX export needs onnxruntime and onnx (the `bench` extra), which training and loading never need.
+    if name in ("export_onnx", "OnnxModel"):
+        from . import deploy
+
+        return getattr(deploy, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

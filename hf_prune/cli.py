@@ -3,6 +3,7 @@
     hf-prune oneshot PATH --method admm --sparsity 0.6 --calibration FILE --output DIR [--push-to-hub REPO]
     hf-prune info DIR
     hf-prune push DIR REPO_ID
+    hf-prune export-onnx DIR OUT [--task auto|text-classification|fill-mask|text-generation] [--int8] [--opset N]
 """
 
 from __future__ import annotations
@@ -258,6 +259,34 @@ def run_recover(args) -> int:
     merged.save_pretrained(args.output, overwrite=args.overwrite)
     tokenizer.save_pretrained(args.output)
     print(f"recovered model saved to {args.output}")
+def _export_onnx_parser(sub) -> None:
+    p = sub.add_parser("export-onnx", help="export a (pruned) model to ONNX Runtime, checked against PyTorch, "
+                                           "optionally int8")
+    p.add_argument("model", help="a model directory (any hf_prune export, or a transformers checkpoint)")
+    p.add_argument("output", help="directory to write model.onnx, config.json, tokenizer and card to")
+    p.add_argument("--task", default="auto", help="auto (from the architecture, default), text-classification, "
+                                                  "fill-mask or text-generation (with the KV cache)")
+    p.add_argument("--int8", action="store_true", help="also write model_quantized.onnx (dynamic int8 weights)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+
+
+def run_export_onnx(args) -> int:
+    from .deploy import ExportVerificationError, export_onnx
+
+    try:
+        report = export_onnx(args.model, args.output, task=args.task, int8=args.int8, opset=args.opset,
+                             overwrite=args.overwrite, command="hf-prune " + shlex.join(args.argv))
+    except ExportVerificationError as err:
+        print(f"hf-prune export-onnx: error: {err}", file=sys.stderr)
+        return 1
+    v = report.verification
+    print(f"exported {args.model} ({report.task}, opset {report.opset}) to {Path(report.path).resolve()}")
+    print(f"  checked against PyTorch: max abs logit diff {v['max_abs_logit_diff']:.2e} over {v['positions']} "
+          f"positions")
+    if report.int8 is not None:
+        print(f"  {report.quantized_file}: argmax agreement with PyTorch {report.int8['argmax_agreement']:.4f}")
+    print(f"  files: {', '.join(report.files)}")
     return 0
 
 
@@ -269,12 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     _info_parser(sub)
     _push_parser(sub)
     _recover_parser(sub)
+    _export_onnx_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in the model card as the command that reproduces the run
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"oneshot": run_oneshot, "info": run_info, "push": run_push, "recover": run_recover}[args.command](args)
+        return {"oneshot": run_oneshot, "info": run_info, "push": run_push, "recover": run_recover,
+                "export-onnx": run_export_onnx}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, PushError) as err:
         print(f"hf-prune {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -36,13 +36,16 @@ def _pruned_tiny():
 
 def test_onnx_export_of_pruned_model_equals_pytorch(tmp_path):
     small = _pruned_tiny()
-    path = bench.export_onnx(small, str(tmp_path / "small.onnx"), seq_len=16)
+    exported = bench.export_onnx(small, str(tmp_path / "small"), int8=True)  # hf_prune.export_onnx underneath
+    path = exported["fp32"]
+    assert exported["report"].verification["max_abs_logit_diff"] < 1e-4 and os.path.isfile(exported["int8"])
     ids = torch.randint(0, 64, (3, 12))  # another batch size and length than the export's: the axes are dynamic
     mask = torch.ones_like(ids)
     mask[0, 6:] = 0
     with torch.no_grad():
         ref = small(input_ids=ids, attention_mask=mask).logits.numpy()
-    got = ort.InferenceSession(path).run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    session = ort.InferenceSession(path)
+    got = session.run(None, bench._feed(session, {"input_ids": ids, "attention_mask": mask}))[0]
     assert abs(got - ref).max() < 1e-4
 
 
@@ -57,8 +60,9 @@ def test_onnx_export_refuses_a_model_it_gets_wrong(tmp_path, monkeypatch):
         return out
 
     monkeypatch.setattr(small, "forward", shifted)
-    with pytest.raises(RuntimeError, match="differs from the PyTorch model"):
-        bench.export_onnx(small, str(tmp_path / "small.onnx"), seq_len=16)
+    with pytest.raises(RuntimeError, match="differ from PyTorch's"):
+        bench.export_onnx(small, str(tmp_path / "small"))
+    assert not (tmp_path / "small").exists()
 
 
 @pytest.mark.parametrize("runtime", ["eager", "onnxruntime"])
@@ -68,7 +72,7 @@ def test_latencies_times_every_model_at_both_batch_sizes(tmp_path, runtime):
     models = {"teacher": teacher, "small": small}
     paths = None
     if runtime == "onnxruntime":
-        paths = {n: bench.export_onnx(m, str(tmp_path / f"{n}.onnx"), 16) for n, m in models.items()}
+        paths = {n: bench.export_onnx(m, str(tmp_path / n))["fp32"] for n, m in models.items()}
     out = bench.latencies(models, 16, threads=1, runtime=runtime, rounds=2, repeats=3, onnx_paths=paths,
                           token_ids=(0, 64))
     assert set(out) == {"teacher", "small"}

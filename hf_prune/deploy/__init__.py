@@ -1,0 +1,10 @@
+"""Deployment of pruned models to ONNX Runtime: `export_onnx` (torch.onnx export in optimum's directory layout,
+checked against PyTorch, int8 on top) and `OnnxModel` (from the torch-free `hf_prune_ort` package)."""
+
+from hf_prune_ort import OnnxModel, OnnxOutput
+
+from .export import ExportVerificationError, OnnxExportReport, export_onnx
+from .tasks import TASK_CHOICES, TASKS
+
+__all__ = ["ExportVerificationError", "OnnxExportReport", "OnnxModel", "OnnxOutput", "TASKS", "TASK_CHOICES",
+           "export_onnx"]

@@ -1,0 +1,207 @@
+"""`export_onnx`: any hf_prune checkpoint (or in-memory model) to an ONNX Runtime directory, checked before written."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from hf_prune_ort import ONNX_FILE, QUANTIZED_FILE, OnnxModel
+
+from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, export_graph, move_weights_to_external_data
+from .opsets import check_opset
+from .tasks import TASKS, Task, resolve_task
+from .verify import compare, sample_inputs
+
+logger = logging.getLogger("hf_prune")
+
+EXTERNAL_DATA_FILE = "model.onnx_data"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")
+
+
+class ExportVerificationError(RuntimeError):
+    """The ONNX graph does not compute what the PyTorch model computes; nothing was written."""
+
+
+@dataclass
+class OnnxExportReport:
+    """What `export_onnx` wrote and how well the graphs matched PyTorch."""
+
+    path: Path
+    task: str
+    opset: int
+    inputs: list[str]
+    outputs: list[str]
+    verification: dict
+    atol: float
+    int8: dict | None = None
+    min_int8_agreement: float | None = None
+    onnx_file: str = ONNX_FILE
+    quantized_file: str | None = None
+    external_data: str | None = None
+    command: str | None = None
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(n.endswith(".key") for n in self.inputs if n.startswith("past_key_values."))
+
+    @property
+    def ort_class(self) -> str:
+        return TASKS[self.task].ort_class
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output {str(out)!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output {str(out)!r} exists and is not empty; pass overwrite=True (--overwrite) to "
+                              "replace it")
+
+
+def _load_source(model_or_dir, task: str):
+    """(model, tokenizer, source dir or None, Task), every check done before the weights are loaded."""
+    if isinstance(model_or_dir, torch.nn.Module):
+        if not isinstance(model_or_dir, PreTrainedModel):
+            raise TypeError(f"export_onnx needs a transformers PreTrainedModel, got {type(model_or_dir).__name__}")
+        name = type(model_or_dir).__name__
+        return model_or_dir, None, None, resolve_task(task, name, f"the in-memory {name}")
+    source = Path(model_or_dir)
+    if not source.is_dir():
+        raise FileNotFoundError(f"model directory {str(source)!r} does not exist (the Hub is not reached from here)")
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{str(source)!r} is not a model directory: it has no config.json")
+    if not any(source.glob("*.safetensors")) and not (source / "pytorch_model.bin").is_file():
+        onnx = " (it holds an ONNX export)" if (source / ONNX_FILE).is_file() else ""
+        raise FileNotFoundError(f"{str(source)!r} is not a model directory: it has no *.safetensors weights{onnx}")
+    from transformers import AutoConfig, AutoTokenizer
+
+    import transformers
+
+    config = AutoConfig.from_pretrained(source)
+    architectures = getattr(config, "architectures", None) or [None]
+    chosen = resolve_task(task, architectures[0], repr(str(source)))
+    model = getattr(transformers, chosen.auto_class).from_pretrained(source, dtype=torch.float32)
+    tokenizer = None
+    if any((source / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer, source, chosen
+
+
+def _save_config(model, directory: Path, task: Task) -> None:
+    """`config.json` of the model without hf_prune's `quantization_config` (the ONNX weights are plain), and
+    `generation_config.json` for decoders (their eos / pad ids)."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(directory)
+    if task.decoder and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+
+
+def _verify(model, path: Path, file_name: str, task: Task, inputs) -> dict:
+    onnx = OnnxModel.from_pretrained(path, file_name)
+    return compare(model, onnx, task, inputs)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Renames `tmp` to `out`; an existing `out` is renamed aside first and removed after, so at every moment the
+    path holds either the old export or the complete new one."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.hf_prune-old-", dir=out.parent))
+    os.rename(out, old / out.name)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_onnx(model_or_dir, out: str | os.PathLike, task: str = "auto", int8: bool = False, opset: int | None = None,
+                overwrite: bool = False, *, tokenizer=None, atol: float = 1e-4, min_int8_agreement: float = 0.9,
+                command: str | None = None) -> OnnxExportReport:
+    """Exports a (pruned) model to ONNX Runtime, checked against PyTorch before anything is written.
+
+    Args:
+        model_or_dir: an hf_prune checkpoint directory (CoFi structured, one-shot sparse, DynSparse, or any plain
+            transformers checkpoint), or an in-memory `PreTrainedModel` (pruned or not).
+        out: output directory, in optimum's layout: `model.onnx` (+ `model.onnx_data` above 1 GB of weights),
+            `config.json`, `generation_config.json` (decoders), tokenizer files, `README.md` (the model's card with
+            an "ONNX export" section).
+        task: `"auto"` (from the architecture), `"text-classification"`, `"fill-mask"` or `"text-generation"`
+            (exported with the KV cache: `past_key_values.{i}.key/value` in, `present.{i}.key/value` out).
+        int8: also write `model_quantized.onnx`, dynamic int8 weight quantization of the checked graph
+            (`onnxruntime.quantization.quantize_dynamic`).
+        opset: ONNX opset (default 17); it must be one the exporter writes and ONNX Runtime runs.
+        overwrite: replace an existing non-empty `out`.
+        tokenizer: the tokenizer to save and to build the check inputs with (default: the directory's, if any).
+        atol: the fp32 graph must match PyTorch's logits within this max abs difference.
+        min_int8_agreement: the int8 graph must agree with PyTorch's argmax on at least this fraction of positions.
+        command: the command recorded in the card.
+
+    Returns:
+        An `OnnxExportReport` (`path`, the check figures in `verification` and `int8`).
+
+    Raises:
+        ExportVerificationError: a graph does not match PyTorch; `out` is left as it was.
+    """
+    out = Path(out)
+    _check_output(out, overwrite)
+    opset = check_opset(DEFAULT_OPSET if opset is None else opset)
+    model, dir_tokenizer, source, chosen = _load_source(model_or_dir, task)
+    tokenizer = tokenizer if tokenizer is not None else dir_tokenizer
+    if next(model.parameters()).dtype != torch.float32:
+        model = copy.deepcopy(model).float()  # never change the caller's model
+    was_training = model.training
+    model.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.hf_prune-onnx-tmp-", dir=out.parent))
+    try:
+        logger.info("hf_prune: exporting %s to ONNX (task %s, opset %d)", type(model).__name__, chosen.name, opset)
+        names = export_graph(model, chosen, tmp / ONNX_FILE, opset)
+        external = None
+        if sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES:
+            move_weights_to_external_data(tmp / ONNX_FILE, EXTERNAL_DATA_FILE)
+            external = EXTERNAL_DATA_FILE
+        inputs = sample_inputs(model, tokenizer, chosen)
+        check = _verify(model, tmp, ONNX_FILE, chosen, inputs)
+        logger.info("hf_prune: ONNX vs PyTorch: max abs logit diff %.2e", check["max_abs_logit_diff"])
+        if not check["max_abs_logit_diff"] <= atol:
+            raise ExportVerificationError(
+                f"the ONNX graph's logits differ from PyTorch's by {check['max_abs_logit_diff']:.2e} (limit "
+                f"atol={atol:g}); nothing was written to {str(out)!r}")
+        report = OnnxExportReport(path=out, task=chosen.name, opset=opset, inputs=names["inputs"],
+                                  outputs=names["outputs"], verification=check, atol=atol, external_data=external,
+                                  command=command)
+        if int8:
+            from .quantize import quantize_int8
+
+            quantize_int8(tmp / ONNX_FILE, tmp / QUANTIZED_FILE)
+            q = _verify(model, tmp, QUANTIZED_FILE, chosen, inputs)
+            logger.info("hf_prune: int8 vs PyTorch: argmax agreement %.4f", q["argmax_agreement"])
+            if not q["argmax_agreement"] >= min_int8_agreement:
+                raise ExportVerificationError(
+                    f"the int8 graph agrees with PyTorch's argmax on {q['argmax_agreement']:.1%} of positions "
+                    f"(limit min_int8_agreement={min_int8_agreement:g}); nothing was written to {str(out)!r}")
+            report.int8, report.min_int8_agreement, report.quantized_file = q, min_int8_agreement, QUANTIZED_FILE
+        _save_config(model, tmp, chosen)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        from .card import build_card
+
+        build_card(model, source, report).save(tmp / "README.md")
+        report.files = sorted(p.name for p in tmp.iterdir())
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.train(was_training)
+    return report
