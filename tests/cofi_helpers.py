@@ -65,3 +65,46 @@ def training_args(out, **kw) -> TrainingArguments:
     )
     base.update(kw)
     return TrainingArguments(**base)
+
+
+# ---------------------------------------------------------------------------------------------- decoders (LLaMA)
+def tiny_llama_config(model_type: str = "llama", **overrides):
+    """Tiny LLaMA-family config with GQA (8 query heads in 4 KV groups of 2) and tied embeddings."""
+    from transformers import AutoConfig
+
+    kw = dict(
+        vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=8, intermediate_size=48, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    )
+    kw.update(overrides)
+    config = AutoConfig.for_model(model_type, **kw)
+    config.head_dim = kw["head_dim"]  # Qwen2 configs do not declare it; its attention reads it when set
+    return config
+
+
+def tiny_llama(seed: int = 0, model_type: str = "llama", **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(model_type, **overrides))
+    with torch.no_grad():  # non-trivial norm weights, so that folding a wrong one shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+class ToyLMDataset(torch.utils.data.Dataset):
+    """Token sequences with a learnable pattern (each token often followed by its successor mod 64)."""
+
+    def __init__(self, n: int = 32, length: int = 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        start = torch.randint(0, 64, (n, 1), generator=g)
+        noise = (torch.rand(n, length, generator=g) < 0.3).long() * torch.randint(0, 64, (n, length), generator=g)
+        self.ids = (start + torch.arange(length) + noise) % 64
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}

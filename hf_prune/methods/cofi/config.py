@@ -28,6 +28,28 @@ def _check_steps(name: str, value, *, allow_zero: bool = True) -> None:
         )
 
 
+def _check_target_architecture(config: "CoFiConfig") -> None:
+    """Field-level checks of the target architecture; the model-dependent ones run when the gates are built."""
+    for name, value in config.target_architecture().items():
+        check_positive_int(_OWNER, f"target_{name}", value)
+    if config.target_heads is not None and config.target_kv_heads is not None:
+        raise ValueError(f"{_OWNER}: give target_heads or target_kv_heads, not both (heads go with their KV group)")
+    arch = config.target_architecture()
+    if arch and config.target_sparsity is not None:
+        raise ValueError(
+            f"{_OWNER}: give target_sparsity={config.target_sparsity} or a target architecture "
+            f"({', '.join(f'target_{k}' for k in arch)}), not both: the architecture fixes the size"
+        )
+    if arch and (config.target_attention_layers is not None or config.target_ffn_layers is not None):
+        raise ValueError(f"{_OWNER}: target_attention_layers / target_ffn_layers go with target_sparsity; with a "
+                         "target architecture use target_layers")
+    needs = {"layers": "prune_layers", "heads": "prune_heads", "kv_heads": "prune_heads",
+             "intermediate_size": "prune_neurons", "hidden_size": "prune_hidden"}
+    for name in config.target_architecture():
+        if not getattr(config, needs[name]):
+            raise ValueError(f"{_OWNER}.target_{name} needs {needs[name]}=True: the constraint acts on those gates")
+
+
 def resolve_steps(value: float | int, total_steps: int) -> int:
     """Turns a `CoFiConfig` length (steps, or a fraction of `total_steps` when < 1) into a step count."""
     if isinstance(value, float) and value < 1:
@@ -52,10 +74,23 @@ class CoFiConfig(PruningConfig):
     `gate_init_droprate=0.05` for ~800 steps, and still ends a few points above the target: 0.64 for 0.6, 0.935
     for 0.9, before `match_target_on_freeze` brings the fixed masks back to the target).
 
+    The same config prunes LLaMA-family causal LMs (LLaMA, Mistral, Qwen2, Qwen3; GQA included) the Sheared-LLaMA way
+    (Xia et al., 2023): besides the gates above, one gate per decoder layer, and a head gate per KV group (a KV head is
+    pruned together with its query heads; a query head inside a kept group is not gated on its own, because a stock
+    `LlamaAttention` needs the same number of query heads for every KV head of a layer, so a per-group count could
+    only be exported by zero-padding or by copying KV heads, and the uniform count per layer it would need couples
+    the group's gates). Instead of `target_sparsity` a decoder may be given a *target architecture*
+    (`target_layers`, `target_heads` or `target_kv_heads`, `target_intermediate_size`, `target_hidden_size`): each
+    is a Lagrangian constraint on the expected count of its units, ramped from the model's count over the warm-up,
+    and the fixed masks keep exactly that many (the highest logits), so the export has that uniform shape and loads
+    as a plain config of its class. The loss is next-token cross-entropy plus the KL to the dense teacher's
+    next-token distribution, and, optionally, hidden-state matching.
+
     Args:
-        target_sparsity (`float`):
-            Fraction of the prunable parameters (the encoder's attention and FFN weight matrices; embeddings, biases,
-            LayerNorms and the task head are not counted) to remove, in [0, 1).
+        target_sparsity (`float`, *optional*):
+            Fraction of the prunable parameters (attention and FFN weight matrices; embeddings, biases, norms and the
+            task head are not counted) to remove, in [0, 1). Defaults to 0.6 when no target architecture is given,
+            to no sparsity constraint otherwise.
         prune_layers (`bool`, defaults to `True`): learn one gate per whole attention sublayer and per FFN sublayer.
         prune_heads (`bool`, defaults to `True`): learn one gate per attention head.
         prune_neurons (`bool`, defaults to `True`): learn one gate per FFN intermediate neuron.
@@ -76,9 +111,12 @@ class CoFiConfig(PruningConfig):
             Initial drop rate of every gate; the logits start at log((1 - p) / p) plus N(0, 0.01) noise.
         temperature (`float`, defaults to 2.0): temperature of the prediction distillation (the KL is scaled by T^2).
         distill_pred_weight (`float`, defaults to 1.0): weight of the prediction (KL) distillation loss.
-        distill_layer_weight (`float`, defaults to 0.5): weight of the layer (hidden state MSE) distillation loss.
-        hard_label_weight (`float`, defaults to 0.0):
-            weight of the model's own loss on the labels when a teacher is given (without a teacher it is always 1).
+        distill_layer_weight (`float`, *optional*): weight of the layer (hidden state MSE) distillation loss;
+            defaults to 0.5 for encoders and 0 for decoders (whose residual streams carry a few very large
+            dimensions that an unweighted MSE would be all about).
+        hard_label_weight (`float`, *optional*):
+            weight of the model's own loss on the labels when a teacher is given (without a teacher it is always 1);
+            defaults to 0 for classifiers, 1 for causal LMs (next-token cross-entropy beside the distillation).
         teacher_layers (`list[int]`, *optional*):
             1-based teacher layers matched by the layer loss; by default every ceil(L/4)-th layer ending at the top.
         multiple_of (`int`, defaults to 16):
@@ -100,9 +138,16 @@ class CoFiConfig(PruningConfig):
             left free, for 0.9 points of accuracy; see the README's CoFi section). Needs `prune_layers=True`; `None`
             (the default) leaves the number free, as in the paper.
         target_ffn_layers (`int`, *optional*): the same for the FFN sublayers.
+        target_layers (`int`, *optional*): decoders: number of decoder layers kept (the layer gates).
+        target_heads (`int`, *optional*): decoders: query heads per kept layer; a multiple of the model's
+            `num_attention_heads / num_key_value_heads` (heads go with their KV group).
+        target_kv_heads (`int`, *optional*): decoders: KV heads per kept layer (instead of `target_heads`).
+        target_intermediate_size (`int`, *optional*): decoders: FFN width per kept layer (exported as given, with
+            no `multiple_of` padding).
+        target_hidden_size (`int`, *optional*): decoders: hidden size (exact, no `multiple_of` rounding).
     """
 
-    target_sparsity: float = 0.6
+    target_sparsity: float | None = None
     prune_layers: bool = True
     prune_heads: bool = True
     prune_neurons: bool = True
@@ -115,17 +160,33 @@ class CoFiConfig(PruningConfig):
     gate_init_droprate: float = 0.5
     temperature: float = 2.0
     distill_pred_weight: float = 1.0
-    distill_layer_weight: float = 0.5
-    hard_label_weight: float = 0.0
+    distill_layer_weight: float | None = None
+    hard_label_weight: float | None = None
     teacher_layers: list[int] | None = None
     multiple_of: int = 16
     target_attention_layers: int | None = None
     target_ffn_layers: int | None = None
+    target_layers: int | None = None
+    target_heads: int | None = None
+    target_kv_heads: int | None = None
+    target_intermediate_size: int | None = None
+    target_hidden_size: int | None = None
+
+    def target_architecture(self) -> dict[str, int]:
+        """The target-architecture fields that are set (`{"layers": 24, "kv_heads": 2, ...}`)."""
+        names = ("layers", "heads", "kv_heads", "intermediate_size", "hidden_size")
+        return {n: getattr(self, f"target_{n}") for n in names if getattr(self, f"target_{n}") is not None}
+
+    def sparsity_target(self) -> float | None:
+        """`target_sparsity`, or its default: 0.6 without a target architecture, no constraint with one."""
+        if self.target_sparsity is not None:
+            return float(self.target_sparsity)
+        return None if self.target_architecture() else 0.6
 
     def validate(self) -> None:
         super().validate()
         t = self.target_sparsity
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0:
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) < 1.0):
             raise ValueError(f"{_OWNER}.target_sparsity must be a number in [0, 1), got {t!r}")
         for name in ("prune_layers", "prune_heads", "prune_neurons", "prune_hidden", "match_target_on_freeze"):
             if not isinstance(getattr(self, name), bool):
@@ -150,7 +211,9 @@ class CoFiConfig(PruningConfig):
         for name in ("gate_learning_rate", "lagrangian_learning_rate", "temperature"):
             check_positive_number(_OWNER, name, getattr(self, name))
         for name in ("distill_pred_weight", "distill_layer_weight", "hard_label_weight"):
-            check_positive_number(_OWNER, name, getattr(self, name), allow_zero=True)
+            if getattr(self, name) is not None:
+                check_positive_number(_OWNER, name, getattr(self, name), allow_zero=True)
+        _check_target_architecture(self)
         p = self.gate_init_droprate
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p < 1.0:
             raise ValueError(f"{_OWNER}.gate_init_droprate must be in the open interval (0, 1), got {p!r}")

@@ -23,6 +23,24 @@ def prediction_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return F.kl_div(log_p_s, p_t, reduction="batchmean") * t * t
 
 
+def token_prediction_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal LMs: `KL(p_teacher || p_student)` of the next-token distributions, averaged over the (non-padding)
+    positions, times T^2. `batchmean` over a `(batch, seq, vocab)` tensor would sum over the positions instead."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    per_token = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if attention_mask is None:
+        return per_token.mean() * t * t
+    w = attention_mask.to(per_token.dtype)
+    return (per_token * w).sum() / w.sum().clamp_min(1) * t * t
+
+
 def layer_costs(
     student_hidden: list[torch.Tensor],
     teacher_hidden: list[torch.Tensor],

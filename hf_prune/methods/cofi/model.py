@@ -18,6 +18,13 @@ linears that read them contribute nothing and can be removed; LayerNorm statisti
 dimensions only, which is what a LayerNorm of the smaller width computes; every gate multiplies a linear function
 of weights (or a LayerNorm's affine output), so its value folds into those weights and biases.
 
+Decoders (LLaMA family, pre-RMSNorm) are masked the Sheared-LLaMA way, see [`_inject_decoder_hooks`]: a layer gate
+`z_layer[l]` multiplies both sublayer outputs of layer l, a head gate covers a KV group (its query heads' contexts),
+and the hidden gate acts on every RMSNorm, which normalises over the kept dimensions only (Sheared-LLaMA's answer:
+the RMS of the smaller model), then multiplies by `z_hidden`. A pre-norm residual stream is only ever read through
+a norm (and the norms ignore the dropped dimensions), so the residual itself needs no mask, and the embeddings (tied
+to the LM head or not) are only sliced.
+
 A *removed* sublayer (its layer gate is 0, or none of its heads / neurons is left) is the identity: it passes its
 input through unchanged, its LayerNorm skipped as well, as in the CoFi authors' code (`CoFiBertSelfOutput` returns the residual when the
 gated output is all zero, and their pruned model drops a sublayer with no unit left). While training this is decided
@@ -33,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import BertFamilyAdapter
+from .arch import Adapter
 from .config import CoFiConfig
 from .gates import HardConcreteGate, deterministic_gates
 from .sparsity import mask_sparsity
+from .targets import exact_arch_masks, resolve_arch_targets
 
 ATTR = "hf_prune_cofi"
-GATE_NAMES = ("head", "mha", "neuron", "ffn", "hidden")
+GATE_NAMES = ("head", "mha", "neuron", "ffn", "hidden", "layer")
 # the layer-count constraints: sublayer kind -> (its layer gate, its unit gate)
 SUBLAYER_GATES = {"attention": ("mha", "head"), "ffn": ("ffn", "neuron")}
 
@@ -47,15 +55,17 @@ SUBLAYER_GATES = {"attention": ("mha", "head"), "ffn": ("ffn", "neuron")}
 class CoFiGates(nn.Module):
     """All CoFi state that lives with the model: gate logits, Lagrange multipliers, layer transform, frozen masks."""
 
-    def __init__(self, config: CoFiConfig, adapter: BertFamilyAdapter, teacher_hidden_size: int | None = None):
+    def __init__(self, config: CoFiConfig, adapter: Adapter, teacher_hidden_size: int | None = None):
         super().__init__()
         d = adapter.dims
+        decoder = adapter.kind == "decoder"
         shapes = {
-            "head": (d.num_layers, d.num_heads) if config.prune_heads else None,
+            "head": (d.num_layers, d.head_units) if config.prune_heads else None,
             "mha": (d.num_layers,) if config.prune_layers else None,
             "neuron": (d.num_layers, d.intermediate_size) if config.prune_neurons else None,
             "ffn": (d.num_layers,) if config.prune_layers else None,
             "hidden": (d.hidden_size,) if config.prune_hidden else None,
+            "layer": (d.num_layers,) if config.prune_layers and decoder else None,  # Sheared-LLaMA's layer mask
         }
         self.gates = nn.ModuleDict(
             {n: HardConcreteGate(s, config.gate_init_droprate) for n, s in shapes.items() if s is not None}
@@ -67,8 +77,11 @@ class CoFiGates(nn.Module):
             kind: n for kind, n in (("attention", config.target_attention_layers), ("ffn", config.target_ffn_layers))
             if n is not None
         }
-        _check_layer_targets(self.layer_targets, d, config.target_sparsity)
+        _check_layer_targets(self.layer_targets, d, config.sparsity_target())
         self.layer_lambdas = nn.ParameterDict({kind: nn.Parameter(torch.zeros(2)) for kind in self.layer_targets})
+        # target architecture (decoders): dimension -> kept count, each with its (lambda_1, lambda_2)
+        self.arch_targets = resolve_arch_targets(config, adapter)
+        self.arch_lambdas = nn.ParameterDict({n: nn.Parameter(torch.zeros(2)) for n in self.arch_targets})
         self.layer_transform = None
         if teacher_hidden_size is not None:
             self.layer_transform = nn.Linear(d.hidden_size, teacher_hidden_size)
@@ -89,7 +102,7 @@ class CoFiGates(nn.Module):
         return [g.log_alpha for g in self.gates.values()]
 
     def lagrangian_parameters(self) -> list[nn.Parameter]:
-        return [self.lambda_1, self.lambda_2, *self.layer_lambdas.values()]
+        return [self.lambda_1, self.lambda_2, *self.layer_lambdas.values(), *self.arch_lambdas.values()]
 
     def is_frozen(self) -> bool:
         return bool(self.frozen.item())
@@ -109,12 +122,27 @@ class CoFiGates(nn.Module):
             self.current = {n: g(deterministic=False) for n, g in self.gates.items()}
         else:
             self.current = dict(self.deterministic_masks())
+        z_layer = self.current.get("layer")
         self.removed = {
-            "attn": _removed(self.current.get("mha"), self.current.get("head")),
-            "ffn": _removed(self.current.get("ffn"), self.current.get("neuron")),
+            "attn": _removed(self.current.get("mha"), self.current.get("head"), z_layer),
+            "ffn": _removed(self.current.get("ffn"), self.current.get("neuron"), z_layer),
         }
 
-    def masks_at_offset(self, offset: float) -> dict[str, torch.Tensor]:
+    def sublayer_scale(self, kind: str, layer: int, like: torch.Tensor) -> torch.Tensor | None:
+        """Decoders: what sublayer `kind` ("attn" / "ffn") of `layer` is multiplied by: its sublayer gate times the
+        layer gate, 0 when it is removed this pass (so that a bias cannot leak out of a removed sublayer)."""
+        scale = None
+        for name in ("mha" if kind == "attn" else "ffn", "layer"):
+            z = self.z(name, like)
+            if z is not None:
+                scale = z[layer] if scale is None else scale * z[layer]
+        removed = self.removed.get(kind)
+        if removed is not None:
+            keep = (~removed[layer]).to(like.dtype)
+            scale = keep if scale is None else scale * keep
+        return scale
+
+    def masks_at_offset(self, offset: float, exact: bool = False) -> dict[str, torch.Tensor]:
         """Deterministic masks of the logits shifted by one common `offset` (0: the plain deterministic masks).
 
         The hidden mask keeps a multiple of `CoFiConfig.multiple_of` dimensions (see [`deterministic_gates`]). With
@@ -133,6 +161,8 @@ class CoFiGates(nn.Module):
                 keep = torch.zeros_like(alive)
                 keep[torch.topk(logits, n).indices] = True
                 masks[layer_gate] = masks[layer_gate] * keep
+        if exact and self.arch_targets:
+            masks = exact_arch_masks(masks, self, self.arch_targets)
         return masks
 
     @torch.no_grad()
@@ -144,7 +174,7 @@ class CoFiGates(nn.Module):
         alone ends a few points off the target in short runs; this is hf_prune's addition, not part of the paper.
         """
         def sparsity(offset: float) -> float:
-            return mask_sparsity(self.dims, self.masks_at_offset(offset))
+            return mask_sparsity(self.dims, self.masks_at_offset(offset, exact=True))
 
         lo, hi = -30.0, 30.0  # sparsity(lo) >= target >= sparsity(hi) for any logits this far apart
         best = min(((abs(sparsity(o) - target), o) for o in (0.0, lo, hi)))
@@ -163,9 +193,10 @@ class CoFiGates(nn.Module):
         """Fixes the deterministic masks; from now on the gates and the Lagrangian no longer train.
 
         With `target`, the masks are those of the logits shifted by [`offset_for_target`]; returns the offset used.
+        With a target architecture, every targeted dimension keeps exactly its target (see [`exact_arch_masks`]).
         """
         offset = self.offset_for_target(target)[0] if target is not None else 0.0
-        for n, m in self.masks_at_offset(offset).items():
+        for n, m in self.masks_at_offset(offset, exact=True).items():
             getattr(self, f"fixed_{n}").copy_(m)
         self.frozen.fill_(True)
         for p in self.gate_parameters() + self.lagrangian_parameters():
@@ -177,11 +208,13 @@ class CoFiGates(nn.Module):
         return None if v is None else v.to(dtype=like.dtype)
 
 
-def _check_layer_targets(targets: dict[str, int], d, target_sparsity: float) -> None:
+def _check_layer_targets(targets: dict[str, int], d, target_sparsity: float | None) -> None:
     """Refuses layer-count targets the model does not have, or that cannot keep `1 - target_sparsity` of it."""
     for kind, n in targets.items():
         if n > d.num_layers:
             raise ValueError(f"CoFiConfig.target_{kind}_layers={n} is more than the model's {d.num_layers} layers")
+    if not targets or target_sparsity is None:
+        return
     attn = targets.get("attention", d.num_layers) * d.attention_params
     ffn = targets.get("ffn", d.num_layers) * d.ffn_params
     if (attn + ffn) / d.full_params < 1.0 - target_sparsity:
@@ -192,16 +225,24 @@ def _check_layer_targets(targets: dict[str, int], d, target_sparsity: float) -> 
         )
 
 
-def _removed(z_layer: torch.Tensor | None, z_units: torch.Tensor | None) -> torch.Tensor | None:
-    """Per layer: is the sublayer removed this pass (its layer gate is 0, or none of its heads / neurons is left)?"""
+def _removed(
+    z_layer: torch.Tensor | None, z_units: torch.Tensor | None, z_whole: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Per layer: is the sublayer removed this pass (its sublayer gate is 0, or none of its heads / neurons is left,
+    or, for decoders, its whole layer's gate is 0)?"""
     flags = []
     if z_layer is not None:
         flags.append(z_layer == 0)
     if z_units is not None:
         flags.append((z_units == 0).all(-1))
+    if z_whole is not None:
+        flags.append(z_whole == 0)
     if not flags:
         return None
-    return flags[0] | flags[1] if len(flags) == 2 else flags[0]
+    out = flags[0]
+    for f in flags[1:]:
+        out = out | f
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ hooks
@@ -229,7 +270,7 @@ def _ln_forward(gates: CoFiGates):
 
 
 def inject_gates(
-    model: nn.Module, config: CoFiConfig, adapter: BertFamilyAdapter, teacher_hidden_size: int | None = None
+    model: nn.Module, config: CoFiConfig, adapter: Adapter, teacher_hidden_size: int | None = None
 ) -> CoFiGates:
     """Attaches `CoFiGates` to `model` and registers the masking hooks. Returns the gates module."""
     if hasattr(model, ATTR):
@@ -238,6 +279,9 @@ def inject_gates(
     gates = CoFiGates(config, adapter, teacher_hidden_size).to(device=ref.device)
     model.add_module(ATTR, gates)
     handles = [model.register_forward_pre_hook(lambda mod, args: gates.refresh(mod.training))]
+    if adapter.kind == "decoder":
+        gates._hook_handles = handles + _inject_decoder_hooks(gates, adapter)
+        return gates
     dh = adapter.dims.head_dim
 
     for layer in range(adapter.dims.num_layers):
@@ -281,6 +325,62 @@ def inject_gates(
             ln.forward = types.MethodType(_ln_forward(gates), ln)
     gates._hook_handles = handles  # plain attribute: not part of the state dict
     return gates
+
+
+def masked_rms_norm(x: torch.Tensor, norm: nn.Module, z: torch.Tensor | None, stock_forward) -> torch.Tensor:
+    """RMSNorm over the dimensions where `z != 0` only (the RMS a norm of the smaller width computes), zero
+    elsewhere, times `z`; the stock norm's arithmetic (float32 statistics, weight applied in the input dtype)."""
+    if z is None:
+        return stock_forward(x)
+    z = z.to(x.dtype)
+    keep = torch.nonzero(z, as_tuple=True)[0]
+    if keep.numel() == z.numel():
+        return stock_forward(x) * z
+    part = x.index_select(-1, keep).to(torch.float32)
+    part = part * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    part = norm.weight.index_select(0, keep) * part.to(x.dtype)
+    return x.new_zeros(x.shape).index_copy(-1, keep, part.to(x.dtype)) * z
+
+
+def _rms_forward(gates: CoFiGates, stock_forward):
+    def forward(self, x):
+        return masked_rms_norm(x, self, gates.z("hidden", x), stock_forward)
+
+    return forward
+
+
+def _inject_decoder_hooks(gates: CoFiGates, adapter: Adapter) -> list:
+    """Masking hooks of a LLaMA-family decoder (see the module docstring). Returns the hook handles."""
+    unit = adapter.dims.group_size * adapter.dims.head_dim  # o_proj input columns of one KV group
+    handles = []
+    for layer in range(adapter.dims.num_layers):
+
+        def heads_pre(mod, args, layer=layer):  # o_proj input: (batch, seq, heads * head_dim), heads in group order
+            z = gates.z("head", args[0])
+            return None if z is None else (args[0] * z[layer].repeat_interleave(unit),) + tuple(args[1:])
+
+        def neurons_pre(mod, args, layer=layer):  # down_proj input: act(gate(x)) * up(x)
+            z = gates.z("neuron", args[0])
+            return None if z is None else (args[0] * z[layer],) + tuple(args[1:])
+
+        def scaled(kind: str, layer: int = layer):
+            def hook(mod, args, out):
+                scale = gates.sublayer_scale(kind, layer, out)
+                return out if scale is None else out * scale
+
+            return hook
+
+        o, down = adapter.attn_out(layer), adapter.ffn_down(layer)
+        handles += [
+            o.register_forward_pre_hook(heads_pre),
+            o.register_forward_hook(scaled("attn")),
+            down.register_forward_pre_hook(neurons_pre),
+            down.register_forward_hook(scaled("ffn")),
+        ]
+    if "hidden" in gates.gates:
+        for norm in adapter.norms():
+            norm.forward = types.MethodType(_rms_forward(gates, norm.forward), norm)
+    return handles
 
 
 def _combine(z_layer: torch.Tensor | None, layer: int, z_hidden: torch.Tensor | None) -> torch.Tensor | None:

@@ -14,7 +14,14 @@ from ...state import PruningState, set_pruning_state
 from ...training.plugin import TrainingPlugin, register_training_plugin
 from .arch import get_adapter
 from .config import CoFiConfig, resolve_steps
-from .distill import default_teacher_layers, layer_costs, layer_loss, match_layers, prediction_loss
+from .distill import (
+    default_teacher_layers,
+    layer_costs,
+    layer_loss,
+    match_layers,
+    prediction_loss,
+    token_prediction_loss,
+)
 from . import export_format  # noqa: F401  (registers the "structured" export format)
 from .model import ATTR, inject_gates
 from .prune import build_pruned_model, final_masks, kept_units
@@ -27,6 +34,7 @@ from .sparsity import (
     target_at,
     unit_counts,
 )
+from .targets import expected_counts, full_counts, ramped, target_counts
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,10 @@ class _GradientReversal(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return -grad
+
+
+def _default(value, default: float) -> float:
+    return default if value is None else float(value)
 
 
 class CoFiCallback(TrainerCallback):
@@ -58,11 +70,13 @@ class CoFiCallback(TrainerCallback):
         if state.global_step >= self.plugin.pruning_steps and not self.plugin.gates.is_frozen():
             cfg, gates = self.plugin.config, self.plugin.gates
             before = mask_sparsity(gates.dims, gates.deterministic_masks())
-            offset = gates.freeze(cfg.target_sparsity if cfg.match_target_on_freeze else None)
+            target = cfg.sparsity_target()
+            offset = gates.freeze(target if cfg.match_target_on_freeze else None)
             after = mask_sparsity(gates.dims, gates.deterministic_masks())
             logger.info(
-                "CoFi masks fixed at step %d: sparsity %.4f (target %.4f; the controller's own masks: %.4f, logit "
-                "offset %.3f)", state.global_step, after, cfg.target_sparsity, before, offset,
+                "CoFi masks fixed at step %d: sparsity %.4f (target %s; the controller's own masks: %.4f, logit "
+                "offset %.3f%s)", state.global_step, after, "-" if target is None else f"{target:.4f}", before, offset,
+                f"; target architecture {gates.arch_targets}" if gates.arch_targets else "",
             )
 
 
@@ -71,8 +85,9 @@ class CoFiPlugin(TrainingPlugin):
     """Injects CoFi's gates into the student and adds the Lagrangian and distillation terms to its loss.
 
     Args:
-        config ([`CoFiConfig`]), model: the student (a fine-tuned BERT-family classifier),
-        teacher_model (*optional*): the fine-tuned dense teacher; without it the student trains on hard labels.
+        config ([`CoFiConfig`]), model: the student (a fine-tuned BERT-family classifier, or a LLaMA-family causal
+            LM, usually a copy of the teacher),
+        teacher_model (*optional*): the dense teacher; without it the student trains on hard labels.
     """
 
     supports_teacher = True
@@ -80,16 +95,27 @@ class CoFiPlugin(TrainingPlugin):
     def __init__(self, config: CoFiConfig, model: nn.Module, teacher_model: nn.Module | None = None, **kwargs: Any):
         super().__init__(config, model)
         self.adapter = get_adapter(model)
+        self.decoder = self.adapter.kind == "decoder"
+        self.hard_label_weight = _default(config.hard_label_weight, 1.0 if self.decoder else 0.0)
+        self.distill_layer_weight = _default(config.distill_layer_weight, 0.0 if self.decoder else 0.5)
         self.teacher_layers: list[int] = []
         teacher_hidden = None
         if teacher_model is not None:
-            s_labels, t_labels = model.config.num_labels, getattr(teacher_model.config, "num_labels", None)
-            if t_labels != s_labels:
-                raise ValueError(
-                    f"teacher_model has {t_labels} labels but the student model has {s_labels}; CoFi distils the "
-                    "teacher's predictions, so both must classify into the same labels"
-                )
-            if config.distill_layer_weight > 0:
+            if self.decoder:
+                s_vocab, t_vocab = model.config.vocab_size, getattr(teacher_model.config, "vocab_size", None)
+                if t_vocab != s_vocab:
+                    raise ValueError(
+                        f"teacher_model has a vocabulary of {t_vocab} but the student model {s_vocab}; CoFi distils "
+                        "the teacher's next-token distribution, so both must share the tokenizer"
+                    )
+            else:
+                s_labels, t_labels = model.config.num_labels, getattr(teacher_model.config, "num_labels", None)
+                if t_labels != s_labels:
+                    raise ValueError(
+                        f"teacher_model has {t_labels} labels but the student model has {s_labels}; CoFi distils the "
+                        "teacher's predictions, so both must classify into the same labels"
+                    )
+            if self.distill_layer_weight > 0:
                 t_layers = int(teacher_model.config.num_hidden_layers)
                 self.teacher_layers = list(config.teacher_layers or default_teacher_layers(t_layers))
                 if max(self.teacher_layers) > t_layers:
@@ -119,8 +145,9 @@ class CoFiPlugin(TrainingPlugin):
         self.warmup_steps = min(resolve_steps(cfg.sparsity_warmup_steps, self.pruning_steps), self.pruning_steps)
         self.train_start = time.perf_counter()
 
-    def target(self) -> float:
-        return target_at(self.step, self.config.target_sparsity, self.warmup_steps)
+    def target(self) -> float | None:
+        t = self.config.sparsity_target()
+        return None if t is None else target_at(self.step, t, self.warmup_steps)
 
     # --------------------------------------------------------------------------------------------------- hooks
     def callbacks(self) -> list:
@@ -156,15 +183,20 @@ class CoFiPlugin(TrainingPlugin):
         logs: dict[str, float] = {}
         if teacher_outputs is not None:
             total = 0.0
-            if loss is not None and cfg.hard_label_weight > 0:
-                total = total + cfg.hard_label_weight * loss
+            if loss is not None and self.hard_label_weight > 0:
+                total = total + self.hard_label_weight * loss
                 logs["loss_hard"] = float(loss.detach())
-            pred = prediction_loss(outputs.logits, teacher_outputs.logits, cfg.temperature)
+            if self.decoder:
+                pred = token_prediction_loss(
+                    outputs.logits, teacher_outputs.logits, cfg.temperature, inputs.get("attention_mask")
+                )
+            else:
+                pred = prediction_loss(outputs.logits, teacher_outputs.logits, cfg.temperature)
             total = total + cfg.distill_pred_weight * pred
             logs["loss_distill_pred"] = float(pred.detach())
             if self.teacher_layers:
                 lay, pairs = self._layer_loss(inputs, outputs, teacher_outputs)
-                total = total + cfg.distill_layer_weight * lay
+                total = total + self.distill_layer_weight * lay
                 logs["loss_distill_layer"] = float(lay.detach())
                 for i, j in pairs:
                     logs[f"layer_match_t{self.teacher_layers[i]}"] = float(j + 1)
@@ -176,26 +208,37 @@ class CoFiPlugin(TrainingPlugin):
             probs = self.gates.keep_probabilities()
             s = expected_sparsity(self.adapter.dims, **probs)
             t = self.target()
-            lam1 = _GradientReversal.apply(self.gates.lambda_1)
-            lam2 = _GradientReversal.apply(self.gates.lambda_2)
-            lag = lagrangian_term(s, t, lam1, lam2)
+            lag = s.new_zeros(())
+            if t is not None:
+                lam1 = _GradientReversal.apply(self.gates.lambda_1)
+                lam2 = _GradientReversal.apply(self.gates.lambda_2)
+                lag = lagrangian_term(s, t, lam1, lam2)
+            lag = lag + self._arch_terms(probs, logs)
             total = total + lag + self._layer_count_terms(probs, logs)
             logs.update({"loss_lagrangian": float(lag.detach()), "expected_sparsity": float(s.detach())})
             counts = unit_counts(self.adapter.dims, **{k: v.detach() for k, v in probs.items()})
         else:
             masks = {k: (v != 0).float() for k, v in self.gates.deterministic_masks().items()}
-            t = self.config.target_sparsity
+            t = self.config.sparsity_target()
             logs["expected_sparsity"] = float(expected_sparsity(self.adapter.dims, **masks))
             counts = unit_counts(self.adapter.dims, **masks)
             if self.gates.layer_targets:
                 kept = expected_sublayers(**masks)
                 logs.update({f"expected_{k}_sublayers": float(kept[k]) for k in self.gates.layer_targets})
+        if t is not None:
+            logs["target_sparsity"] = float(t)
+        if self.decoder:  # expected counts per dimension (Sheared-LLaMA's target-architecture view)
+            g = self.adapter.dims.group_size
+            logs.update({"expected_layers": float(counts["layers"]),
+                         "expected_kv_heads": float(counts["heads"].sum()),
+                         "expected_heads_per_layer": float(counts["heads"].sum() * g / self.adapter.dims.num_layers),
+                         "expected_intermediate_per_layer":
+                             float(counts["neurons"].sum() / self.adapter.dims.num_layers)})
         logs.update(
             {
-                "target_sparsity": float(t),
                 "lambda_1": float(self.gates.lambda_1.detach()),
                 "lambda_2": float(self.gates.lambda_2.detach()),
-                "expected_heads": float(counts["heads"].sum()),
+                "expected_heads": float(counts["heads"].sum() * self.adapter.dims.group_size),
                 "expected_neurons": float(counts["neurons"].sum()),
                 "expected_hidden": float(counts["hidden"]),
                 "expected_mha_layers": float(counts["mha_layers"]),
@@ -204,6 +247,25 @@ class CoFiPlugin(TrainingPlugin):
             }
         )
         return total, logs
+
+    def _arch_terms(self, probs: dict[str, torch.Tensor], logs: dict[str, float]):
+        """The Lagrangian terms of the target architecture (0 without one): per dimension, the expected count vs its
+        target ramped from the model's count over the warm-up, both as fractions of the model's count."""
+        total = 0.0
+        targets = self.gates.arch_targets
+        if not targets:
+            return total
+        dims = self.adapter.dims
+        full, final = full_counts(dims), target_counts(targets, dims)
+        expected = expected_counts(dims, probs)
+        fraction = target_at(self.step, 1.0, self.warmup_steps)
+        for name in targets:
+            target = ramped(final[name], full[name], fraction)
+            lam = _GradientReversal.apply(self.gates.arch_lambdas[name])
+            total = total + lagrangian_term(expected[name] / full[name], target / full[name], lam[0], lam[1])
+            logs.update({f"expected_total_{name}": float(expected[name].detach()), f"target_total_{name}": target,
+                         f"lambda_{name}": float(self.gates.arch_lambdas[name][0].detach())})
+        return total
 
     def _layer_count_terms(self, probs: dict[str, torch.Tensor], logs: dict[str, float]):
         """The Lagrangian terms of `target_attention_layers` / `target_ffn_layers` (0 when neither is set).
@@ -231,8 +293,12 @@ class CoFiPlugin(TrainingPlugin):
         s_hidden = list(outputs.hidden_states[1:])
         t_hidden = [teacher_outputs.hidden_states[i] for i in self.teacher_layers]
         costs = layer_costs(s_hidden, t_hidden, self.gates.layer_transform, inputs.get("attention_mask"))
-        z_ffn = self.gates.current.get("ffn")
-        available = (z_ffn != 0) if z_ffn is not None else None
+        if self.decoder:  # a decoder layer with its FFN removed adds no FFN output of its own to match
+            removed = self.gates.removed.get("ffn")
+            available = ~removed if removed is not None else None
+        else:
+            z_ffn = self.gates.current.get("ffn")
+            available = (z_ffn != 0) if z_ffn is not None else None
         pairs = match_layers(costs, available)
         return layer_loss(costs, pairs), pairs
 
@@ -242,12 +308,14 @@ class CoFiPlugin(TrainingPlugin):
         model = getattr(model, "module", model)
         masks = final_masks(self.gates)
         dense_params = self.adapter.dims.full_params
-        small, structure = build_pruned_model(model, masks, self.config.multiple_of)
+        # an FFN width given as a target is exported as given, not padded
+        multiple_of = 1 if "intermediate_size" in self.gates.arch_targets else self.config.multiple_of
+        small, structure = build_pruned_model(model, masks, multiple_of)
         kept_params = get_adapter(small).prunable_weight_count()
         kept = kept_units(masks)
         metrics = {
             "sparsity": 1.0 - kept_params / dense_params,
-            "target_sparsity": self.config.target_sparsity,
+            "target_sparsity": self.config.sparsity_target(),
             "prunable_params_before": dense_params,
             "prunable_params_after": kept_params,
             "params_before": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("hf_prune_cofi.")),
@@ -256,6 +324,8 @@ class CoFiPlugin(TrainingPlugin):
             "kept_head_indices": kept["heads"],
             "kept_neurons_per_layer": [len(n) for n in kept["neurons"]],  # before the zero padding to `multiple_of`
         }
+        if self.gates.arch_targets:
+            metrics["target_architecture"] = dict(self.gates.arch_targets)
         if self.train_start is not None:
             metrics["train_wall_time_s"] = time.perf_counter() - self.train_start
         state = PruningState(

@@ -18,19 +18,22 @@ def final_masks(gates: CoFiGates) -> dict[str, torch.Tensor]:
     d = gates.dims
     m = {n: t.detach().float().cpu() for n, t in gates.deterministic_masks().items()}
     defaults = {
-        "head": torch.ones(d.num_layers, d.num_heads),
+        "head": torch.ones(d.num_layers, d.head_units),
         "mha": torch.ones(d.num_layers),
         "neuron": torch.ones(d.num_layers, d.intermediate_size),
         "ffn": torch.ones(d.num_layers),
         "hidden": torch.ones(d.hidden_size),
+        "layer": torch.ones(d.num_layers),
     }
     return {n: m.get(n, defaults[n]) for n in defaults}
 
 
 def kept_units(masks: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Indices of surviving heads / neurons per layer and of surviving hidden dims (non-zero effective gates)."""
-    heads = masks["head"] * masks["mha"].unsqueeze(-1)
-    neurons = masks["neuron"] * masks["ffn"].unsqueeze(-1)
+    """Indices of surviving head units (heads; KV groups for decoders) / neurons per layer and of surviving hidden
+    dims (non-zero effective gates, the decoder layer gate included)."""
+    whole = masks.get("layer", torch.ones_like(masks["mha"]))
+    heads = masks["head"] * (masks["mha"] * whole).unsqueeze(-1)
+    neurons = masks["neuron"] * (masks["ffn"] * whole).unsqueeze(-1)
     return {
         "heads": [torch.nonzero(h, as_tuple=True)[0].tolist() for h in heads],
         "neurons": [torch.nonzero(n, as_tuple=True)[0].tolist() for n in neurons],
@@ -159,6 +162,11 @@ def build_pruned_model(model: nn.Module, masks: dict[str, torch.Tensor], multipl
 
     `multiple_of`: kept FFN widths are padded with zero neurons to a multiple of it (see [`pruned_state_dict`]).
     """
+    ad = get_adapter(model)
+    if ad.kind == "decoder":
+        from .prune_decoder import build_pruned_decoder  # imports this module
+
+        return build_pruned_decoder(model, ad, masks, multiple_of)
     sd, structure = pruned_state_dict(model, masks, multiple_of)
     config = copy.deepcopy(model.config)
     ref = next(p for n, p in model.named_parameters() if not n.startswith(ATTR + "."))

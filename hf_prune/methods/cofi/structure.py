@@ -6,7 +6,8 @@ of the original config (on any device, including `meta`) so that the pruned weig
 the architecture adapter, so they are the only place that knows how a pruned BERT-family model is laid out. A
 removed attention or FFN sublayer becomes a parameter-free identity stand-in ([`RemovedAttention`],
 [`RemovedIntermediate`] + [`RemovedFFNOutput`]), and its layer skips it outright (see [`skipping_layer_class`]);
-the model stays of its stock class and every other weight keeps its stock key.
+the model stays of its stock class and every other weight keeps its stock key. LLaMA-family decoders: see
+`structure_decoder`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import apply_chunking_to_forward
 
 from .arch import get_adapter
+from .structure_decoder import apply_decoder_structure, describe_decoder_structure
 
 FORMAT = "hf_prune.cofi.structure/2"
 # /1 (hf_prune before the reference semantics): a removed sublayer still applied its LayerNorm, so its weights differ
@@ -96,6 +98,8 @@ def skipping_layer_class(layer_cls: type) -> type:
 def describe_structure(model: nn.Module) -> dict[str, Any]:
     """Per-layer kept heads / FFN width / removed sublayers and the hidden size, read from the model's modules."""
     ad = get_adapter(model)
+    if ad.kind == "decoder":
+        return describe_decoder_structure(model, ad)
     hidden = ad.embedding_layernorm().normalized_shape[0]
     layers = []
     for i in range(ad.dims.num_layers):
@@ -168,6 +172,8 @@ def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
     Works on the `meta` device (as inside `from_pretrained`); load the pruned state dict afterwards.
     """
     ad = get_adapter(model)
+    if ad.kind == "decoder":
+        return apply_decoder_structure(model, structure, ad)
     _check(structure, ad)
     d = int(structure["hidden_size"])
     dh = ad.dims.head_dim
