@@ -32,7 +32,10 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     # kthvalue (selection, O(n)) is much cheaper than a sort; fall back to exact indices only when ties at the
     # threshold would make the count inexact.
-    threshold = scores.kthvalue(k, dim=1, keepdim=True).values
+    if rows == 1 and cols >= _NARROW_MIN:
+        threshold = kth_smallest(scores.reshape(-1), k).view(1, 1)
+    else:
+        threshold = scores.kthvalue(k, dim=1, keepdim=True).values
     mask = scores > threshold
     if bool((mask.sum(dim=1) != cols - k).any()):
         lowest = scores.topk(k, dim=1, largest=False).indices
@@ -40,14 +43,54 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+_NARROW_MIN = 1 << 16  # below this many scores, a plain kthvalue is as fast as narrowing first
+_SAMPLE = 1 << 14
+
+
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) of a 1-D tensor: exactly `flat.kthvalue(k).values`, several times faster.
+
+    ADMM re-selects a layer-wide mask every iteration, and `kthvalue` over millions of scores dominated its solve.
+    A strided sample brackets the k-th value; the exact selection then runs on the few values inside the bracket.
+    When the bracket misses (it cannot on continuous scores, but may on heavily tied ones) the full kthvalue runs.
+    """
+    n = flat.numel()
+    if n < _NARROW_MIN:
+        return flat.kthvalue(k).values
+    sample = flat[:: max(1, n // _SAMPLE)]
+    s = sample.numel()
+    margin = max(16, int(4 * (s * (k / n) * (1 - k / n)) ** 0.5))  # ~4 standard deviations of the sample quantile
+    pos = k * s / n
+    lo = sample.kthvalue(max(1, min(s, int(pos) - margin))).values
+    hi = sample.kthvalue(max(1, min(s, int(pos) + margin + 1))).values
+    below = int((flat < lo).sum())
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    rank = k - below
+    if 1 <= rank <= inside.numel():
+        return inside.kthvalue(rank).values
+    return flat.kthvalue(k).values
+
+
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep-mask with exactly `n` kept in every group of `m` consecutive inputs of each row."""
+    """Keep-mask with exactly `n` kept in every group of `m` consecutive inputs of each row.
+
+    Within a group the `n` highest scores are kept; of equal scores the earlier position wins. Ranks are counted
+    over the `m` positions as contiguous slices (m² elementwise compares), which is several times faster than
+    `topk` along a last dimension of 2–16 entries.
+    """
     rows, cols = scores.shape
     if cols % m:
         raise ValueError(f"N:M pruning needs the input size ({cols}) divisible by M={m}")
-    grouped = scores.reshape(rows, cols // m, m)
-    keep = grouped.topk(n, dim=-1).indices
-    return torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, keep, True).view(rows, cols)
+    slices = scores.reshape(rows, cols // m, m).permute(2, 0, 1).contiguous()  # [m, rows, groups]
+    keep = torch.empty(slices.shape, dtype=torch.bool, device=scores.device)
+    for j in range(m):
+        # how many positions of the group outrank position j (ties go to the earlier position)
+        beaten_by = torch.zeros(slices.shape[1:], dtype=torch.uint8, device=scores.device)
+        for i in range(m):
+            if i != j:
+                beaten_by += slices[i] >= slices[j] if i < j else slices[i] > slices[j]
+        keep[j] = beaten_by < n
+    return keep.permute(1, 2, 0).reshape(rows, cols)
 
 
 def select_mask(

@@ -146,6 +146,7 @@ def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress:
             for entry in entries:
                 bar.set_postfix_str(entry.name.rsplit(".", 1)[-1])
                 _solve(entry, solver, stats.pop(entry.name))
+            solver.release()
             del stats
         if index + 1 < len(blocks.layers):
             advance(block, inputs)

@@ -71,6 +71,9 @@ class LayerSolver:
         """Returns the pruned weight `(out, in)` in fp32, exactly zero where pruned."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Drops anything cached across the layers of one block (e.g. a factorisation shared by q/k/v)."""
+
 
 _SOLVERS: dict[type[OneShotConfig], type[LayerSolver]] = {}
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from ...oneshot.masks import gradual_nm_mask, nm_mask, prune_lowest
-from ...oneshot.solver import LayerSolver, LayerTask, register_solver
+from ...oneshot.solver import LayerSolver, LayerStats, LayerTask, register_solver
 from .config import ADMMConfig
 
 logger = logging.getLogger(__name__)
@@ -17,19 +18,53 @@ _EPS = 1e-8
 _MAX_DAMPING_RETRIES = 4
 
 
+@dataclass
+class _Factors:
+    """What depends on the Gram matrix alone, shared by every layer that reads the same input (q/k/v; gate/up)."""
+
+    stats: LayerStats
+    norms: torch.Tensor  # column scale sqrt(diag G)
+    gram_hat: torch.Tensor  # normalised Gram matrix
+    damping: float | None = None
+    system_inv: torch.Tensor | None = None  # (Ĝ + δ·mean(diag Ĝ)·I + ρI)⁻¹, or None when not positive definite
+
+
 @register_solver(ADMMConfig)
 class ADMMSolver(LayerSolver):
     full_gram = True
 
+    def __init__(self, config: ADMMConfig):
+        super().__init__(config)
+        self._factors: _Factors | None = None
+
+    def release(self) -> None:
+        self._factors = None
+
+    def _normalised(self, stats: LayerStats) -> _Factors:
+        if self._factors is None or self._factors.stats is not stats:
+            gram = stats.gram
+            norms = gram.diagonal().sqrt() + _EPS
+            self._factors = _Factors(stats, norms, gram / norms[:, None] / norms[None, :])
+        return self._factors
+
+    def _factorise(self, factors: _Factors, damping: float) -> torch.Tensor | None:
+        if factors.damping != damping:
+            gram_hat = factors.gram_hat
+            n = gram_hat.shape[0]
+            eye = torch.eye(n, dtype=gram_hat.dtype, device=gram_hat.device)
+            shift = damping * gram_hat.diagonal().mean() + self.config.rho
+            chol, info = torch.linalg.cholesky_ex(gram_hat + shift * eye)
+            factors.damping = damping
+            factors.system_inv = torch.cholesky_inverse(chol) if int(info) == 0 else None
+        return factors.system_inv
+
     def solve(self, task: LayerTask) -> torch.Tensor:
         cfg: ADMMConfig = self.config
-        gram = task.stats.gram
-        norms = gram.diagonal().sqrt() + _EPS
-        gram_hat = gram / norms[:, None] / norms[None, :]
-        weight_hat = task.weight * norms[None, :]  # column-wise scaling: |Ŵ| is Wanda's score
+        factors = self._normalised(task.stats)
+        weight_hat = task.weight * factors.norms[None, :]  # column-wise scaling: |Ŵ| is Wanda's score
 
         damping = cfg.damping
-        reason = _singularity(gram, task.stats.tokens)
+        reason = _singularity(task.stats.gram, task.stats.tokens)
         if reason:
             damping = cfg.damping * 10
             warnings.warn(
@@ -39,9 +74,10 @@ class ADMMSolver(LayerSolver):
                 stacklevel=2,
             )
         for _ in range(_MAX_DAMPING_RETRIES):
-            result = self._admm(task, gram_hat, weight_hat, damping)
+            system_inv = self._factorise(factors, damping)
+            result = None if system_inv is None else self._admm(task, system_inv, weight_hat)
             if result is not None and bool(torch.isfinite(result).all()):
-                return result / norms[None, :]
+                return result / factors.norms[None, :]
             warnings.warn(
                 f"hf_prune ADMM: {task.name} diverged (non-finite or non-PD system) at damping {damping:g}; "
                 f"retrying with {damping * 10:g}.",
@@ -51,30 +87,27 @@ class ADMMSolver(LayerSolver):
             damping *= 10
         raise FloatingPointError(f"ADMM could not produce finite weights for {task.name} even at damping {damping:g}")
 
-    def _admm(self, task: LayerTask, gram_hat, weight_hat, damping: float) -> torch.Tensor | None:
+    def _admm(self, task: LayerTask, system_inv: torch.Tensor, weight_hat: torch.Tensor) -> torch.Tensor:
+        """T ADMM iterations. With S = (Ĝ_δ + ρI)⁻¹ the V-step (ŴĜ_δ + ρ(Z - U))S is ŴĜ_δS + ρ(Z - U)S, and
+        ŴĜ_δS = Ŵ - ρŴS, so each iteration is one fused `addmm` plus four elementwise passes into reused buffers."""
         cfg: ADMMConfig = self.config
-        n = gram_hat.shape[0]
-        eye = torch.eye(n, dtype=gram_hat.dtype, device=gram_hat.device)
-        gram_hat = gram_hat + damping * gram_hat.diagonal().mean() * eye
-        chol, info = torch.linalg.cholesky_ex(gram_hat + cfg.rho * eye)
-        if int(info) != 0:
-            return None
-        system_inv = torch.cholesky_inverse(chol)  # (Ĝ + ρI)⁻¹, symmetric: right-multiplying rows of W is exact
-        target = weight_hat @ gram_hat  # Ŵ Ĝ, the reconstruction term in (out, in) layout
-
-        if cfg.mask_mode == "fixed":
-            mask = task.mask
-        else:
-            mask = None
-        v = weight_hat
+        rho = cfg.rho
+        target = torch.addmm(weight_hat, weight_hat, system_inv, alpha=-rho)  # ŴĜ_δS
+        mask = task.mask if cfg.mask_mode == "fixed" else None
+        keep = None if mask is None else mask.to(weight_hat.dtype)
+        v = weight_hat.clone()
         u = torch.zeros_like(v)
+        vu, z, d = torch.empty_like(v), torch.empty_like(v), torch.empty_like(v)
         for t in range(cfg.iterations):
+            torch.add(v, u, out=vu)
             if cfg.mask_mode == "gradual" and (t < cfg.mask_iterations or mask is None):
-                mask = self._select(v + u, task, min(t, max(cfg.mask_iterations - 1, 0)))
-            z = (v + u) * mask
-            u = u + v - z
-            v = (target + cfg.rho * (z - u)) @ system_inv
-        return (v + u) * mask
+                mask = self._select(vu, task, min(t, max(cfg.mask_iterations - 1, 0)))
+                keep = mask.to(vu.dtype)
+            torch.mul(vu, keep, out=z)  # Z = Π(V + U)
+            torch.sub(vu, z, out=u)  # U + V - Z
+            torch.sub(z, u, out=d)
+            torch.addmm(target, d, system_inv, alpha=rho, out=v)
+        return (v + u) * keep
 
     def _select(self, scores_source: torch.Tensor, task: LayerTask, step: int) -> torch.Tensor:
         cfg: ADMMConfig = self.config
