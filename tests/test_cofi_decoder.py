@@ -300,7 +300,7 @@ def test_target_architecture_the_model_cannot_have_is_refused_before_training(kw
     "kwargs, message",
     [
         ({"target_layers": 0}, "target_layers must be an integer >= 1"),
-        ({"target_hidden_size": 2.5}, "target_hidden_size must be an integer >= 1"),
+        ({"target_hidden_size": 2.5}, "target_hidden_size must be an integer or None, got 2.5"),
         ({"target_heads": 4, "target_kv_heads": 2}, "give target_heads or target_kv_heads, not both"),
         ({"target_layers": 2, "target_sparsity": 0.5}, "give target_sparsity=0.5 or a target architecture"),
         ({"target_hidden_size": 16, "prune_hidden": False}, "target_hidden_size needs prune_hidden=True"),
