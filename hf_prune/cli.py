@@ -269,6 +269,8 @@ def _export_onnx_parser(sub) -> None:
     p.add_argument("--int8", action="store_true", help="also write model_quantized.onnx (dynamic int8 weights)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="largest max abs logit difference from PyTorch the fp32 graph may have (default 1e-4)")
 
 
 def run_export_onnx(args) -> int:
@@ -276,7 +278,8 @@ def run_export_onnx(args) -> int:
 
     try:
         report = export_onnx(args.model, args.output, task=args.task, int8=args.int8, opset=args.opset,
-                             overwrite=args.overwrite, command="hf-prune " + shlex.join(args.argv))
+                             overwrite=args.overwrite, atol=args.atol,
+                             command="hf-prune " + shlex.join(args.argv))
     except ExportVerificationError as err:
         print(f"hf-prune export-onnx: error: {err}", file=sys.stderr)
         return 1
