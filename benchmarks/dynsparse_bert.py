@@ -2,14 +2,17 @@
 
 1. Overhead: training step time with DynSparse (hook + masking + pattern updates) vs the same model dense, in a plain
    loop; and the cost of one pattern update. Dense and sparse runs are interleaved and repeated; medians reported.
-2. Small-scale replication (MLM from scratch on the shipped Wikipedia articles, via
-   `integrations/dynsparse_bert_mlm.py`): dense, FLOP-matched dense, static and DynSparse at s = 0.9,
-   unstructured and 16×16 blocks. Final eval MLM loss, explored DOF, non-embedding FLOPs per token.
+2. Replication over seeds (MLM from scratch on the shipped Wikipedia articles, via
+   `integrations/dynsparse_bert_mlm.py`; protocol in `benchmarks/dynsparse_replication.py`): static, DynSparse
+   (random and gradient regrowth) at s = 0.9 with 1x1 and 16x16 blocks, and a dense learning-rate sweep of the dense
+   and FLOP-matched dense models; mean ± std over seeds and paired differences with 95 % t intervals. Resumable: the
+   same command again skips the finished runs (kept in the JSON after each run) and trains the rest.
 
     python benchmarks/dynsparse_bert.py --part overhead
-    python benchmarks/dynsparse_bert.py --part replication --max-steps 600
+    OMP_NUM_THREADS=1 python benchmarks/dynsparse_bert.py --part replication --max-steps 200 --num-updates 20
 
-Writes a markdown table and JSON to benchmarks/results/.
+Writes a markdown table and JSON to benchmarks/results/ (replication: `dynsparse_replication_<label>.{json,md}`,
+label `steps<max_steps>_seeds<n>` unless `--label` is given).
 """
 
 from __future__ import annotations
@@ -82,26 +85,74 @@ def overhead(hidden=256, layers=4, heads=4, seq_len=128, batch_size=16, steps=30
     }
 
 
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def replication(a) -> dict:
+    """Runs (or resumes) the multi-seed replication and prints its tables."""
+    from dynsparse_replication import Replication, markdown
+
+    protocol = {
+        "hidden": a.hidden or 128, "layers": a.layers, "heads": 4, "seq_len": a.seq_len or 64,
+        "batch_size": a.batch_size, "max_steps": a.max_steps, "sparsity": 0.9, "num_updates": a.num_updates,
+        "pruning_ratio": 0.5, "sparse_base_lr": a.lr, "dense_lrs": _floats(a.dense_lrs), "seeds": _ints(a.seeds),
+        "sweep_seeds": _ints(a.sweep_seeds) if a.sweep_seeds else _ints(a.seeds)[:1],
+    }
+    label = a.label or f"steps{a.max_steps}_seeds{len(protocol['seeds'])}"
+    data = {}
+
+    def train(arm: dict, seed: int) -> dict:
+        from dynsparse_bert_mlm import mlm_datasets, run_mlm, tokenizer_path
+
+        if not data:  # loaded on the first run that trains: a finished replication only re-summarises
+            from transformers import AutoTokenizer
+
+            data["tokenizer"] = AutoTokenizer.from_pretrained(tokenizer_path())
+            data["train"], data["evaluation"] = mlm_datasets(data["tokenizer"], protocol["seq_len"])
+        return run_mlm(
+            arm["mode"], tokenizer=data["tokenizer"], train=data["train"], evaluation=data["evaluation"],
+            hidden=protocol["hidden"], layers=protocol["layers"], heads=protocol["heads"], seq_len=protocol["seq_len"],
+            batch_size=protocol["batch_size"], max_steps=protocol["max_steps"], lr=arm["lr"],
+            sparsity=protocol["sparsity"], block_size=arm["block_size"], num_updates=protocol["num_updates"],
+            pruning_ratio=protocol["pruning_ratio"], regrowth=arm["regrowth"], seed=seed,
+            output_dir=f"/tmp/hf_prune_dynsparse_replication_{label}",
+        )
+
+    doc = Replication(RESULTS / f"dynsparse_replication_{label}.json", protocol, train).run()
+    print(markdown(doc))
+    return doc
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=["overhead", "replication", "all"], default="all")
     p.add_argument("--steps", type=int, default=30, help="overhead: timed steps per run")
     p.add_argument("--update-every", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-steps", type=int, default=600, help="replication: optimizer steps per run")
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--max-steps", type=int, default=200, help="replication: optimizer steps per run")
+    p.add_argument("--hidden", type=int, default=None, help="default: 256 (overhead), 128 (replication)")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=None, help="default: 128 (overhead), 64 (replication)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-updates", type=int, default=None,
                    help="replication: pattern updates per run (default: the paper's 160 for 1x1 / 80 for 16x16, meant "
                    "for long runs; short runs want fewer)")
+    p.add_argument("--seeds", default="0,1,2", help="replication: comma list of seeds (init, data order, masks)")
+    p.add_argument("--sweep-seeds", default=None, help="replication: seeds of the dense lr sweep (default: the first)")
+    p.add_argument("--dense-lrs", default="1e-3,3.2e-3,1e-2", help="replication: the dense learning-rate sweep")
+    p.add_argument("--lr", type=float, default=5e-4,
+                   help="replication: dense lr eta(0) of the sparse rule; sparse arms train at sparse_learning_rate(lr)")
     p.add_argument("--label", default="", help="suffix of the result files (e.g. 'short')")
     a = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = f"_{a.label}" if a.label else ""
     if a.part in ("overhead", "all"):
-        rows = [overhead(hidden=a.hidden, layers=a.layers, seq_len=a.seq_len, batch_size=a.batch_size, steps=a.steps,
+        rows = [overhead(hidden=a.hidden or 256, layers=a.layers, seq_len=a.seq_len or 128, batch_size=a.batch_size, steps=a.steps,
                          update_every=a.update_every, repeats=a.repeats, block_size=b) for b in (1, 16)]
         table = ["| model | block | dense s/step | DynSparse s/step | overhead | one update (s) |", "|---|---|---|---|---|---|"]
         for r in rows:
@@ -112,25 +163,7 @@ def main(argv=None):
         (RESULTS / f"dynsparse_overhead{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
         (RESULTS / f"dynsparse_overhead{suffix}.md").write_text(text + "\n")
     if a.part in ("replication", "all"):
-        from transformers import AutoTokenizer
-
-        from dynsparse_bert_mlm import markdown, mlm_datasets, run_mlm, tokenizer_path
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
-        train, evaluation = mlm_datasets(tokenizer, a.seq_len)
-        common = dict(tokenizer=tokenizer, train=train, evaluation=evaluation, hidden=a.hidden, layers=a.layers,
-                      seq_len=a.seq_len, batch_size=a.batch_size, max_steps=a.max_steps, sparsity=0.9,
-                      num_updates=a.num_updates)
-        results = [run_mlm("dense", **common), run_mlm("dense_matched", **common)]
-        print(json.dumps(results), flush=True)
-        for block in (1, 16):
-            for mode in ("static", "dynsparse"):
-                results.append(run_mlm(mode, block_size=block, **common))
-                print(json.dumps(results[-1]), flush=True)
-        text = markdown(results)
-        print(text)
-        (RESULTS / f"dynsparse_replication{suffix}.json").write_text(json.dumps(results, indent=2) + "\n")
-        (RESULTS / f"dynsparse_replication{suffix}.md").write_text(text + "\n")
+        replication(a)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Prints a markdown table; `--json FILE` writes the results.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -89,19 +90,27 @@ def matched_dense_hidden(hidden: int, heads: int, sparsity: float) -> int:
 
 def run_mlm(
     mode: str, *, tokenizer, train, evaluation, hidden=256, layers=4, heads=4, seq_len=128, batch_size=16,
-    max_steps=300, lr=5e-4, sparsity=0.9, block_size=1, num_updates=None, pruning_ratio=0.5, output_dir="/tmp/ds",
-    seed=0, threads=None,
+    max_steps=300, lr=5e-4, sparsity=0.9, block_size=1, num_updates=None, pruning_ratio=0.5, regrowth="random",
+    output_dir="/tmp/ds", seed=0, threads=None,
 ) -> dict:
-    """Trains one model (`dense`, `dense_matched`, `static` or `dynsparse`) and returns its results."""
+    """Trains one model (`dense`, `dense_matched`, `static` or `dynsparse`) and returns its results.
+
+    `seed` sets the model init, the data order and MLM masking (Trainer seed) and the sparsity pattern (DynSparse
+    seed). `lr` is the dense learning rate; sparse modes train at `sparse_learning_rate(lr, sparsity)`. The result
+    holds the training-loss curve (`loss_curve`: [step, loss] at every logging step) and, for sparse modes, a SHA-256
+    of the final masks (`mask_digest`), so runs can be compared for identity.
+    """
     if threads:
         torch.set_num_threads(threads)
+    run_start = time.perf_counter()
     set_seed(seed)
     width = matched_dense_hidden(hidden, heads, sparsity) if mode == "dense_matched" else hidden
     model = BertForMaskedLM(bert_config(len(tokenizer), width, layers, heads, seq_len))
     callbacks, learning_rate = [], lr
     if mode in ("static", "dynsparse"):
         kwargs = {"update_interval": max_steps} if mode == "static" else {"num_updates": num_updates}
-        config = DynSparseConfig(sparsity=sparsity, block_size=block_size, pruning_ratio=pruning_ratio, seed=seed, **kwargs)
+        config = DynSparseConfig(sparsity=sparsity, block_size=block_size, pruning_ratio=pruning_ratio, regrowth=regrowth,
+                                 seed=seed, **kwargs)
         callbacks.append(DynSparseCallback(config))
         learning_rate = sparse_learning_rate(lr, sparsity)
     elif mode not in ("dense", "dense_matched"):
@@ -125,6 +134,7 @@ def run_mlm(
         "mode": mode, "hidden": width, "layers": layers, "block_size": block_size if callbacks else None,
         "sparsity": sparsity if callbacks else 0.0, "learning_rate": learning_rate, "steps": max_steps,
         "eval_mlm_loss": eval_loss, "train_seconds": wall, "flops_per_token": dense_flops, "explored_dof": 1.0,
+        "seed": seed, "loss_curve": [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e],
     }
     if callbacks:
         metrics = callbacks[0].updater.metrics()
@@ -132,8 +142,19 @@ def run_mlm(
         result.update(
             flops_per_token=metrics["dynsparse/flops_per_token_sparse"], explored_dof=metrics["dynsparse/explored_dof"],
             updates=int(metrics["dynsparse/updates"]), measured_sparsity=state.overall_sparsity,
+            regrowth=regrowth, mask_digest=mask_digest(callbacks[0].updater.masks),
         )
+    result["wall_seconds"] = time.perf_counter() - run_start
     return result
+
+
+def mask_digest(masks: dict) -> str:
+    """SHA-256 over the block masks (sorted by module name): equal digests = identical sparsity patterns."""
+    digest = hashlib.sha256()
+    for name in sorted(masks):
+        digest.update(name.encode())
+        digest.update(masks[name].mask.to(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def markdown(results: list[dict]) -> str:
@@ -155,6 +176,8 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=1)
     p.add_argument("--num-updates", type=int, default=None, help="default: the paper's (160 for 1x1, 80 for blocks)")
     p.add_argument("--pruning-ratio", type=float, default=0.5)
+    p.add_argument("--regrowth", choices=["random", "gradient"], default="random")
+    p.add_argument("--seed", type=int, default=0, help="model init, data order, MLM masking and sparsity pattern")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -176,7 +199,7 @@ def main(argv=None):
             mode, tokenizer=tokenizer, train=train, evaluation=evaluation, hidden=a.hidden, layers=a.layers,
             heads=a.heads, seq_len=a.seq_len, batch_size=a.batch_size, max_steps=a.max_steps, lr=a.lr,
             sparsity=a.sparsity, block_size=a.block_size, num_updates=a.num_updates, pruning_ratio=a.pruning_ratio,
-            output_dir=a.output_dir, threads=a.threads,
+            regrowth=a.regrowth, output_dir=a.output_dir, seed=a.seed, threads=a.threads,
         ))
         print(json.dumps(results[-1]), flush=True)
     print(markdown(results))

@@ -1,0 +1,270 @@
+"""The multi-seed DynSparse replication protocol, resumable: which runs exist, in which order they train, how finished
+runs are kept in one JSON file, and the statistics over seeds (mean ± std per arm, paired differences with 95 %
+t intervals). Training itself is a function passed in (`benchmarks/dynsparse_bert.py` passes one around
+`integrations/dynsparse_bert_mlm.run_mlm`), so the bookkeeping is testable without training.
+
+Order of the runs (so that an interrupted replication has its most important comparisons first):
+1. static and DynSparse (random regrowth) at 1x1 and 16x16 blocks, every seed;
+2. the dense learning-rate sweep: `dense` and `dense_matched` at every `dense_lrs` value on the `sweep_seeds`;
+3. per dense mode, the best swept lr (lowest mean eval loss on the sweep seeds) on the remaining seeds: the dense row;
+4. DynSparse with gradient regrowth at 1x1 and 16x16, every seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from paired_stats import mean_std, paired_difference
+
+logger = logging.getLogger(__name__)
+
+BLOCKS = (1, 16)
+DENSE_MODES = ("dense", "dense_matched")
+
+
+def sparse_arm(mode: str, block: int, base_lr: float, regrowth: str = "random") -> dict:
+    name = "gradient" if regrowth == "gradient" else mode
+    return {"arm": f"{name}_b{block}", "mode": mode, "block_size": block, "regrowth": regrowth, "lr": base_lr}
+
+
+def dense_arm(mode: str, lr: float) -> dict:
+    return {"arm": f"{mode}@lr={lr:.1e}", "mode": mode, "block_size": 1, "regrowth": "random", "lr": lr}
+
+
+def run_key(arm: dict, seed: int) -> str:
+    return f"{arm['arm']}/seed={seed}"
+
+
+def check_protocol(protocol: dict) -> None:
+    """Clear errors for a protocol that cannot run, before any training."""
+    seeds, sweep = protocol["seeds"], protocol["sweep_seeds"]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"replication: seeds must be distinct and non-empty, got {seeds}")
+    if not sweep or not set(sweep) <= set(seeds):
+        raise ValueError(f"replication: sweep_seeds must be a non-empty subset of seeds {seeds}, got {sweep}")
+    lrs = protocol["dense_lrs"]
+    if not lrs or any(not lr > 0 for lr in lrs) or len(set(lrs)) != len(lrs):
+        raise ValueError(f"replication: dense_lrs must be distinct positive numbers, got {lrs}")
+
+
+class Replication:
+    """Runs the protocol's missing runs one at a time, saving `path` (JSON) and its markdown twin after each.
+
+    Args:
+        path (`Path`): the results JSON; if it exists its finished runs are kept and skipped. It must hold the same
+            protocol (else a `ValueError` names the differing fields: pick another label).
+        protocol (`dict`): model/training sizes plus `seeds`, `sweep_seeds`, `dense_lrs`, `sparse_base_lr`.
+        train_fn (`Callable[[dict, int], dict]`): trains one arm at one seed; returns at least `eval_mlm_loss`.
+    """
+
+    def __init__(self, path: Path, protocol: dict, train_fn: Callable[[dict, int], dict]):
+        check_protocol(protocol)
+        self.path, self.protocol, self.train_fn = Path(path), protocol, train_fn
+        self.runs: dict[str, dict] = {}
+        if self.path.exists():
+            saved = json.loads(self.path.read_text())
+            old = saved.get("protocol", {})
+            diff = sorted(k for k in set(old) | set(protocol) if old.get(k) != protocol.get(k))
+            if diff:
+                raise ValueError(
+                    f"{self.path} holds a replication with another protocol (differs in {', '.join(diff)}: "
+                    + "; ".join(f"{k}: saved {old.get(k)!r}, asked {protocol.get(k)!r}" for k in diff)
+                    + "); use another --label or move that file away"
+                )
+            self.runs = saved.get("runs", {})
+
+    # --- planning -------------------------------------------------------------------------------------------------
+    def _core(self) -> list[tuple[dict, int]]:
+        base = self.protocol["sparse_base_lr"]
+        return [(sparse_arm(mode, b, base), s) for b in BLOCKS for mode in ("static", "dynsparse")
+                for s in self.protocol["seeds"]]
+
+    def _sweep(self) -> list[tuple[dict, int]]:
+        return [(dense_arm(mode, lr), s) for mode in DENSE_MODES for lr in self.protocol["dense_lrs"]
+                for s in self.protocol["sweep_seeds"]]
+
+    def _gradient(self) -> list[tuple[dict, int]]:
+        base = self.protocol["sparse_base_lr"]
+        return [(sparse_arm("dynsparse", b, base, "gradient"), s) for b in BLOCKS for s in self.protocol["seeds"]]
+
+    def best_dense_lr(self, mode: str) -> float | None:
+        """The swept lr of `mode` with the lowest mean eval loss over the sweep seeds (None until the sweep is done)."""
+        means = {}
+        for lr in self.protocol["dense_lrs"]:
+            losses = [self.runs.get(run_key(dense_arm(mode, lr), s), {}).get("eval_mlm_loss")
+                      for s in self.protocol["sweep_seeds"]]
+            if any(v is None for v in losses):
+                return None
+            means[lr] = sum(losses) / len(losses)
+        return min(means, key=means.get)
+
+    def _dense_rest(self) -> list[tuple[dict, int]] | None:
+        rest = []
+        for mode in DENSE_MODES:
+            lr = self.best_dense_lr(mode)
+            if lr is None:
+                return None
+            rest += [(dense_arm(mode, lr), s) for s in self.protocol["seeds"] if s not in self.protocol["sweep_seeds"]]
+        return rest
+
+    def total_runs(self) -> int:
+        extra = len(self.protocol["seeds"]) - len(self.protocol["sweep_seeds"])
+        return len(self._core()) + len(self._sweep()) + len(DENSE_MODES) * extra + len(self._gradient())
+
+    def next_run(self) -> tuple[dict, int] | None:
+        """The first unfinished run in protocol order (None when the replication is complete)."""
+        for phase in (self._core, self._sweep, self._dense_rest, self._gradient):
+            jobs = phase()
+            if jobs is None:  # cannot happen in order (the sweep precedes), kept for a hand-edited file
+                raise RuntimeError("replication: the dense sweep is incomplete, cannot pick the dense lr")
+            for arm, seed in jobs:
+                if run_key(arm, seed) not in self.runs:
+                    return arm, seed
+        return None
+
+    # --- running --------------------------------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> dict:
+        """Trains every missing run (saving after each) and returns the saved document."""
+        from tqdm.auto import tqdm
+
+        total = self.total_runs()
+        bar = tqdm(total=total, initial=len(self.runs), desc="replication runs", disable=not progress)
+        if len(self.runs):
+            logger.info("resuming %s: %d of %d runs finished", self.path, len(self.runs), total)
+        while (job := self.next_run()) is not None:
+            arm, seed = job
+            bar.set_postfix_str(run_key(arm, seed))
+            load_before = os.getloadavg()[0]
+            start = time.perf_counter()
+            result = dict(self.train_fn(arm, seed))
+            result.update(arm=arm["arm"], seed=seed, run_wall_seconds=time.perf_counter() - start,
+                          load_before=load_before, load_after=os.getloadavg()[0],
+                          finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            self.runs[run_key(arm, seed)] = result
+            self.save()
+            logger.info("%s: eval loss %.4f in %.0f s", run_key(arm, seed), result["eval_mlm_loss"],
+                        result["run_wall_seconds"])
+            bar.update(1)
+        bar.close()
+        return self.save()
+
+    def save(self) -> dict:
+        """Writes the JSON (atomically: temp file then rename) and the markdown table; returns the document."""
+        doc = {"protocol": self.protocol, "complete": self.next_run() is None, "finished_runs": len(self.runs),
+               "total_runs": self.total_runs(), **self.summary(), "runs": self.runs}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for target, text in ((self.path, json.dumps(doc, indent=2) + "\n"),
+                             (self.path.with_suffix(".md"), markdown(doc) + "\n")):
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, target)
+        return doc
+
+    # --- statistics -----------------------------------------------------------------------------------------------
+    def _losses(self, arm_name: str) -> dict[int, float]:
+        return {r["seed"]: r["eval_mlm_loss"] for r in self.runs.values() if r["arm"] == arm_name}
+
+    def table_arms(self) -> list[str]:
+        """The rows of the main table: the dense modes at their best lr, then the sparse arms."""
+        names = []
+        for mode in DENSE_MODES:
+            lr = self.best_dense_lr(mode)
+            if lr is not None:
+                names.append(dense_arm(mode, lr)["arm"])
+        base = self.protocol["sparse_base_lr"]
+        for b in BLOCKS:
+            names += [sparse_arm("static", b, base)["arm"], sparse_arm("dynsparse", b, base)["arm"],
+                      sparse_arm("dynsparse", b, base, "gradient")["arm"]]
+        return names
+
+    def comparisons(self) -> list[tuple[str, str]]:
+        pairs = []
+        for b in BLOCKS:
+            pairs += [(f"dynsparse_b{b}", f"static_b{b}"), (f"gradient_b{b}", f"static_b{b}"),
+                      (f"gradient_b{b}", f"dynsparse_b{b}")]
+        pairs += [("static_b16", "static_b1"), ("dynsparse_b16", "dynsparse_b1")]
+        for mode in DENSE_MODES:
+            lr = self.best_dense_lr(mode)
+            if lr is not None:
+                pairs += [(f"dynsparse_b{b}", dense_arm(mode, lr)["arm"]) for b in BLOCKS]
+        return pairs
+
+    def summary(self) -> dict:
+        arms = {}
+        for name in self.table_arms():
+            runs = sorted((r for r in self.runs.values() if r["arm"] == name), key=lambda r: r["seed"])
+            if not runs:
+                continue
+            first = runs[0]
+            arms[name] = {
+                "eval_mlm_loss": mean_std([r["eval_mlm_loss"] for r in runs]), "seeds": [r["seed"] for r in runs],
+                "mode": first["mode"], "block_size": first.get("block_size"), "regrowth": first.get("regrowth"),
+                "hidden": first.get("hidden"), "learning_rate": first.get("learning_rate"),
+                "explored_dof": mean_std([r.get("explored_dof", 1.0) for r in runs])["mean"],
+                "flops_per_token": first.get("flops_per_token"), "updates": first.get("updates"),
+                "run_wall_seconds": mean_std([r["run_wall_seconds"] for r in runs]),
+            }
+        sweep = []
+        for mode in DENSE_MODES:
+            best = self.best_dense_lr(mode)
+            for lr in self.protocol["dense_lrs"]:
+                losses = self._losses(dense_arm(mode, lr)["arm"])
+                on_sweep = [losses[s] for s in self.protocol["sweep_seeds"] if s in losses]
+                if on_sweep:
+                    sweep.append({"mode": mode, "lr": lr, "sweep_seeds": [s for s in self.protocol["sweep_seeds"]
+                                                                          if s in losses],
+                                  "eval_mlm_loss": mean_std(on_sweep), "best": lr == best})
+        comparisons = []
+        for a, b in self.comparisons():
+            la, lb = self._losses(a), self._losses(b)
+            seeds = sorted(set(la) & set(lb))
+            if seeds:
+                comparisons.append({"a": a, "b": b, "seeds": seeds,
+                                    **paired_difference([la[s] for s in seeds], [lb[s] for s in seeds])})
+        return {"arms": arms, "dense_sweep": sweep, "comparisons": comparisons}
+
+
+def reading(c: dict) -> str:
+    """One comparison in plain words."""
+    if c["n"] < 2:
+        return "one seed: no interval"
+    if not c["significant"]:
+        return "not significant (interval contains 0)"
+    return f"{c['a']} {'lower' if c['mean'] < 0 else 'higher'} loss, significant"
+
+
+def markdown(doc: dict) -> str:
+    p = doc["protocol"]
+    lines = [
+        f"Replication, {doc['finished_runs']} of {doc['total_runs']} runs finished"
+        f"{'' if doc['complete'] else ' (INCOMPLETE: rerun the same command to resume)'}: BERT h={p['hidden']} "
+        f"L={p['layers']} seq={p['seq_len']} batch={p['batch_size']}, {p['max_steps']} steps, s={p['sparsity']}, "
+        f"{p['num_updates']} pattern updates, seeds {p['seeds']} (dense lr sweep on seeds {p['sweep_seeds']}).",
+        "",
+        "| arm | block | hidden | lr | MLM eval loss (mean ± std) | n | DOF | non-emb FLOPs/token | s/run (mean) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, a in doc["arms"].items():
+        loss = a["eval_mlm_loss"]
+        block = a["block_size"] if a["mode"] in ("static", "dynsparse") else "-"
+        lines.append(f"| {name} | {block} | {a['hidden']} | {a['learning_rate']:.2e} | {loss['mean']:.4f} ± "
+                     f"{loss['std']:.4f} | {loss['n']} | {a['explored_dof']:.3f} | {a['flops_per_token'] / 1e6:.2f}M | "
+                     f"{a['run_wall_seconds']['mean']:.0f} |")
+    if doc["dense_sweep"]:
+        lines += ["", "Dense learning-rate sweep (mean eval loss on the sweep seeds; * = the dense row):", "",
+                  "| mode | lr | MLM eval loss | n |", "|---|---|---|---|"]
+        for r in doc["dense_sweep"]:
+            lines.append(f"| {r['mode']} | {r['lr']:.1e}{' *' if r['best'] else ''} | {r['eval_mlm_loss']['mean']:.4f} ± "
+                         f"{r['eval_mlm_loss']['std']:.4f} | {r['eval_mlm_loss']['n']} |")
+    if doc["comparisons"]:
+        lines += ["", "Paired differences a − b of eval loss over the common seeds (negative: a better), 95 % t "
+                  "interval:", "", "| a | b | n | mean diff | 95 % interval | reading |", "|---|---|---|---|---|---|"]
+        for c in doc["comparisons"]:
+            interval = f"[{c['low']:+.4f}, {c['high']:+.4f}]" if c["low"] is not None else "-"
+            lines.append(f"| {c['a']} | {c['b']} | {c['n']} | {c['mean']:+.4f} | {interval} | {reading(c)} |")
+    return "\n".join(lines)

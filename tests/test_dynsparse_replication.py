@@ -1,0 +1,92 @@
+"""The DynSparse replication's statistics (known numbers), resumable bookkeeping, and seed handling of run_mlm."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "integrations"))
+from dynsparse_replication import Replication  # noqa: E402
+from paired_stats import mean_std, paired_difference, t_quantile_975  # noqa: E402
+
+
+def test_t_quantiles_and_paired_interval_on_known_numbers():
+    assert t_quantile_975(2) == 4.303 and t_quantile_975(30) == 2.042
+    assert t_quantile_975(31) == pytest.approx(2.0395, abs=1e-3)
+    assert t_quantile_975(1000) == pytest.approx(1.9623, abs=1e-3)
+    with pytest.raises(ValueError, match="df must be an int >= 1"):
+        t_quantile_975(0)
+    assert mean_std([1.0, 2.0, 3.0]) == {"mean": 2.0, "std": 1.0, "n": 3}
+    # differences 1, 2, 3: mean 2, sd 1, half-width 4.303 / sqrt(3)
+    d = paired_difference([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
+    half = 4.303 / math.sqrt(3)
+    assert d["mean"] == 2.0 and d["std"] == 1.0
+    assert d["low"] == pytest.approx(2.0 - half) and d["high"] == pytest.approx(2.0 + half)
+    assert not d["significant"]  # [-0.484, 4.484] contains 0
+    assert paired_difference([2.0, 2.1, 1.9], [1.0, 1.0, 1.0])["significant"]
+    d = paired_difference([1.0, 1.1, 0.9], [1.0, 1.0, 1.0])
+    assert d["mean"] == pytest.approx(0.0, abs=1e-12) and not d["significant"]
+    assert paired_difference([1.0], [2.0])["low"] is None
+    with pytest.raises(ValueError, match="equally long"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+PROTOCOL = {"hidden": 8, "layers": 1, "heads": 1, "seq_len": 8, "batch_size": 2, "max_steps": 1, "sparsity": 0.9,
+            "num_updates": 1, "pruning_ratio": 0.5, "sparse_base_lr": 5e-4, "dense_lrs": [1e-3, 3e-3, 1e-2],
+            "seeds": [0, 1, 2], "sweep_seeds": [0]}
+
+
+def _fake(calls, stop_after=None):
+    def train(arm, seed):
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append((arm["arm"], seed))
+        loss = {"dense": 5.0 + abs(math.log10(arm["lr"]) + 2.5)}.get(arm["mode"], 6.0) + 0.01 * seed
+        return {"mode": arm["mode"], "block_size": arm["block_size"], "regrowth": arm["regrowth"], "hidden": 8,
+                "learning_rate": arm["lr"], "eval_mlm_loss": loss, "flops_per_token": 1.0e6}
+    return train
+
+
+def test_resume_skips_finished_runs(tmp_path):
+    path = tmp_path / "rep.json"
+    first = []
+    with pytest.raises(KeyboardInterrupt):
+        Replication(path, PROTOCOL, _fake(first, stop_after=5)).run(progress=False)
+    saved = json.loads(path.read_text())
+    assert saved["finished_runs"] == 5 and not saved["complete"] and saved["total_runs"] == 28
+    rest = []
+    doc = Replication(path, PROTOCOL, _fake(rest)).run(progress=False)
+    assert not set(first) & set(rest) and len(first) + len(rest) == 28 and doc["complete"]
+    for key, run in saved["runs"].items():  # finished runs kept as they were
+        assert doc["runs"][key] == run
+    # the dense row is the best swept lr (3e-3 for the fake), run on the remaining seeds
+    assert ("dense@lr=3.0e-03", 1) in rest and ("dense@lr=1.0e-02", 1) not in rest
+    assert "dense@lr=3.0e-03" in doc["arms"] and doc["arms"]["dense@lr=3.0e-03"]["eval_mlm_loss"]["n"] == 3
+    assert len(doc["dense_sweep"]) == 6 and sum(r["best"] for r in doc["dense_sweep"]) == 2
+    assert all("run_wall_seconds" in r for r in doc["runs"].values())
+    again = []
+    Replication(path, PROTOCOL, _fake(again)).run(progress=False)
+    assert again == []
+    with pytest.raises(ValueError, match="another protocol.*max_steps"):
+        Replication(path, {**PROTOCOL, "max_steps": 2}, _fake([]))
+
+
+def test_seed_same_identical_different_masks_differ():
+    from transformers import AutoTokenizer
+
+    from dynsparse_bert_mlm import run_mlm, tokenizer_path
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path())
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1000, 2000, (16,), generator=g)} for _ in range(16)]
+    kw = dict(tokenizer=tok, train=data, evaluation=data[:4], hidden=16, layers=1, heads=1, seq_len=16, batch_size=4,
+              max_steps=4, num_updates=2, block_size=1, sparsity=0.5, output_dir="/tmp/hf_prune_test_seed")
+    a, b, c = run_mlm("dynsparse", seed=0, **kw), run_mlm("dynsparse", seed=0, **kw), run_mlm("dynsparse", seed=1, **kw)
+    assert a["mask_digest"] == b["mask_digest"] and a["loss_curve"] == b["loss_curve"] and len(a["loss_curve"]) == 4
+    assert a["eval_mlm_loss"] == b["eval_mlm_loss"]
+    assert c["mask_digest"] != a["mask_digest"] and c["loss_curve"] != a["loss_curve"]
