@@ -259,6 +259,9 @@ def run_recover(args) -> int:
     merged.save_pretrained(args.output, overwrite=args.overwrite)
     tokenizer.save_pretrained(args.output)
     print(f"recovered model saved to {args.output}")
+    return 0
+
+
 def _export_onnx_parser(sub) -> None:
     p = sub.add_parser("export-onnx", help="export a (pruned) model to ONNX Runtime, checked against PyTorch, "
                                            "optionally int8")
