@@ -5,7 +5,8 @@
 compressed tensors and `quantization_config`) and sets two *instance* attributes, `save_pretrained` and
 `push_to_hub`, that wrap the class methods with what transformers does not do: an atomic write, the overwrite check,
 and our model card (transformers' `push_to_hub` would otherwise replace it with a generic one). The class and
-transformers itself are not patched; other models are untouched.
+transformers itself are not patched; other models are untouched. The two attributes are [`_InstanceMethod`]s, bound
+methods that pickle, so `pickle`, `copy.deepcopy` and `torch.save(model)` copies keep the compressed save.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import glob
+import inspect
 import logging
 import os
 import shutil
 import sys
 import tempfile
-import types
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +125,49 @@ def enable_compressed_save(model, state: PruningState | None = None, *, quantize
             setattr(model, _ATTR, restored)  # not set_pruning_state: that would call back into here
     model.hf_quantizer = quantizer
     model.config.quantization_config = quantizer.quantization_config
-    model.save_pretrained = types.MethodType(_save_pretrained, model)
-    model.push_to_hub = types.MethodType(_push_to_hub, model)
+    model.save_pretrained = _InstanceMethod(_save_pretrained, model)
+    model.push_to_hub = _InstanceMethod(_push_to_hub, model)
     from ..peft.loading import watch_adapter_loads  # saved masked adapters reload masked (no peft import here)
 
     watch_adapter_loads(model)
     return model
+
+
+class _InstanceMethod:
+    """A method bound to one model instance that survives `pickle` / `copy.deepcopy` / `torch.save(model)`.
+
+    `types.MethodType` pickles as `getattr(model, func.__name__)`, a name the model class does not have, so a pickled
+    pruned model failed to load. This pickles the module-level function by reference and the model through pickle's
+    memo (the copy's method is bound to the copy, not to the original).
+    """
+
+    __slots__ = ("__func__", "__self__")
+
+    def __init__(self, func, obj):
+        self.__func__ = func
+        self.__self__ = obj
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self):
+        return (_InstanceMethod, (self.__func__, self.__self__))
+
+    @property
+    def __doc__(self):
+        return self.__func__.__doc__
+
+    @property
+    def __name__(self):
+        return self.__func__.__name__.lstrip("_")
+
+    @property
+    def __signature__(self):  # what `inspect.signature` (and so `help`) shows: the function's, without `self`
+        sig = inspect.signature(self.__func__)
+        return sig.replace(parameters=list(sig.parameters.values())[1:])
+
+    def __repr__(self):
+        return f"<hf_prune compressed {self.__name__} of {type(self.__self__).__name__}>"
 
 
 def disable_compressed_save(model) -> None:
