@@ -203,11 +203,12 @@ def _info_parser(sub) -> None:
     p.add_argument("directory", help="an export directory written by hf_prune (or any safetensors checkpoint)")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.add_argument("--no-verify", action="store_true", help="skip decoding every compressed tensor")
+    p.add_argument("--per-module", action="store_true", help="one sparsity line per module (default: one per block)")
 
 
 def run_info(args) -> int:
     desc = describe_export(args.directory, verify=not args.no_verify)
-    print(json.dumps(desc, indent=2, default=str) if args.json else format_description(desc))
+    print(json.dumps(desc, indent=2, default=str) if args.json else format_description(desc, per_module=args.per_module))
     return 0 if desc["verified"] in (True, None) else 1
 
 

@@ -45,7 +45,7 @@ def test_cli_info_prints_method_sparsity_and_verification(model_dir, text_files,
     out = tmp_path / "out"
     assert main(["oneshot", str(model_dir), "--method", "magnitude", "--sparsity", "0.75", "--output", str(out)]) == 0
     capsys.readouterr()
-    assert main(["info", str(out)]) == 0
+    assert main(["info", str(out), "--per-module"]) == 0
     printed = capsys.readouterr().out
     assert "Method: magnitude" in printed and "Files verified: yes" in printed
     assert "model.layers.0.self_attn.q_proj" in printed and "0.7500 / 0.7500" in printed

@@ -177,7 +177,7 @@ def test_describe_export(pruned, tmp_path):
     assert all(abs(v - 0.5) < 1e-6 for v in desc["measured_sparsity"].values())
     assert set(desc["codecs"].values()) == {"nm"}
     assert desc["file_bytes"] < desc["dense_bytes"]
-    text = format_description(desc)
+    text = format_description(desc, per_module=True)
     assert "Files verified: yes" in text and "model.layers.1.mlp.down_proj" in text
 
 

@@ -15,6 +15,7 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..state import get_pruning_state
+from .summary import INTERNAL_METRICS, is_speed_metric
 
 TEMPLATE_NAME = "pruned_model_card.md.j2"
 CARD_MARKER = "hf_prune:model-card"
@@ -194,9 +195,8 @@ def build_model_card(
     )
     table, others = layer_table(state.module_sparsity)
     # the structure itself is rendered as its own table (and stored in config.json), not as a metric value
-    metrics = [(k, v) for k, v in state.metrics.items()
-               if k not in ("export_format", "structure", "kept_head_indices")]
-    speed_metrics = [(k, v) for k, v in metrics if any(s in k.lower() for s in ("speed", "latency", "throughput", "tokens_per"))]
+    metrics = [(k, v) for k, v in state.metrics.items() if k not in INTERNAL_METRICS]
+    speed_metrics = [(k, v) for k, v in metrics if is_speed_metric(k)]
     # the summary line keeps to the speed-up ratios when there are any; the full list is in the metrics table
     speed = ", ".join(f"{k}: {v}" for k, v in ([m for m in speed_metrics if "speedup" in m[0].lower()] or speed_metrics))
     base = state.base_model

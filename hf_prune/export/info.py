@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from .codecs import META_SUFFIX, CorruptCheckpointError
 from .formats import decompress_state_dict, split_key
 from .integrity import verify_checksums
+from .summary import format_results, format_sparsity, natural_sorted, recorded_results
 
 
 def _format_version(path: Path) -> int:
@@ -187,7 +188,8 @@ def describe_export(directory: str | os.PathLike, *, verify: bool = True) -> dic
         "base_model": pruning.get("base_model"),
         "command": pruning.get("command"),
         "metrics": pruning.get("metrics") or {},
-        "module_sparsity": pruning.get("module_sparsity") or {},
+        "recorded_results": recorded_results(directory, pruning.get("metrics") or {}),
+        "module_sparsity": natural_sorted(pruning.get("module_sparsity") or {}),
         "files": {p.name: p.stat().st_size for p in files if p.exists()},
         "has_model_card": (directory / "README.md").is_file(),
         "codecs": {},
@@ -241,6 +243,7 @@ def describe_export(directory: str | os.PathLike, *, verify: bool = True) -> dic
                     except CorruptCheckpointError as err:
                         desc["errors"].append(str(err))
     desc["dense_bytes"] = dense_bytes
+    desc["measured_sparsity"] = natural_sorted(desc["measured_sparsity"])
     if verify:
         desc["verified"] = not desc["errors"]
     return desc
@@ -253,8 +256,9 @@ def _dtype_size(dtype: str) -> int:
     return _DTYPE_SIZES.get(dtype, 1)
 
 
-def format_description(desc: dict) -> str:
-    """Human-readable text of a `describe_export` result."""
+def format_description(desc: dict, *, per_module: bool = False) -> str:
+    """Human-readable text of a `describe_export` result: sparsity one row per block (one line per module with
+    `per_module=True`), then the recorded results."""
     lines = [f"Export: {desc['path']}", f"Architecture: {desc['architecture']}"]
     if desc["compressed"]:
         lines.append(f"Format: hf_prune {desc['format']} v{desc['format_version']}, layout {desc['layout']}")
@@ -268,14 +272,8 @@ def format_description(desc: dict) -> str:
     dense = desc["dense_bytes"]
     ratio = f" ({size / dense:.3f}x of {dense / 1e6:.2f} MB dense)" if dense else ""
     lines.append(f"Weights on disk: {size / 1e6:.2f} MB in {len(desc['files'])} file(s){ratio}")
-    sparsity = desc["module_sparsity"] or desc["measured_sparsity"]
-    if sparsity:
-        lines.append(f"Sparsity per module ({len(sparsity)} modules, recorded / measured):")
-        for name, value in sparsity.items():
-            measured = desc["measured_sparsity"].get(name)
-            codec = desc["codecs"].get(f"{name}.weight", "dense")
-            m = f"{measured:.4f}" if measured is not None else "-"
-            lines.append(f"  {name:<60} {value:.4f} / {m}  [{codec}]")
+    lines += format_sparsity(desc, per_module=per_module)
+    lines += format_results(desc.get("recorded_results") or {})
     if desc["verified"] is None:
         lines.append("Files verified: not checked")
     else:
