@@ -56,7 +56,6 @@ def test_non_finite_weights_are_refused_before_any_layer_is_touched(method, wher
         oneshot(model, config, calibration=calibration_ids, show_progress=False)
     assert all(torch.equal(v, before[k]) or (torch.isnan(v) == torch.isnan(before[k])).all()
                for k, v in model.state_dict().items())
-    assert not any(bool((v == 0).any()) for k, v in model.state_dict().items() if "layers.0" in k and "proj" in k)
 
 
 # --------------------------------------------------------------------------------------- non-finite training
