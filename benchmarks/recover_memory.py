@@ -17,15 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from oneshot_smollm2 import _rss_mb  # benchmarks/ is sys.path[0] when run as a script
+
 HERE = Path(__file__).resolve().parent
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def run_one(mode: str, checkpoint: str, seq_len: int, batch_size: int, rank: int, steps: int) -> dict:

@@ -172,6 +172,12 @@ def build_pruned_model(model: nn.Module, masks: dict[str, torch.Tensor], multipl
     ref = next(p for n, p in model.named_parameters() if not n.startswith(ATTR + "."))
     small = type(model)(config).to(device=ref.device, dtype=ref.dtype)
     apply_structure(small, structure)
+    load_pruned_weights(small, sd)
+    return small, structure
+
+
+def load_pruned_weights(small: nn.Module, sd: dict) -> None:
+    """Loads the pruned weights `sd` into the freshly built small model, refusing any key or shape mismatch."""
     small_sd = small.state_dict()
     missing = sorted(set(small_sd) - set(sd))
     extra = sorted(set(sd) - set(small_sd))
@@ -182,4 +188,3 @@ def build_pruned_model(model: nn.Module, masks: dict[str, torch.Tensor], multipl
             raise RuntimeError(f"CoFi export: {k} has shape {tuple(v.shape)}, structure expects {tuple(small_sd[k].shape)}")
     small.load_state_dict(sd, strict=True)
     small.eval()
-    return small, structure

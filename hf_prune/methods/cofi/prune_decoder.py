@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .model import ATTR
-from .prune import kept_units
+from .prune import kept_units, load_pruned_weights
 from .structure_decoder import apply_decoder_structure, decoder_record, is_uniform, layer_record, pruned_config
 
 
@@ -156,15 +156,7 @@ def build_pruned_decoder(model: nn.Module, ad, masks: dict[str, torch.Tensor], m
         config = copy.deepcopy(model.config)
         small = type(model)(config).to(device=ref.device, dtype=ref.dtype)
         apply_decoder_structure(small, decoder_record(model, ad, hidden, layers, plain=False), type(ad)(small))
-    small_sd = small.state_dict()
-    missing, extra = sorted(set(small_sd) - set(sd)), sorted(set(sd) - set(small_sd))
-    if missing or extra:
-        raise RuntimeError(f"CoFi export: state dict mismatch (missing {missing[:5]}, unexpected {extra[:5]})")
-    for k, v in sd.items():
-        if small_sd[k].shape != v.shape:
-            raise RuntimeError(f"CoFi export: {k} has shape {tuple(v.shape)}, structure expects {tuple(small_sd[k].shape)}")
-    small.load_state_dict(sd, strict=True)
-    small.eval()
+    load_pruned_weights(small, sd)
     from .structure import describe_structure
 
     return small, describe_structure(small)
