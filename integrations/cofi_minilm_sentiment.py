@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -150,7 +151,7 @@ def run_cofi(args, tokenizer, teacher_path, train, test, target: float, distill:
                       f"{masked_acc:.4f}; the export does not reproduce the masked model (please report this)")
     state = get_pruning_state(small)
     state.base_model = BASE_MODEL  # the teacher is this model fine-tuned here; its accuracy goes in the metrics
-    state.command = "python " + " ".join(sys.argv)
+    state.command = args.command
     if teacher_accuracy is not None:
         state.metrics["teacher_accuracy"] = round(teacher_accuracy, 4)
     state.metrics.update(accuracy=round(acc, 4), masked_model_accuracy=round(masked_acc, 4), distill=distill)
@@ -237,7 +238,20 @@ def parse_args(argv=None):
                    help="train only the ablation and variant runs (e.g. in a second process beside the main ones)")
     p.add_argument("--max-train", type=int, default=None, help="shorten: use only the first N training sentences")
     p.add_argument("--max-test", type=int, default=None, help="shorten: use only the first N test sentences")
-    return p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    args.command = run_command(argv)
+    return args
+
+
+def run_command(argv: list[str]) -> str:
+    """The recipe command that was actually run: the very arguments argparse parsed, shell-quoted (never rebuilt from
+    the namespace). Called from another script (the benchmark passes its own argument list), that script's command
+    line follows as a shell comment."""
+    command = ("python integrations/cofi_minilm_sentiment.py " + shlex.join(argv)).rstrip()
+    if argv != sys.argv[1:]:
+        command += "  # run by: python " + shlex.join(sys.argv)
+    return command
 
 
 def main(argv=None) -> dict:
@@ -248,7 +262,7 @@ def main(argv=None) -> dict:
     teacher_path, teacher_info = train_teacher(args, tokenizer, train, test)
     print(f"teacher: accuracy {teacher_info['eval_accuracy']:.4f}", flush=True)
     results = {"teacher": {"path": teacher_path, **teacher_info}, "runs": [],
-               "protocol": {k: v for k, v in vars(args).items()}, "command": " ".join(sys.argv)}
+               "protocol": {k: v for k, v in vars(args).items()}, "command": args.command}
     for target in args.targets:
         ablate = args.ablation_targets is None or target in args.ablation_targets
         variants = [(True, None)]  # (distill, attention-layer variant)

@@ -31,6 +31,8 @@ def test_recipe_teacher_cofi_export_reload_and_resume(tmp_path, capsys):
         assert json.load(fh)["runs"][0]["accuracy"] == run["accuracy"]
     card = open(os.path.join(out, "cofi-50", "README.md")).read()
     assert "accuracy" in card and "Rotten Tomatoes" in card
+    # the card's "Reproduce" section holds the arguments this run was given, as given
+    assert recipe.run_command(SHORT + ["--output", out]) in card
 
     # fresh process: the saved export loads with the stock Auto class and reproduces the recorded accuracy
     code = textwrap.dedent(f"""
