@@ -34,6 +34,16 @@ def batch(seed, n=4, length=16):
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+class ToyMLMData(torch.utils.data.Dataset):
+    """32 random sequences of 16 tokens (labels = inputs) for the tiny models."""
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        return {k: v[0] for k, v in batch(i, n=1).items()}
+
+
 def check_masks_hold(updater):
     """Every inactive block of every sparse weight is exactly zero; active counts are the fixed budget."""
     for name, module in updater.modules.items():

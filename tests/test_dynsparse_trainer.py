@@ -1,5 +1,6 @@
 """DynSparse in a stock `Trainer` (callback) and through the `TrainingPlugin` that `PruningTrainer` uses."""
 
+import json
 import os
 
 import pytest
@@ -10,18 +11,9 @@ from hf_prune import DynSparseCallback, DynSparseConfig, get_pruning_state
 from hf_prune.methods.dynsparse import STATE_FILE, DynSparsePlugin
 from hf_prune.training.plugin import get_training_plugin_class
 
-from dynsparse_utils import batch, check_masks_hold, tiny_bert_mlm
+from dynsparse_utils import ToyMLMData, check_masks_hold, tiny_bert_mlm
 
 CONFIG = DynSparseConfig(sparsity=0.8, block_size=16, num_updates=3, pruning_ratio=0.5)
-
-
-class _Data(torch.utils.data.Dataset):
-    def __len__(self):
-        return 32
-
-    def __getitem__(self, i):
-        b = batch(i, n=1)
-        return {k: v[0] for k, v in b.items()}
 
 
 def _args(out, max_steps=8, **kw):
@@ -35,7 +27,7 @@ def _args(out, max_steps=8, **kw):
 def _train(out, resume=None, callback=None):
     model = tiny_bert_mlm(seed=0)
     callback = callback or DynSparseCallback(CONFIG)
-    trainer = Trainer(model=model, args=_args(out), train_dataset=_Data(), callbacks=[callback])
+    trainer = Trainer(model=model, args=_args(out), train_dataset=ToyMLMData(), callbacks=[callback])
     trainer.train(resume_from_checkpoint=resume)
     return trainer, callback
 
@@ -90,6 +82,25 @@ def test_training_plugin_contract():
     assert get_pruning_state(exported).config is CONFIG
 
 
+def test_pruning_trainer_checkpoint_holds_the_nested_plugin_state(tmp_path):
+    """`PruningTrainer` checkpoints `state_dict()` with per-module mask dicts: tensors to safetensors, the rest JSON."""
+    from hf_prune.training.trainer import PLUGIN_STATE_JSON, load_plugin_state, save_plugin_state
+
+    plugin = DynSparsePlugin(CONFIG, tiny_bert_mlm(seed=0))
+    for mask in plugin.updater.masks.values():  # a pattern no fresh plugin starts from
+        mask.mask.copy_(mask.mask.flip(0))
+    plugin.updater.step_count, plugin.updater.updates_done = 5, 2
+    save_plugin_state(plugin, str(tmp_path))
+    saved = (tmp_path / PLUGIN_STATE_JSON).read_text()
+    assert '"step_count": 5' in saved and ["masks", next(iter(plugin.updater.masks))] in json.loads(saved)["tensors"]
+    other = DynSparsePlugin(CONFIG.replace(), tiny_bert_mlm(seed=1))
+    load_plugin_state(other, str(tmp_path))
+    assert (other.updater.step_count, other.updater.updates_done) == (5, 2)
+    for name, mask in plugin.updater.masks.items():
+        assert torch.equal(other.updater.masks[name].mask, mask.mask), name
+    assert torch.equal(other.updater.generator.get_state(), plugin.updater.generator.get_state())
+
+
 def test_pruning_trainer_export_round_trips_block_sparse(tmp_path):
     """PruningTrainer + DynSparse (16x16 blocks) -> export -> compressed save -> from_pretrained in a fresh process."""
     from export_utils import run_python
@@ -97,7 +108,7 @@ def test_pruning_trainer_export_round_trips_block_sparse(tmp_path):
     from hf_prune import PruningTrainer, describe_export
 
     model = tiny_bert_mlm(seed=0)
-    trainer = PruningTrainer(model=model, args=_args(tmp_path / "run", save_strategy="no"), train_dataset=_Data(),
+    trainer = PruningTrainer(model=model, args=_args(tmp_path / "run", save_strategy="no"), train_dataset=ToyMLMData(),
                              pruning_config=CONFIG)
     trainer.train()
     exported = trainer.export_pruned_model()

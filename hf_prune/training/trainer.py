@@ -210,18 +210,35 @@ def _constant(step: int) -> float:
     return 1.0
 
 
+def _split_tensors(state: dict, path: tuple = ()) -> tuple[dict, dict[tuple, torch.Tensor]]:
+    """`state` without its tensors (nested dicts followed) and the tensors by key path: the JSON and safetensors parts."""
+    values, tensors = {}, {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            tensors[(*path, key)] = value.detach().cpu().contiguous()
+        elif isinstance(value, dict):
+            values[key], inner = _split_tensors(value, (*path, key))
+            tensors.update(inner)
+        else:
+            values[key] = value
+    return values, tensors
+
+
 def save_plugin_state(plugin: TrainingPlugin, folder: str) -> None:
-    """Writes `plugin.state_dict()`: tensors to safetensors, everything else to JSON (never pickle)."""
+    """Writes `plugin.state_dict()`: tensors (also inside nested dicts, e.g. DynSparse's per-module masks) to
+    safetensors, everything else to JSON (never pickle)."""
     state = plugin.state_dict()
     if not state:
         return
     os.makedirs(folder, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
-    other = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    values, by_path = _split_tensors(state)
+    tensors = {"/".join(path): t for path, t in by_path.items()}
+    if len(tensors) != len(by_path):
+        raise ValueError(f"{type(plugin).__name__}.state_dict(): two tensor keys join to the same '/' path")
     if tensors:
         save_file(tensors, os.path.join(folder, PLUGIN_STATE_TENSORS))
     with open(os.path.join(folder, PLUGIN_STATE_JSON), "w", encoding="utf-8") as fh:
-        json.dump({"values": other, "tensors": sorted(tensors)}, fh, indent=2, sort_keys=True)
+        json.dump({"values": values, "tensors": sorted(map(list, by_path))}, fh, indent=2, sort_keys=True)
 
 
 def load_plugin_state(plugin: TrainingPlugin, folder: str) -> None:
@@ -232,5 +249,11 @@ def load_plugin_state(plugin: TrainingPlugin, folder: str) -> None:
         meta = json.load(fh)
     state = dict(meta.get("values", {}))
     if meta.get("tensors"):
-        state.update(load_file(os.path.join(folder, PLUGIN_STATE_TENSORS)))
+        stored = load_file(os.path.join(folder, PLUGIN_STATE_TENSORS))
+        for key_path in meta["tensors"]:
+            key_path = [key_path] if isinstance(key_path, str) else key_path  # flat names: files before nesting
+            node = state
+            for key in key_path[:-1]:
+                node = node.setdefault(key, {})
+            node[key_path[-1]] = stored["/".join(key_path)]
     plugin.load_state_dict(state)
