@@ -25,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 import torch
 from transformers import AutoModelForSequenceClassification
@@ -249,8 +248,8 @@ def main(argv=None):
             "model": info["name"], "accuracy": info["accuracy"], "sparsity": info["sparsity"],
             "params": sum(p.numel() for p in model.parameters()), "flops_ratio": t_flops / forward_flops(s, seq),
             "train_wall_time_s": info["train_wall_time_s"], "structure": s,
-            "heads_per_layer": [l["heads"] for l in s["layers"]],
-            "ffn_per_layer": [l["intermediate_size"] for l in s["layers"]], "hidden": s["hidden_size"],
+            "heads_per_layer": [layer["heads"] for layer in s["layers"]],
+            "ffn_per_layer": [layer["intermediate_size"] for layer in s["layers"]], "hidden": s["hidden_size"],
             "ffn_kept_per_layer": (get_pruning_state(model).metrics.get("kept_neurons_per_layer")
                                    if key != "teacher" else None),  # before the zero padding (multiple_of)
             "latency_ms": {k: v[key] for k, v in timed.items()},

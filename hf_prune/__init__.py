@@ -33,3 +33,18 @@ def __getattr__(name):
 
         return getattr(deploy, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The public API (also what ruff checks the imports above against). `PruningTrainer` is lazy but needs only
+# transformers; the lazy names that need an optional extra (`get_sparse_peft_model`: peft; `export_onnx`,
+# `OnnxModel`: onnx + onnxruntime) stay out, so `from hf_prune import *` works without the extras.
+__all__ = [
+    "__version__",
+    "PruningConfig", "get_config_class", "register_pruning_method", "registered_methods",
+    "PruningState", "get_pruning_state", "set_pruning_state",
+    "OneShotConfig", "oneshot", "ADMMConfig", "MagnitudeConfig", "SparseGPTConfig", "WandaConfig",
+    "describe_export", "push_pruned", "save_pruned",
+    "CoFiConfig",
+    "DynSparseCallback", "DynSparseConfig", "attach", "sparse_learning_rate",
+    "PruningTrainer", "TrainingPlugin", "register_training_plugin",
+]

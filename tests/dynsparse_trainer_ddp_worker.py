@@ -45,7 +45,8 @@ def train(out, resume=None) -> dict:
     trainer.train(resume_from_checkpoint=resume)
     assert trainer.args.world_size == 2
     result = {
-        "masks": {str(k): v for k, v in recorder.masks.items()}, "updates": {str(k): v for k, v in recorder.updates.items()},
+        "masks": {str(k): v for k, v in recorder.masks.items()},
+        "updates": {str(k): v for k, v in recorder.updates.items()},
         "losses": {str(e["step"]): e["loss"] for e in trainer.state.log_history if "loss" in e},
         "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "generator": trainer.pruning_plugin.updater.generator.get_state(),

@@ -129,7 +129,8 @@ def test_install_steps_logged_at_the_default_level_with_logging_configured(monke
     """As under the `hf-prune` CLI (root logger at WARNING): the step lines still reach the application's handlers,
     and hf_prune's own stderr fallback stays silent (no line twice)."""
     version = {"v": None}
-    calls = _fake_pip(monkeypatch, "print('Successfully installed demo-pkg-1.0')", after=lambda: version.update(v="1.0"))
+    calls = _fake_pip(monkeypatch, "print('Successfully installed demo-pkg-1.0')",
+                      after=lambda: version.update(v="1.0"))
     monkeypatch.setattr(assets, "_installed_version", lambda name: version["v"])
     monkeypatch.setattr(assets, "_package_dir", lambda name: tmp_path)
     monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)  # as basicConfig() sets it; caplog's handler

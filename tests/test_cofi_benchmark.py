@@ -91,7 +91,8 @@ def test_floor_model_is_the_teacher_without_sublayers():
     teacher = tiny_bert(1).eval()
     floor = bench.floor_model(teacher)
     assert not any(".encoder." in n for n, _ in floor.named_parameters())
-    assert all(l["attention_removed"] and l["ffn_removed"] for l in bench.describe_structure(floor)["layers"])
+    layers = bench.describe_structure(floor)["layers"]
+    assert all(layer["attention_removed"] and layer["ffn_removed"] for layer in layers)
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         hidden = teacher.bert.embeddings(input_ids=ids)  # what the encoder would have passed through unchanged

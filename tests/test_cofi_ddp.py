@@ -17,4 +17,4 @@ def test_two_process_cofi_run_stays_in_sync_through_the_freeze(tmp_path):
     assert float(state0["hf_prune_cofi.lambda_1"]) != 0.0
     assert float(state0["hf_prune_cofi.layer_lambdas.attention"].abs().sum()) > 0
     assert r0["structure"] == r1["structure"]
-    assert sum(not l["attention_removed"] for l in r0["structure"]["layers"]) <= 2
+    assert sum(not layer["attention_removed"] for layer in r0["structure"]["layers"]) <= 2

@@ -65,11 +65,11 @@ def test_expected_size_and_counts_equal_direct_counts_of_the_export(seed):
     structure = describe_structure(small)
     counts = expected_counts(dims, masks)
     layers = structure["layers"]
-    assert counts["kv_heads"].item() == sum(l["kv_heads"] for l in layers)
-    assert counts["intermediate_size"].item() == sum(l["intermediate_size"] for l in layers)
+    assert counts["kv_heads"].item() == sum(layer["kv_heads"] for layer in layers)
+    assert counts["intermediate_size"].item() == sum(layer["intermediate_size"] for layer in layers)
     assert counts["hidden_size"].item() == structure["hidden_size"] == small.model.embed_tokens.embedding_dim
     assert counts["layers"].item() == int((masks["layer"] != 0).sum())
-    assert all(l["heads"] == 2 * l["kv_heads"] for l in layers)  # a KV head goes with its two query heads
+    assert all(layer["heads"] == 2 * layer["kv_heads"] for layer in layers)  # a KV head goes with its two query heads
     assert small.hf_prune_state.metrics["sparsity"] == pytest.approx(1 - ad.prunable_weight_count() / dims.full_params)
 
 
@@ -88,10 +88,11 @@ def test_heterogeneous_export_equals_masked_model(model_type, tied):
     torch.testing.assert_close(exported, masked, atol=1e-4, rtol=0)
     s = describe_structure(small)
     assert not s["plain"] and s["hidden_size"] == 32 - 7
-    assert [l["heads"] for l in s["layers"]] == [0, 4, 0, 6]
-    assert [l["attention_removed"] for l in s["layers"]] == [True, False, True, False]
-    assert [l["ffn_removed"] for l in s["layers"]] == [False, False, True, False]
-    assert [l["intermediate_size"] for l in s["layers"]] == [48, 48, 0, 32]  # 38 and 23 padded to multiples of 16
+    assert [layer["heads"] for layer in s["layers"]] == [0, 4, 0, 6]
+    assert [layer["attention_removed"] for layer in s["layers"]] == [True, False, True, False]
+    assert [layer["ffn_removed"] for layer in s["layers"]] == [False, False, True, False]
+    # 38 and 23 padded to multiples of 16
+    assert [layer["intermediate_size"] for layer in s["layers"]] == [48, 48, 0, 32]
     assert (small.lm_head.weight is small.model.embed_tokens.weight) == tied
     assert small.lm_head.weight.shape == (64, 25)
     assert not any(k.startswith("model.layers.2.") for k in small.state_dict())  # nothing left of layer 2
@@ -155,8 +156,8 @@ def test_target_architecture_freezes_to_exact_uniform_shape_and_a_plain_config()
     # the layers kept are those with the highest layer logits, renumbered in order
     la = plugin.gates.gates["layer"].log_alpha.detach()
     assert small.hf_prune_state.metrics["target_architecture"] == plugin.gates.arch_targets
-    assert sorted(torch.topk(la, 3).indices.tolist()) == [i for i, l in enumerate(
-        small.hf_prune_state.metrics["kept_neurons_per_layer"]) if l]
+    assert sorted(torch.topk(la, 3).indices.tolist()) == [i for i, kept in enumerate(
+        small.hf_prune_state.metrics["kept_neurons_per_layer"]) if kept]
 
 
 def _train(tmp_path, name, cfg, max_steps, resume=None, save_steps=None, seed=0):

@@ -13,7 +13,7 @@ from cofi_helpers import ToyDataset, random_gates as _random_gates, tiny_bert, t
 
 def _kept_sublayers(model):
     layers = describe_structure(model)["layers"]
-    return sum(not l["attention_removed"] for l in layers), sum(not l["ffn_removed"] for l in layers)
+    return sum(not layer["attention_removed"] for layer in layers), sum(not layer["ffn_removed"] for layer in layers)
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,7 @@ def test_fresh_process_from_pretrained_gives_same_predictions(tmp_path):
         get_gates(student).fixed_neuron[1, :30] = 0
     small = trainer.export_pruned_model()
     layers = describe_structure(small)["layers"]
-    assert len({l["heads"] for l in layers}) > 1 and len({l["intermediate_size"] for l in layers}) > 1
+    assert len({layer["heads"] for layer in layers}) > 1 and len({layer["intermediate_size"] for layer in layers}) > 1
     path = tmp_path / "pruned"
     small.save_pretrained(str(path))
     ds = ToyDataset(n=6, seed=3)

@@ -238,8 +238,8 @@ def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublay
         small = plugin.export(model)
         torch.testing.assert_close(small(**inputs).logits, masked, atol=1e-4, rtol=0)
     layers = describe_structure(small)["layers"]
-    assert [l["heads"] for l in layers] == [1, 0, 4, 4]
-    assert [l["intermediate_size"] for l in layers] == [48, 48, 8, 0]
+    assert [layer["heads"] for layer in layers] == [1, 0, 4, 4]
+    assert [layer["intermediate_size"] for layer in layers] == [48, 48, 8, 0]
     assert layers[1]["attention_removed"] and layers[3]["ffn_removed"]
     assert describe_structure(small)["hidden_size"] == 28
     # removed sublayers are parameter-free identity stand-ins, also after a save/load round trip
@@ -261,7 +261,7 @@ def test_export_with_fixed_structure_has_heterogeneous_layers_and_removed_sublay
                                      "bert.encoder.layer.3.output.")) for k in keys)
         assert "bert.encoder.layer.3.attention.output.LayerNorm.weight" in keys
         # layers with a removed sublayer skip it (a subclass of the stock layer); full layers stay stock
-        assert [type(l).__name__ for l in enc] == ["BertLayer", "CoFiPrunedBertLayer", "BertLayer",
+        assert [type(module).__name__ for module in enc] == ["BertLayer", "CoFiPrunedBertLayer", "BertLayer",
                                                    "CoFiPrunedBertLayer"]
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, masked, atol=1e-4, rtol=0)
@@ -413,7 +413,7 @@ def test_multiple_of_aligns_hidden_and_pads_ffn_with_zero_neurons():
         torch.testing.assert_close(small(**inputs).logits, masked, atol=1e-4, rtol=0)
     s = describe_structure(small)
     assert s["hidden_size"] == kept_hidden
-    widths = [l["intermediate_size"] for l in s["layers"]]
+    widths = [layer["intermediate_size"] for layer in s["layers"]]
     assert widths == [min(96, -(-n // 8) * 8) if n else 0 for n in neurons]
     metrics = small.hf_prune_state.metrics
     assert metrics["kept_neurons_per_layer"] == neurons

@@ -47,8 +47,8 @@ def cofi_dir(tmp_path_factory):
         g["hidden"].log_alpha[:4] = -9.0
         small = plugin.export(model)
     layers = describe_structure(small)["layers"]
-    assert [l["heads"] for l in layers] == [1, 0, 4, 0]
-    assert [l["intermediate_size"] for l in layers] == [48, 48, 8, 0]
+    assert [layer["heads"] for layer in layers] == [1, 0, 4, 0]
+    assert [layer["intermediate_size"] for layer in layers] == [48, 48, 8, 0]
     out = tmp_path_factory.mktemp("cofi") / "cofi"
     hf_prune.save_pruned(small, out)
     return out

@@ -2,14 +2,13 @@
 the dense-compatible export, the model card and describe_export."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import hf_prune
 from export_utils import prune, rewrite_with_checksums, run_python, tiny_model

@@ -165,7 +165,9 @@ def test_admm_fixed_mask_keeps_given_mask_and_improves_reconstruction(calibratio
         assert bool(((weight != 0) == masks[name]).all()), name  # exactly the given support
     with torch.no_grad():
         ref = dense(input_ids=calibration_ids, output_hidden_states=True).hidden_states[1]
-        err = lambda m: (m(input_ids=calibration_ids, output_hidden_states=True).hidden_states[1] - ref).square().sum()
+        def err(m):
+            return (m(input_ids=calibration_ids, output_hidden_states=True).hidden_states[1] - ref).square().sum()
+
         assert err(updated) < 0.8 * err(wanda)
 
 

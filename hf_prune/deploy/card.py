@@ -46,7 +46,7 @@ def export_section(report) -> str:
         "", "```python",
         "from hf_prune_ort import OnnxModel   # onnxruntime + numpy only; or optimum's "
         f"{report.ort_class} once it supports transformers 5",
-        f'model = OnnxModel.from_pretrained("path/to/export"'
+        'model = OnnxModel.from_pretrained("path/to/export"'
         + (f', file_name="{report.quantized_file}"' if report.int8 is not None else "") + ")",
         "```",
     ]

@@ -121,9 +121,9 @@ def _structure_summary(metrics: dict) -> dict | None:
         return f"{width} / {original.get('intermediate_size', '?')}{pad}"
 
     rows = [
-        {"layer": i, "heads": f"{l['heads']} / {original.get('num_attention_heads', '?')}",
-         "ffn": ffn(l["intermediate_size"], n)}
-        for i, (l, n) in enumerate(zip(structure["layers"], kept))
+        {"layer": i, "heads": f"{layer['heads']} / {original.get('num_attention_heads', '?')}",
+         "ffn": ffn(layer["intermediate_size"], n)}
+        for i, (layer, n) in enumerate(zip(structure["layers"], kept))
     ]
     return {"rows": rows, "hidden": structure.get("hidden_size"), "hidden_before": original.get("hidden_size"),
             "params_before": metrics.get("params_before")}

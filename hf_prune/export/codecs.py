@@ -17,7 +17,6 @@ Signed zeros: an entry is "pruned" when it compares equal to 0, so `-0.0` is dec
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch

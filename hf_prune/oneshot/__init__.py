@@ -3,3 +3,5 @@
 from .config import OneShotConfig
 from .runner import oneshot
 from .solver import LayerSolver, LayerStats, LayerTask, register_solver
+
+__all__ = ["OneShotConfig", "oneshot", "LayerSolver", "LayerStats", "LayerTask", "register_solver"]

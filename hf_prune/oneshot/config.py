@@ -12,7 +12,6 @@ from ..config import (
     check_open_unit_interval,
     check_positive_int,
     check_positive_number,
-    check_regex,
 )
 
 _NM = re.compile(r"^(\d+):(\d+)$")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import tempfile
 
-import torch
 
 logger = logging.getLogger(__name__)
 

@@ -211,7 +211,8 @@ def _constant(step: int) -> float:
 
 
 def _split_tensors(state: dict, path: tuple = ()) -> tuple[dict, dict[tuple, torch.Tensor]]:
-    """`state` without its tensors (nested dicts followed) and the tensors by key path: the JSON and safetensors parts."""
+    """`state` without its tensors (nested dicts followed), and the tensors by key path: the JSON and safetensors
+    parts of a plugin checkpoint."""
     values, tensors = {}, {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor):

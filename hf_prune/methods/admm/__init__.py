@@ -2,3 +2,5 @@
 
 from .config import ADMMConfig
 from .solver import ADMMSolver
+
+__all__ = ["ADMMConfig", "ADMMSolver"]

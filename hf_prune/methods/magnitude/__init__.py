@@ -2,3 +2,5 @@
 
 from .config import MagnitudeConfig
 from .solver import MagnitudeSolver
+
+__all__ = ["MagnitudeConfig", "MagnitudeSolver"]

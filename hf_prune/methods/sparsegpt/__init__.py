@@ -2,3 +2,5 @@
 
 from .config import SparseGPTConfig
 from .solver import SparseGPTSolver
+
+__all__ = ["SparseGPTConfig", "SparseGPTSolver"]

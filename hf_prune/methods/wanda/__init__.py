@@ -2,3 +2,5 @@
 
 from .config import WandaConfig
 from .solver import WandaSolver
+
+__all__ = ["WandaConfig", "WandaSolver"]
