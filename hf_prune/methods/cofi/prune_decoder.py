@@ -139,7 +139,7 @@ def build_pruned_decoder(model: nn.Module, ad, masks: dict[str, torch.Tensor], m
     sd, layers, hidden = decoder_pruned_state_dict(model, ad, masks, multiple_of)
     ref = next(p for n, p in model.named_parameters() if not n.startswith(ATTR + "."))
     if is_uniform(layers):
-        kept = [i for i, l in enumerate(layers) if not l["attention_removed"]]
+        kept = [i for i, spec in enumerate(layers) if not spec["attention_removed"]]
         structure = decoder_record(model, ad, hidden, layers, plain=True)
         config = pruned_config(model.config, structure, kept)
         renumber = {old: new for new, old in enumerate(kept)}

@@ -102,9 +102,9 @@ def layer_record(heads: int, kv_heads: int, ffn: int) -> dict[str, Any]:
 
 def is_uniform(layers: list[dict[str, Any]]) -> bool:
     """Whether the kept layers (those with anything left) all have one shape with both sublayers."""
-    kept = [l for l in layers if not (l["attention_removed"] and l["ffn_removed"])]
-    shapes = {(l["heads"], l["kv_heads"], l["intermediate_size"]) for l in kept}
-    return bool(kept) and len(shapes) == 1 and not any(l["attention_removed"] or l["ffn_removed"] for l in kept)
+    kept = [s for s in layers if not (s["attention_removed"] and s["ffn_removed"])]
+    shapes = {(s["heads"], s["kv_heads"], s["intermediate_size"]) for s in kept}
+    return bool(kept) and len(shapes) == 1 and not any(s["attention_removed"] or s["ffn_removed"] for s in kept)
 
 
 def decoder_record(model: nn.Module, ad, hidden_size: int, layers: list[dict[str, Any]], plain: bool) -> dict:
@@ -130,8 +130,8 @@ def describe_decoder_structure(model: nn.Module, ad) -> dict[str, Any]:
     hidden = int(ad.embedding().embedding_dim)
     d = ad.dims
     plain = hidden == d.hidden_size and all(
-        (l["heads"], l["kv_heads"], l["intermediate_size"]) == (d.num_heads, d.head_units, d.intermediate_size)
-        for l in layers
+        (s["heads"], s["kv_heads"], s["intermediate_size"]) == (d.num_heads, d.head_units, d.intermediate_size)
+        for s in layers
     )
     return decoder_record(model, ad, hidden, layers, plain)
 
