@@ -159,6 +159,35 @@ def test_target_architecture_freezes_to_exact_uniform_shape_and_a_plain_config()
         small.hf_prune_state.metrics["kept_neurons_per_layer"]) if l]
 
 
+@pytest.mark.parametrize("model_type, plain", [("llama", False), ("qwen2", True)])
+def test_uniform_shape_the_config_class_refuses_is_saved_with_the_structure_record(tmp_path, caplog, model_type,
+                                                                                   plain):
+    # hidden 20 with 6 query heads: LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit
+    # head_dim (Qwen2Config does not), so the LLaMA export keeps the original config and the structure record
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(0, model_type)
+    plugin = CoFiPlugin(CoFiConfig(target_layers=3, target_kv_heads=3, target_intermediate_size=20,
+                                   target_hidden_size=20), model)
+    random_gates(plugin, 5)
+    plugin.gates.freeze(None)
+    ids = _ids(5)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    with caplog.at_level("WARNING", logger="hf_prune.methods.cofi.prune_decoder"):
+        small = plugin.export(model)
+    assert describe_structure(small)["plain"] is plain
+    assert ("refuses it as a plain config" in caplog.text) is not plain
+    if not plain:
+        assert "not a multiple of the number of attention heads" in caplog.text
+    small.save_pretrained(str(tmp_path / "m"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).logits, masked, atol=1e-4, rtol=0)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, masked, atol=1e-4, rtol=0)
+    assert get_adapter(loaded).prunable_weight_count() == 3 * 20 * (8 * (2 * 2 + 2) * 3 + 3 * 20)
+
+
 def _train(tmp_path, name, cfg, max_steps, resume=None, save_steps=None, seed=0):
     student, teacher = tiny_llama(seed), tiny_llama(seed)
     kw = dict(max_steps=max_steps, per_device_train_batch_size=4)

@@ -6,6 +6,8 @@ Two cases, both in the `"structured"` format's record (`FORMAT`):
   (a target architecture always gives this). The layers with nothing left are deleted and the config itself says the
   smaller shape (`num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `intermediate_size`,
   `hidden_size`, `head_dim`), so the checkpoint is a plain checkpoint of the stock class: it loads without hf_prune.
+  Unless the config class refuses that shape (`LlamaConfig` wants `hidden_size` divisible by `num_attention_heads`):
+  then it is saved as heterogeneous, below.
 - **heterogeneous**: the config keeps the original shape, the record lists every layer's `heads`, `kv_heads`,
   `intermediate_size` and removed sublayers, and [`apply_decoder_structure`] reshapes the freshly built model inside
   `from_pretrained`. A removed attention / FFN sublayer becomes a parameter-free stand-in and its norm an identity;
