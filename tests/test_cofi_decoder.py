@@ -273,15 +273,21 @@ def _fresh(tmp_path, path, with_hf_prune):
     return json.loads(out.read_text()), proc.stderr
 
 
+def frozen_plugin(model, uniform: bool, seed: int) -> CoFiPlugin:
+    """CoFi on `model` with fixed masks: the target architecture `ARCH` (a uniform export) or `_heterogeneous`."""
+    plugin = CoFiPlugin(CoFiConfig(**ARCH) if uniform else CoFiConfig(target_sparsity=0.5), model)
+    if uniform:
+        random_gates(plugin, seed)
+        plugin.gates.freeze(None)
+    else:
+        _heterogeneous(plugin, seed=seed)
+    return plugin
+
+
 @pytest.mark.parametrize("uniform", [False, True])
 def test_fresh_process_from_pretrained_and_generate_with_kv_cache_equal(tmp_path, uniform):
     model = tiny_llama(3)
-    plugin = CoFiPlugin(CoFiConfig(**ARCH) if uniform else CoFiConfig(target_sparsity=0.5), model)
-    if uniform:
-        random_gates(plugin, 3)
-        plugin.gates.freeze(None)
-    else:
-        _heterogeneous(plugin, seed=3)
+    plugin = frozen_plugin(model, uniform, 3)
     ids = _ids(3, batch=2, length=5)
     gen_kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
     masked_gen = model.generate(ids, **gen_kw)
