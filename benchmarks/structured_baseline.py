@@ -26,6 +26,7 @@ from transformers import Trainer
 from hf_prune.methods.cofi.arch import get_adapter
 from hf_prune.methods.cofi.distill import token_prediction_loss
 from hf_prune.methods.cofi.prune import build_pruned_model
+from hf_prune.training.trainer import extra_term_scale
 
 
 @torch.no_grad()
@@ -132,5 +133,5 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             teacher = self.teacher_model(**{k: v for k, v in inputs.items() if k != "labels"})
         kl = token_prediction_loss(outputs.logits, teacher.logits, self.temperature, inputs.get("attention_mask"))
-        total = self.hard_label_weight * loss + self.distill_pred_weight * kl
+        total = self.hard_label_weight * loss + extra_term_scale(self, num_items_in_batch) * self.distill_pred_weight * kl
         return (total, outputs) if return_outputs else total

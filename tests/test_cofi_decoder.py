@@ -199,6 +199,32 @@ def _train(tmp_path, name, cfg, max_steps, resume=None, save_steps=None, seed=0)
     return trainer
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+def test_gradient_accumulation_weights_the_distillation_like_one_big_batch(tmp_path, frozen):
+    # causal LMs normalise their own loss over the accumulated batch, so Trainer does not divide it; CoFi's terms
+    # (KL, Lagrangian: per-micro-batch means) must be divided by the accumulation steps or they count double here
+    def one_sgd_step(name, batch, accum):
+        student, teacher = tiny_llama(0), tiny_llama(1)
+        cfg = CoFiConfig(**ARCH, gate_init_droprate=0.05)
+        args = training_args(tmp_path / name, max_steps=1, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accum, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+        trainer = PruningTrainer(model=student, teacher_model=teacher, args=args, pruning_config=cfg,
+                                 train_dataset=ToyLMDataset(n=4))
+        if frozen:
+            trainer.pruning_plugin.gates.freeze(None)
+        else:  # sampled gates differ between one and two forward passes: keep them at their deterministic values
+            trainer.pruning_plugin.gates.refresh = lambda training: type(trainer.pruning_plugin.gates).refresh(
+                trainer.pruning_plugin.gates, False)
+        trainer.train()
+        return {k: v.clone() for k, v in student.state_dict().items()}
+
+    one, two = one_sgd_step("one", 4, 1), one_sgd_step("two", 2, 2)
+    moved = [k for k in one if not torch.equal(one[k], tiny_llama(0).state_dict().get(k, one[k]))]
+    assert moved  # the step changed the weights
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
 def test_lagrangian_moves_each_constrained_count_toward_its_target(tmp_path):
     cfg = CoFiConfig(**ARCH, sparsity_warmup_steps=0, finetune_steps=0, gate_learning_rate=0.1,
                      lagrangian_learning_rate=0.2, gate_init_droprate=0.05)
