@@ -145,14 +145,14 @@ def _write_json(path: str, data: dict) -> None:
     os.replace(tmp, path)  # a reader never sees half a file
 
 
-def dense_perplexity(args, path: str, eval_ids: torch.Tensor) -> float:
+def dense_perplexity(args, dense: torch.nn.Module, eval_ids: torch.Tensor) -> float:
     """The dense model's held-out perplexity, cached in `OUTPUT/dense.json` per evaluation setting."""
     cache = os.path.join(args.output, "dense.json")
     key = {"eval_windows": args.eval_windows, "eval_seq_len": args.eval_seq_len}
     cached = _read_json(cache)
     if cached and cached.get("settings") == key:
         return cached["perplexity"]
-    ppl = held_out_perplexity(load_dense(path), eval_ids, args)
+    ppl = held_out_perplexity(dense, eval_ids, args)
     _write_json(cache, {"settings": key, "perplexity": ppl})
     return ppl
 
@@ -209,21 +209,23 @@ def run_cofi(args) -> dict:
         return done
     trainer_dir = os.path.join(args.output, "trainer")
     resume = _resume_point(trainer_dir, settings, args.overwrite)  # before any work
+    config = cofi_config(args)  # field checks
     path, tokenizer, train, eval_ids = load_assets(args)
-    ppl_dense = dense_perplexity(args, path, eval_ids)
     student, teacher = load_dense(path), load_dense(path)
-    kept, full = target_prunable_params(student, args)
+    # refuses a target the model cannot have, before any work
+    trainer = PruningTrainer(model=student, teacher_model=teacher, pruning_config=config,
+                             args=training_args(trainer_dir, args, len(train)), train_dataset=train)
+    ppl_dense = dense_perplexity(args, teacher, eval_ids)
+    kept, full = target_prunable_params(teacher, args)
     print(f"SmolLM2-135M: {len(train)} training windows of {args.seq_len} tokens, "
           f"{train_tokens(args, len(train)):,} training tokens; target {kept:,} of {full:,} prunable weights "
           f"(sparsity {1 - kept / full:.4f}); dense perplexity {ppl_dense:.3f}", flush=True)
     os.makedirs(trainer_dir, exist_ok=True)
     _write_json(os.path.join(trainer_dir, "run_settings.json"), settings)
-    config = cofi_config(args)
-    trainer = PruningTrainer(model=student, teacher_model=teacher, pruning_config=config,
-                             args=training_args(trainer_dir, args, len(train)), train_dataset=train)
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if resume else None)
     wall = time.perf_counter() - start
+    trainer.teacher_model = None  # frees the teacher: no longer needed
     del teacher
     ppl_masked = held_out_perplexity(student, eval_ids, args)
     small = trainer.export_pruned_model()

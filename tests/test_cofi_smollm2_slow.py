@@ -57,3 +57,10 @@ def test_recipe_prunes_exports_reloads_generates_and_resumes(tmp_path, capsys):
     assert any(n.startswith("checkpoint-") for n in os.listdir(os.path.join(out, "trainer")))
     with pytest.raises(SystemExit, match="holds checkpoints of a run with other settings; pass --overwrite"):
         recipe.main(SHORT + ["--output", out, "--lr", "2e-4"])
+
+
+def test_recipe_refuses_a_target_the_model_cannot_have_before_training(tmp_path):
+    out = tmp_path / "bad"
+    with pytest.raises(ValueError, match=r"target_layers=31 is larger than the model \(num_hidden_layers=30\)"):
+        recipe.main(SHORT + ["--output", str(out), "--target-layers", "31"])
+    assert not (out / "trainer").exists() and not (out / "dense.json").exists()  # nothing was run
