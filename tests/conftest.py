@@ -80,3 +80,12 @@ def model_dir(tmp_path):
     TINY_MODELS["llama"]().save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def hub():
+    """A Hub-compatible server on loopback (`tests/hub_server.py`), for push / `from_pretrained(repo_id)` tests."""
+    from hub_server import HubServer
+
+    with HubServer(max_lifetime_s=180) as server:
+        yield server

@@ -91,6 +91,12 @@ class HubServer:
     def __exit__(self, *exc):
         self.stop()
 
+    def client_env(self, hf_home) -> dict[str, str]:
+        """Environment for a `huggingface_hub` client process talking to this server (its cache in `hf_home`)."""
+        return {"HF_ENDPOINT": self.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_test_token",
+                "HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5",
+                "HF_HUB_DOWNLOAD_TIMEOUT": "5", "HF_HUB_DISABLE_XET": "1"}
+
     def file(self, repo_id: str, path: str, revision: str = "main") -> bytes:
         return self.repos[repo_id].branches[revision][path]
 

@@ -160,6 +160,35 @@ def test_target_architecture_freezes_to_exact_uniform_shape_and_a_plain_config()
         small.hf_prune_state.metrics["kept_neurons_per_layer"]) if kept]
 
 
+@pytest.mark.parametrize("model_type, plain", [("llama", False), ("qwen2", True)])
+def test_uniform_shape_the_config_class_refuses_is_saved_with_the_structure_record(tmp_path, caplog, model_type,
+                                                                                   plain):
+    # hidden 20 with 6 query heads: LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit
+    # head_dim (Qwen2Config does not), so the LLaMA export keeps the original config and the structure record
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(0, model_type)
+    plugin = CoFiPlugin(CoFiConfig(target_layers=3, target_kv_heads=3, target_intermediate_size=20,
+                                   target_hidden_size=20), model)
+    random_gates(plugin, 5)
+    plugin.gates.freeze(None)
+    ids = _ids(5)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    with caplog.at_level("WARNING", logger="hf_prune.methods.cofi.prune_decoder"):
+        small = plugin.export(model)
+    assert describe_structure(small)["plain"] is plain
+    assert ("refuses it as a plain config" in caplog.text) is not plain
+    if not plain:
+        assert "not a multiple of the number of attention heads" in caplog.text
+    small.save_pretrained(str(tmp_path / "m"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=ids).logits, masked, atol=1e-4, rtol=0)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, masked, atol=1e-4, rtol=0)
+    assert get_adapter(loaded).prunable_weight_count() == 3 * 20 * (8 * (2 * 2 + 2) * 3 + 3 * 20)
+
+
 def _train(tmp_path, name, cfg, max_steps, resume=None, save_steps=None, seed=0):
     student, teacher = tiny_llama(seed), tiny_llama(seed)
     kw = dict(max_steps=max_steps, per_device_train_batch_size=4)
@@ -169,6 +198,32 @@ def _train(tmp_path, name, cfg, max_steps, resume=None, save_steps=None, seed=0)
                              pruning_config=cfg, train_dataset=ToyLMDataset())
     trainer.train(resume_from_checkpoint=resume)
     return trainer
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_gradient_accumulation_weights_the_distillation_like_one_big_batch(tmp_path, frozen):
+    # causal LMs normalise their own loss over the accumulated batch, so Trainer does not divide it; CoFi's terms
+    # (KL, Lagrangian: per-micro-batch means) must be divided by the accumulation steps or they count double here
+    def one_sgd_step(name, batch, accum):
+        student, teacher = tiny_llama(0), tiny_llama(1)
+        cfg = CoFiConfig(**ARCH, gate_init_droprate=0.05)
+        args = training_args(tmp_path / name, max_steps=1, per_device_train_batch_size=batch,
+                             gradient_accumulation_steps=accum, optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+        trainer = PruningTrainer(model=student, teacher_model=teacher, args=args, pruning_config=cfg,
+                                 train_dataset=ToyLMDataset(n=4))
+        if frozen:
+            trainer.pruning_plugin.gates.freeze(None)
+        else:  # sampled gates differ between one and two forward passes: keep them at their deterministic values
+            trainer.pruning_plugin.gates.refresh = lambda training: type(trainer.pruning_plugin.gates).refresh(
+                trainer.pruning_plugin.gates, False)
+        trainer.train()
+        return {k: v.clone() for k, v in student.state_dict().items()}
+
+    one, two = one_sgd_step("one", 4, 1), one_sgd_step("two", 2, 2)
+    moved = [k for k in one if not torch.equal(one[k], tiny_llama(0).state_dict().get(k, one[k]))]
+    assert moved  # the step changed the weights
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def test_lagrangian_moves_each_constrained_count_toward_its_target(tmp_path):
@@ -245,15 +300,21 @@ def _fresh(tmp_path, path, with_hf_prune):
     return json.loads(out.read_text()), proc.stderr
 
 
+def frozen_plugin(model, uniform: bool, seed: int) -> CoFiPlugin:
+    """CoFi on `model` with fixed masks: the target architecture `ARCH` (a uniform export) or `_heterogeneous`."""
+    plugin = CoFiPlugin(CoFiConfig(**ARCH) if uniform else CoFiConfig(target_sparsity=0.5), model)
+    if uniform:
+        random_gates(plugin, seed)
+        plugin.gates.freeze(None)
+    else:
+        _heterogeneous(plugin, seed=seed)
+    return plugin
+
+
 @pytest.mark.parametrize("uniform", [False, True])
 def test_fresh_process_from_pretrained_and_generate_with_kv_cache_equal(tmp_path, uniform):
     model = tiny_llama(3)
-    plugin = CoFiPlugin(CoFiConfig(**ARCH) if uniform else CoFiConfig(target_sparsity=0.5), model)
-    if uniform:
-        random_gates(plugin, 3)
-        plugin.gates.freeze(None)
-    else:
-        _heterogeneous(plugin, seed=3)
+    plugin = frozen_plugin(model, uniform, 3)
     ids = _ids(3, batch=2, length=5)
     gen_kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
     masked_gen = model.generate(ids, **gen_kw)

@@ -62,7 +62,10 @@ class TrainingPlugin:
     def compute_loss(self, model, inputs, outputs, loss, **kwargs) -> tuple[torch.Tensor, dict[str, float]]:
         """Returns the (possibly augmented) training loss and scalars to log.
 
-        `kwargs` holds `teacher_outputs` when the trainer has a teacher (only for plugins with `supports_teacher`).
+        `kwargs` holds `teacher_outputs` when the trainer has a teacher (only for plugins with `supports_teacher`),
+        and `term_scale`: the factor to multiply the method's own terms by (not `loss`, the model's), which is
+        `1 / gradient_accumulation_steps` when `Trainer` leaves the loss undivided because the model normalised its
+        own over the accumulated batch (causal LMs), else 1.
         """
         return loss, {}
 

@@ -126,11 +126,15 @@ class PruningTrainer(Trainer):
                     **teacher_inputs, **self.pruning_plugin.teacher_forward_kwargs()
                 )
         model_loss = loss
+        kwargs["term_scale"] = self._term_scale(num_items_in_batch)
         loss, logs = self.pruning_plugin.compute_loss(model, inputs, outputs, loss, **kwargs)
         self._check_finite(loss, model_loss, logs)
         for key, value in logs.items():
             self._pruning_logs[key].append(float(value))
         return (loss, outputs) if return_outputs else loss
+
+    def _term_scale(self, num_items_in_batch) -> float:
+        return extra_term_scale(self, num_items_in_batch)
 
     def _check_finite(self, loss, model_loss, logs: dict[str, float]) -> None:
         """Stops training, naming the step and the part, as soon as the loss or a multiplier is NaN or inf: every
@@ -169,6 +173,18 @@ class PruningTrainer(Trainer):
     def export_pruned_model(self) -> torch.nn.Module:
         """The method's final model (for CoFi: physically smaller), with its `PruningState` attached."""
         return self.pruning_plugin.export(self.accelerator.unwrap_model(self.model))
+
+
+def extra_term_scale(trainer: Trainer, num_items_in_batch) -> float:
+    """What loss terms added to the model's own (per-micro-batch means) must be multiplied by so that gradient
+    accumulation does not weight them up: `Trainer` divides the loss by the accumulation steps unless the model
+    normalised its loss over the whole accumulated batch (`num_items_in_batch`, e.g. causal LMs); then only the
+    model's loss is normalised, and the added terms are divided here (transformers' own rule, `training_step`)."""
+    scaled = trainer.loss_is_scaled_for_ga
+    if scaled is None:
+        scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            trainer.compute_loss_func is not None)
+    return 1.0 / trainer.current_gradient_accumulation_steps if scaled else 1.0
 
 
 def _keep_out_of_ddp(model: torch.nn.Module, module_names: list[str]) -> list[torch.Tensor]:

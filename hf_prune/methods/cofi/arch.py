@@ -42,7 +42,22 @@ def _unsupported(model: nn.Module) -> ValueError:
     )
 
 
-class BertFamilyAdapter:
+class _AdapterBase:
+    """What both families share: the direct parameter count, written once over `qkv` / `attn_out` / `ffn_in` /
+    `ffn_down` and the kept-unit counts."""
+
+    def prunable_weight_count(self) -> int:
+        """Direct count of the prunable weight matrices' elements (Q, K, V, O and the FFN matrices of every layer)."""
+        total = 0
+        for i in range(self.dims.num_layers):
+            if self.kept_heads(i):
+                total += sum(lin.weight.numel() for lin in (*self.qkv(i), self.attn_out(i)))
+            if self.kept_neurons(i):
+                total += sum(lin.weight.numel() for lin in (*self.ffn_in(i), self.ffn_down(i)))
+        return total
+
+
+class BertFamilyAdapter(_AdapterBase):
     """BERT-style post-LayerNorm encoders (BERT, MiniLM, RoBERTa, XLM-R) with a sequence-classification head."""
 
     kind = "encoder"
@@ -96,6 +111,10 @@ class BertFamilyAdapter:
     def ffn_up(self, layer: int) -> nn.Linear:
         return self.layers[layer].intermediate.dense
 
+    def ffn_in(self, layer: int) -> tuple[nn.Linear]:
+        """The FFN matrices that read the hidden states (the decoder adapter's gate and up)."""
+        return (self.ffn_up(layer),)
+
     def ffn_down(self, layer: int) -> nn.Linear:
         return self.layers[layer].output.dense
 
@@ -138,18 +157,9 @@ class BertFamilyAdapter:
             out.append((classifier, "dense"))  # RoBERTa-style head reads hidden_states[:, 0]
         return out
 
-    def prunable_weight_count(self) -> int:
-        """Direct count of the prunable weight matrices' elements (Q, K, V, O, FFN up/down of every layer)."""
-        total = 0
-        for i in range(self.dims.num_layers):
-            if self.kept_heads(i):
-                total += sum(lin.weight.numel() for lin in (*self.qkv(i), self.attn_out(i)))
-            if self.kept_neurons(i):
-                total += self.ffn_up(i).weight.numel() + self.ffn_down(i).weight.numel()
-        return total
 
 
-class LlamaFamilyAdapter:
+class LlamaFamilyAdapter(_AdapterBase):
     """LLaMA-style causal LMs: pre-RMSNorm decoder layers, rotary attention with GQA, gated (SwiGLU) FFN.
 
     A head unit is a KV group: one key / value head and the query heads that share it (see `CoFiConfig` for why a
@@ -240,15 +250,6 @@ class LlamaFamilyAdapter:
             return 0
         return self.ffn_down(layer).in_features
 
-    def prunable_weight_count(self) -> int:
-        """Direct count of the prunable weight matrices' elements (Q, K, V, O, gate, up, down of every layer)."""
-        total = 0
-        for i in range(self.dims.num_layers):
-            if self.kept_heads(i):
-                total += sum(lin.weight.numel() for lin in (*self.qkv(i), self.attn_out(i)))
-            if self.kept_neurons(i):
-                total += sum(lin.weight.numel() for lin in (*self.ffn_in(i), self.ffn_down(i)))
-        return total
 
 
 Adapter = BertFamilyAdapter | LlamaFamilyAdapter

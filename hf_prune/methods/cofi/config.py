@@ -83,7 +83,8 @@ class CoFiConfig(PruningConfig):
     (`target_layers`, `target_heads` or `target_kv_heads`, `target_intermediate_size`, `target_hidden_size`): each
     is a Lagrangian constraint on the expected count of its units, ramped from the model's count over the warm-up,
     and the fixed masks keep exactly that many (the highest logits), so the export has that uniform shape and loads
-    as a plain config of its class. The loss is next-token cross-entropy plus the KL to the dense teacher's
+    as a plain config of its class (when the class accepts the shape: `LlamaConfig` needs `hidden_size` divisible by
+    the query heads, e.g. 528, not 512, with 6 heads; otherwise it is saved with the structure record). The loss is next-token cross-entropy plus the KL to the dense teacher's
     next-token distribution, and, optionally, hidden-state matching.
 
     Args:

@@ -178,13 +178,14 @@ class CoFiPlugin(TrainingPlugin):
     def teacher_forward_kwargs(self) -> dict[str, Any]:
         return self.forward_kwargs()
 
-    def compute_loss(self, model, inputs, outputs, loss, teacher_outputs=None, **kwargs):
+    def compute_loss(self, model, inputs, outputs, loss, teacher_outputs=None, term_scale: float = 1.0, **kwargs):
         cfg = self.config
         logs: dict[str, float] = {}
+        # `model_part` is normalised like the model's loss; `own` (per-micro-batch means) is scaled by `term_scale`
+        model_part, own = 0.0, 0.0
         if teacher_outputs is not None:
-            total = 0.0
             if loss is not None and self.hard_label_weight > 0:
-                total = total + self.hard_label_weight * loss
+                model_part = self.hard_label_weight * loss
                 logs["loss_hard"] = float(loss.detach())
             if self.decoder:
                 pred = token_prediction_loss(
@@ -192,18 +193,18 @@ class CoFiPlugin(TrainingPlugin):
                 )
             else:
                 pred = prediction_loss(outputs.logits, teacher_outputs.logits, cfg.temperature)
-            total = total + cfg.distill_pred_weight * pred
+            own = own + cfg.distill_pred_weight * pred
             logs["loss_distill_pred"] = float(pred.detach())
             if self.teacher_layers:
                 lay, pairs = self._layer_loss(inputs, outputs, teacher_outputs)
-                total = total + self.distill_layer_weight * lay
+                own = own + self.distill_layer_weight * lay
                 logs["loss_distill_layer"] = float(lay.detach())
                 for i, j in pairs:
                     logs[f"layer_match_t{self.teacher_layers[i]}"] = float(j + 1)
         else:
             if loss is None:
                 raise ValueError("CoFi without a teacher_model trains on labels: the batch has no `labels`")
-            total = loss
+            model_part = loss
         if not self.gates.is_frozen():
             probs = self.gates.keep_probabilities()
             s = expected_sparsity(self.adapter.dims, **probs)
@@ -214,7 +215,7 @@ class CoFiPlugin(TrainingPlugin):
                 lam2 = _GradientReversal.apply(self.gates.lambda_2)
                 lag = lagrangian_term(s, t, lam1, lam2)
             lag = lag + self._arch_terms(probs, logs)
-            total = total + lag + self._layer_count_terms(probs, logs)
+            own = own + lag + self._layer_count_terms(probs, logs)
             logs.update({"loss_lagrangian": float(lag.detach()), "expected_sparsity": float(s.detach())})
             counts = unit_counts(self.adapter.dims, **{k: v.detach() for k, v in probs.items()})
         else:
@@ -246,7 +247,7 @@ class CoFiPlugin(TrainingPlugin):
                 "masks_frozen": float(self.gates.is_frozen()),
             }
         )
-        return total, logs
+        return model_part + term_scale * own, logs
 
     def _arch_terms(self, probs: dict[str, torch.Tensor], logs: dict[str, float]):
         """The Lagrangian terms of the target architecture (0 without one): per dimension, the expected count vs its

@@ -12,10 +12,12 @@ uniform (a plain config), else kept as a layer that skips its removed sublayers.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from .model import ATTR
@@ -129,6 +131,8 @@ def _pad(sd: dict, names: dict, ad, layer: int, multiple_of: int) -> int:
     return width
 
 
+logger = logging.getLogger(__name__)
+
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 
 
@@ -138,10 +142,12 @@ def build_pruned_decoder(model: nn.Module, ad, masks: dict[str, torch.Tensor], m
     record. Uniform results get a plain config (layers with nothing left deleted, the rest renumbered)."""
     sd, layers, hidden = decoder_pruned_state_dict(model, ad, masks, multiple_of)
     ref = next(p for n, p in model.named_parameters() if not n.startswith(ATTR + "."))
+    config = None
     if is_uniform(layers):
-        kept = [i for i, layer in enumerate(layers) if not layer["attention_removed"]]
+        kept = [i for i, spec in enumerate(layers) if not spec["attention_removed"]]
         structure = decoder_record(model, ad, hidden, layers, plain=True)
-        config = pruned_config(model.config, structure, kept)
+        config = _valid_or_none(pruned_config(model.config, structure, kept))
+    if config is not None:
         renumber = {old: new for new, old in enumerate(kept)}
         out = {}
         for k, v in sd.items():
@@ -160,3 +166,22 @@ def build_pruned_decoder(model: nn.Module, ad, masks: dict[str, torch.Tensor], m
     from .structure import describe_structure
 
     return small, describe_structure(small)
+
+
+def _valid_or_none(config):
+    """`config` if its class accepts it as a checkpoint config, else None (with a warning): the export then keeps
+    the original config and the structure record. Why: `LlamaConfig` refuses a `hidden_size` that is not a
+    multiple of `num_attention_heads` even with an explicit `head_dim`, which `LlamaAttention` would run."""
+    validate = getattr(config, "validate", None)
+    if validate is None:
+        return config
+    try:
+        validate()
+    except (StrictDataclassError, ValueError) as err:  # transformers' configs are huggingface_hub strict dataclasses
+        cause = getattr(err, "__cause__", None) or err
+        logger.warning(
+            "CoFi export: the pruned shape is uniform, but %s refuses it as a plain config (%s); the checkpoint keeps "
+            "the original config with the per-layer structure record instead and loads with `import hf_prune`",
+            type(config).__name__, cause)
+        return None
+    return config

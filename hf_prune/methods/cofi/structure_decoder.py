@@ -6,6 +6,8 @@ Two cases, both in the `"structured"` format's record (`FORMAT`):
   (a target architecture always gives this). The layers with nothing left are deleted and the config itself says the
   smaller shape (`num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `intermediate_size`,
   `hidden_size`, `head_dim`), so the checkpoint is a plain checkpoint of the stock class: it loads without hf_prune.
+  Unless the config class refuses that shape (`LlamaConfig` wants `hidden_size` divisible by `num_attention_heads`):
+  then it is saved as heterogeneous, below.
 - **heterogeneous**: the config keeps the original shape, the record lists every layer's `heads`, `kv_heads`,
   `intermediate_size` and removed sublayers, and [`apply_decoder_structure`] reshapes the freshly built model inside
   `from_pretrained`. A removed attention / FFN sublayer becomes a parameter-free stand-in and its norm an identity;
@@ -102,10 +104,9 @@ def layer_record(heads: int, kv_heads: int, ffn: int) -> dict[str, Any]:
 
 def is_uniform(layers: list[dict[str, Any]]) -> bool:
     """Whether the kept layers (those with anything left) all have one shape with both sublayers."""
-    kept = [layer for layer in layers if not (layer["attention_removed"] and layer["ffn_removed"])]
-    shapes = {(layer["heads"], layer["kv_heads"], layer["intermediate_size"]) for layer in kept}
-    partial = any(layer["attention_removed"] or layer["ffn_removed"] for layer in kept)
-    return bool(kept) and len(shapes) == 1 and not partial
+    kept = [s for s in layers if not (s["attention_removed"] and s["ffn_removed"])]
+    shapes = {(s["heads"], s["kv_heads"], s["intermediate_size"]) for s in kept}
+    return bool(kept) and len(shapes) == 1 and not any(s["attention_removed"] or s["ffn_removed"] for s in kept)
 
 
 def decoder_record(model: nn.Module, ad, hidden_size: int, layers: list[dict[str, Any]], plain: bool) -> dict:
@@ -131,9 +132,8 @@ def describe_decoder_structure(model: nn.Module, ad) -> dict[str, Any]:
     hidden = int(ad.embedding().embedding_dim)
     d = ad.dims
     plain = hidden == d.hidden_size and all(
-        (layer["heads"], layer["kv_heads"], layer["intermediate_size"])
-        == (d.num_heads, d.head_units, d.intermediate_size)
-        for layer in layers
+        (s["heads"], s["kv_heads"], s["intermediate_size"]) == (d.num_heads, d.head_units, d.intermediate_size)
+        for s in layers
     )
     return decoder_record(model, ad, hidden, layers, plain)
 

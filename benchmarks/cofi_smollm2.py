@@ -1,0 +1,296 @@
+"""Decoder CoFi benchmark on SmolLM2-135M: CoFi vs a one-shot structured baseline at the same exported shape and
+token budget, ADMM 50 % unstructured, and the dense model. One command (resumable: finished runs are reused):
+
+    nice -n 10 python benchmarks/cofi_smollm2.py            # full settings (the recipe's defaults)
+    nice -n 15 python benchmarks/cofi_smollm2.py --quick     # minutes: checks the pipeline, figures meaningless
+
+Rows:
+- `cofi`: `integrations/cofi_smollm2.py` with the same flags (its run in `OUTPUT` is reused when it matches).
+- `structured-baseline`: KV groups / neurons / hidden dims ranked by weight-times-activation norms and layers by
+  block influence on the first `--importance-windows` training windows, pruned to exactly the CoFi export's shape
+  through CoFi's export path, then the same continued training (same `TrainingArguments`, windows and loss);
+  see `benchmarks/structured_baseline.py`.
+- `admm-50`: `hf_prune.oneshot` ADMM at 50 % unstructured (`--admm-samples` windows of `--admm-seq-len` tokens of
+  the calibration articles): the same parameter count as the 50 % shapes, not faster (dense kernels).
+- `dense`: SmolLM2-135M as shipped.
+Columns: held-out perplexity, parameters, FLOPs per generated token, greedy-generation tokens/s at batch 1 and 8
+(eager PyTorch, and ONNX Runtime through `hf_prune.export_onnx`), each model timed in the same process, interleaved
+over `--gen-rounds` rounds (median). Writes `benchmarks/results/cofi_smollm2{,_quick}.{json,md}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def _load_recipe():
+    """`integrations/cofi_smollm2.py` (same file name as this one, so not importable by name from here)."""
+    spec = importlib.util.spec_from_file_location("cofi_smollm2_recipe", HERE.parent / "integrations" / "cofi_smollm2.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+recipe = _load_recipe()
+from structured_baseline import DistillationTrainer, prune_to_shape  # noqa: E402
+
+from hf_prune.methods.cofi import describe_structure  # noqa: E402
+from hf_prune.methods.cofi.arch import get_adapter  # noqa: E402
+
+QUICK = ["--train-windows", "8", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "4",
+         "--eval-windows", "2", "--eval-seq-len", "64", "--save-steps", "0", "--logging-steps", "1",
+         "--importance-windows", "2", "--admm-samples", "4", "--admm-seq-len", "64", "--gen-prompt-len", "8",
+         "--gen-new-tokens", "4", "--gen-rounds", "1", "--onnx-atol", "1e-2", "--output", "runs/cofi_smollm2_quick"]
+
+
+# ----------------------------------------------------------------------------------------------------- the runs
+def _done(path: str, settings: dict) -> dict | None:
+    done = recipe._read_json(path)
+    return done if done is not None and done.get("settings") == settings else None
+
+
+def run_baseline(args, cofi: dict) -> dict:
+    """The structured baseline at the CoFi export's shape, trained like CoFi; reused when its settings match."""
+    if not cofi["structure"]["plain"]:  # refused before any work
+        raise SystemExit("the structured baseline is built for a uniform CoFi export (a target architecture whose "
+                         "config class accepts the shape); this CoFi export is heterogeneous")
+    out = os.path.join(args.output, "baseline")
+    settings = {**recipe.run_settings(args), "importance_windows": args.importance_windows,
+                "structure": cofi["structure"]}
+    done_file = os.path.join(out, "baseline_run.json")
+    if (done := _done(done_file, settings)) is not None:
+        print(f"structured-baseline: reusing the finished run in {out}", flush=True)
+        return done
+    path, tokenizer, train, eval_ids = recipe.load_assets(args)
+    dense, teacher = recipe.load_dense(path), recipe.load_dense(path)
+    start = time.perf_counter()
+    small, _ = prune_to_shape(dense, train.windows[: args.importance_windows], cofi["structure"])
+    prune_s = time.perf_counter() - start
+    del dense
+    assert describe_structure(small) == cofi["structure"], "the baseline must have the CoFi export's shape"
+    ppl_oneshot = recipe.held_out_perplexity(small, eval_ids, args)
+    trainer = DistillationTrainer(model=small, args=recipe.training_args(os.path.join(out, "trainer"), args, len(train)),
+                                  train_dataset=train, teacher_model=teacher, temperature=args.temperature,
+                                  hard_label_weight=args.hard_label_weight)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    ppl = recipe.held_out_perplexity(small, eval_ids, args)
+    model_dir = os.path.join(out, "model")
+    small.save_pretrained(model_dir)  # a uniform shape: a stock LlamaForCausalLM with a plain config
+    tokenizer.save_pretrained(model_dir)
+    result = {"model_dir": model_dir, "oneshot_perplexity": ppl_oneshot, "perplexity": ppl, "prune_time_s": prune_s,
+              "train_wall_time_s": wall, "train_steps": trainer.state.global_step,
+              "train_tokens": recipe.train_tokens(args, len(train)),
+              "train_log": [e for e in trainer.state.log_history if "loss" in e], "settings": settings}
+    recipe._write_json(done_file, result)
+    print(f"structured-baseline: perplexity one-shot {ppl_oneshot:.3f} -> trained {ppl:.3f} ({wall:.0f} s)", flush=True)
+    return result
+
+
+def run_admm(args) -> dict:
+    from hf_prune import ADMMConfig, oneshot, save_pruned
+    from hf_prune.assets import wikipedia_split
+
+    out = os.path.join(args.output, "admm-50")
+    settings = {"admm_samples": args.admm_samples, "admm_seq_len": args.admm_seq_len, "seed": args.seed,
+                "eval_windows": args.eval_windows, "eval_seq_len": args.eval_seq_len}
+    done_file = os.path.join(args.output, "admm_run.json")
+    if (done := _done(done_file, settings)) is not None:
+        print(f"admm-50: reusing the finished run in {out}", flush=True)
+        return done
+    path, tokenizer, _, eval_ids = recipe.load_assets(args)
+    model = recipe.load_dense(path)
+    config = ADMMConfig(sparsity=0.5, num_calibration_samples=args.admm_samples, max_seq_length=args.admm_seq_len)
+    start = time.perf_counter()
+    oneshot(model, config, calibration=wikipedia_split()[0], tokenizer=tokenizer, show_progress=not args.quiet)
+    prune_s = time.perf_counter() - start
+    ppl = recipe.held_out_perplexity(model, eval_ids, args)
+    save_pruned(model, out, overwrite=True, eval_results=[recipe.perplexity_eval_result(ppl)])
+    tokenizer.save_pretrained(out)
+    result = {"model_dir": out, "perplexity": ppl, "prune_time_s": prune_s, "settings": settings}
+    recipe._write_json(done_file, result)
+    print(f"admm-50: perplexity {ppl:.3f} ({prune_s:.0f} s)", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- measurements
+def linear_weights(model) -> tuple[int, int]:
+    """(weights of the decoder layers' linears, of the LM head)."""
+    ad = get_adapter(model)
+    layers = sum(lin.weight.numel() for i in range(ad.dims.num_layers) if ad.kept_heads(i)
+                 for lin in (*ad.qkv(i), ad.attn_out(i)))
+    layers += sum(lin.weight.numel() for i in range(ad.dims.num_layers) if ad.kept_neurons(i)
+                  for lin in (*ad.ffn_in(i), ad.ffn_down(i)))
+    return layers, ad.lm_head().weight.numel()
+
+
+def flops_per_token(model, context: int) -> int:
+    """Dense FLOPs of one generated token at `context` cached positions: 2 per linear weight (LM head included) and
+    the attention's 2 * 2 * heads * head_dim * context (scores and weighted sum) per kept attention sublayer. Zero
+    weights count: dense kernels compute them."""
+    ad = get_adapter(model)
+    layers, head = linear_weights(model)
+    attn = sum(4 * ad.kept_heads(i) * ad.dims.head_dim * context for i in range(ad.dims.num_layers))
+    return 2 * (layers + head) + attn
+
+
+def _torch_generate(model, ids: torch.Tensor, new: int) -> None:
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                   pad_token_id=0)
+
+
+def _ort_generate(session, ids: torch.Tensor, new: int) -> None:
+    session.generate(ids.numpy(), max_new_tokens=new, eos_token_id=[])  # no end-of-sequence stop: fixed length
+
+
+def onnx_session(args, name: str, model_dir: str):
+    """The model's ONNX Runtime export (`hf_prune.export_onnx`, checked against PyTorch within `--onnx-atol`), the
+    error it gave instead, and the check's figures."""
+    from hf_prune import OnnxModel, export_onnx
+
+    out = os.path.join(args.output, "onnx", name)
+    try:
+        if not os.path.isfile(os.path.join(out, "model.onnx")):
+            report = export_onnx(model_dir, out, task="text-generation", overwrite=True, atol=args.onnx_atol)
+            recipe._write_json(os.path.join(out, "verification.json"), report.verification)
+        check = recipe._read_json(os.path.join(out, "verification.json"))
+        return OnnxModel.from_pretrained(out, threads=args.threads), None, check
+    except Exception as err:  # noqa: BLE001 -- recorded in the results: whether ONNX works for this export
+        return None, f"{type(err).__name__}: {err}"[:500], None
+
+
+def time_generation(args, models: dict[str, dict], prompt: torch.Tensor) -> None:
+    """Greedy tokens/s per model, backend and batch, in interleaved rounds (median), into `models[name]`."""
+    runs = []
+    for name, m in models.items():
+        runs += [(name, "eager", b, m["model"], _torch_generate) for b in args.batches]
+        if m.get("onnx") is not None:
+            runs += [(name, "ort", b, m["onnx"], _ort_generate) for b in args.batches]
+    times: dict[tuple, list[float]] = {}
+    for _, _, b, runner, fn in runs:  # warm-up
+        fn(runner, prompt[:b], 2)
+    for _ in range(args.gen_rounds):
+        for name, backend, b, runner, fn in runs:
+            start = time.perf_counter()
+            with torch.no_grad():
+                fn(runner, prompt[:b], args.gen_new_tokens)
+            times.setdefault((name, backend, b), []).append(time.perf_counter() - start)
+    for (name, backend, b), ts in times.items():
+        models[name].setdefault("tokens_per_s", {})[f"{backend}_b{b}"] = b * args.gen_new_tokens / statistics.median(ts)
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def table(rows: list[dict], batches: list[int]) -> str:
+    dense = next(r for r in rows if r["name"] == "dense")
+    cols = [f"{backend} b{b}" for backend in ("eager", "ort") for b in batches]
+    lines = ["| model | held-out ppl | params | non-emb. params | FLOPs/token | FLOPs ratio | "
+             + " | ".join(f"{c} tok/s" for c in cols) + " | train s |",
+             "|---|---|---|---|---|---|" + "---|" * len(cols) + "---|"]
+    for r in rows:
+        speeds = []
+        for c in cols:
+            key = c.replace(" ", "_")
+            v, base = r.get("tokens_per_s", {}).get(key), dense.get("tokens_per_s", {}).get(key)
+            speeds.append("–" if v is None else f"{v:.1f} ({v / base:.2f}x)" if base else f"{v:.1f}")
+        lines.append(f"| {r['name']} | {r['perplexity']:.2f} | {r['params'] / 1e6:.2f}M | "
+                     f"{r['non_embedding_params'] / 1e6:.2f}M | {r['flops_per_token'] / 1e6:.1f}M | "
+                     f"{dense['flops_per_token'] / r['flops_per_token']:.2f}x | " + " | ".join(speeds)
+                     + (f" | {r['train_wall_time_s']:.0f} |" if "train_wall_time_s" in r else " | – |"))
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    recipe.add_arguments(p)
+    p.add_argument("--quick", action="store_true", help="tiny settings: checks the pipeline in minutes")
+    p.add_argument("--importance-windows", type=int, default=16, help="training windows the baseline ranks units on")
+    p.add_argument("--admm-samples", type=int, default=64)
+    p.add_argument("--admm-seq-len", type=int, default=512)
+    p.add_argument("--gen-prompt-len", type=int, default=32, help="prompt tokens of the generation timing")
+    p.add_argument("--gen-new-tokens", type=int, default=64)
+    p.add_argument("--gen-rounds", type=int, default=5)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the timing (default: torch's)")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime columns")
+    p.add_argument("--onnx-atol", type=float, default=1e-3,
+                   help="max |logit| difference export_onnx accepts (its default 1e-4 is below the float32 noise of "
+                        "30 reordered layers with SmolLM2's large activations; the measured one is recorded)")
+    p.add_argument("--results", default=None, help="results stem (default benchmarks/results/cofi_smollm2[_quick])")
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    if args.quick:  # the quick settings first, so that flags given explicitly still win
+        args = p.parse_args(QUICK + argv)
+    stem = args.results or str(HERE / "results" / ("cofi_smollm2_quick" if args.quick else "cofi_smollm2"))
+    started = time.perf_counter()
+    cofi = recipe.run_cofi(args)
+    baseline = run_baseline(args, cofi)
+    admm = run_admm(args)
+
+    from transformers import AutoModelForCausalLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path, _, _, eval_ids = recipe.load_assets(args)
+    dirs = {"dense": path, "cofi": cofi["model_dir"], "structured-baseline": baseline["model_dir"],
+            "admm-50": admm["model_dir"]}
+    ppl = {"dense": cofi["dense_perplexity"], "cofi": cofi["reloaded_perplexity"],
+           "structured-baseline": baseline["perplexity"], "admm-50": admm["perplexity"]}
+    context = args.gen_prompt_len + args.gen_new_tokens // 2
+    models = {}
+    for name, model_dir in dirs.items():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        emb = get_adapter(model).embedding().weight.numel()
+        m = {"name": name, "model_dir": model_dir, "perplexity": ppl[name], "model": model,
+             "params": sum(p.numel() for p in model.parameters()),
+             "flops_per_token": flops_per_token(model, context)}
+        m["non_embedding_params"] = m["params"] - emb  # the LM head is tied to the embedding in SmolLM2
+        if not args.no_onnx:
+            m["onnx"], m["onnx_error"], m["onnx_verification"] = onnx_session(args, name, model_dir)
+        models[name] = m
+    models["cofi"]["train_wall_time_s"] = cofi["train_wall_time_s"]
+    models["structured-baseline"]["train_wall_time_s"] = baseline["train_wall_time_s"]
+    prompt = eval_ids[: max(args.batches) * args.gen_prompt_len].view(max(args.batches), args.gen_prompt_len)
+    time_generation(args, models, prompt)
+    rows = [{k: v for k, v in m.items() if k not in ("model", "onnx")} for m in models.values()]
+    result = {
+        "rows": rows, "cofi": {k: v for k, v in cofi.items() if k != "train_log"},
+        "structured_baseline": {k: v for k, v in baseline.items() if k != "train_log"}, "admm": admm,
+        "protocol": {k: v for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
+        "generation_context": context, "command": "python benchmarks/cofi_smollm2.py " + " ".join(argv),
+        "wall_time_s": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
+    }
+    md = table(rows, args.batches)
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    recipe._write_json(stem + ".json", result)
+    with open(stem + ".md", "w") as fh:
+        fh.write(f"{md}\n\n`{result['command']}`; {result['date']}, {result['torch_threads']} threads, load "
+                 f"average {result['load_average'][0]:.1f} on {result['cpu_count']} cores.\n")
+    print(md)
+    for r in rows:
+        if r.get("onnx_error"):
+            print(f"{r['name']}: ONNX Runtime export failed: {r['onnx_error']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
