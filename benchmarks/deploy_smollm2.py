@@ -147,13 +147,15 @@ def table(record: dict) -> str:
     proto, summary = record["protocol"], record["summary"]
     cells = list(summary)
     loads = [rnd["machine_before"]["loadavg"][0] for rnd in record["rounds"]]
+    title = (f"{record.get('title', 'SmolLM2-135M-Instruct fp32, dense vs ADMM 2:4')} "
+             f"({record['sparse']['linear_sparsity']:.3f} of the block Linear weights zero), each exported with "
+             f"`hf_prune.export_onnx` (KV cache). Greedy generation, batch 1, {len(proto['prompts'])} prompts x "
+             f"{proto['new_tokens']} new tokens; tokens/s, best of {len(record['rounds'])} interleaved rounds; "
+             f"{platform.processor() or platform.machine()}, {record['rounds'][0]['machine_before']['cpus']} cores "
+             f"**shared** with other jobs (1-min load average {min(loads):.1f}-{max(loads):.1f} at the rounds' "
+             "starts).")
     lines = [
-        f"{record.get('title', 'SmolLM2-135M-Instruct fp32, dense vs ADMM 2:4')} "
-        f"({record['sparse']['linear_sparsity']:.3f} of the block Linear weights zero), each exported with `hf_prune.export_onnx` (KV cache). Greedy generation, batch "
-        f"1, {len(proto['prompts'])} prompts x {proto['new_tokens']} new tokens; tokens/s, best of "
-        f"{len(record['rounds'])} interleaved rounds; {platform.processor() or platform.machine()}, "
-        f"{record['rounds'][0]['machine_before']['cpus']} cores **shared** with other jobs (1-min load average "
-        f"{min(loads):.1f}-{max(loads):.1f} at the rounds' starts).",
+        title,
         "",
         "| model | perplexity | ONNX MB | " + " | ".join(c.replace("_", " ") + " tok/s" for c in cells) + " |",
         "|---|---|---|" + "---|" * len(cells),
@@ -168,8 +170,9 @@ def table(record: dict) -> str:
         f"**{summary[c]['ratio_of_best']:.2f}x** ({min(summary[c]['ratio_per_round']):.2f}-"
         f"{max(summary[c]['ratio_per_round']):.2f})" for c in cells) + " |")
     same = all(all(v["equal"] for v in record[k]["greedy_check"]) for k in ("dense", "sparse"))
-    lines += ["", f"Ratio of the best rounds (range of the per-round ratios in parentheses). ORT greedy tokens equal "
-              f"PyTorch `generate` for every prompt, both models: **{'yes' if same else 'NO'}**."]
+    note = ("Ratio of the best rounds (range of the per-round ratios in parentheses). ORT greedy tokens equal "
+            f"PyTorch `generate` for every prompt, both models: **{'yes' if same else 'NO'}**.")
+    lines += ["", note]
     return "\n".join(lines)
 
 
@@ -197,7 +200,9 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_prune import describe_export  # importing hf_prune registers the compressed checkpoint loader
+    from hf_prune import (
+        describe_export,  # importing hf_prune registers the compressed checkpoint loader
+    )
     from hf_prune.assets import smollm2_path
     from hf_prune_ort import OnnxModel
 

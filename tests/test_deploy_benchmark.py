@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-
-from hf_prune import MagnitudeConfig, oneshot
-
 from conftest import tiny_llama, tiny_tokenizer
 from export_utils import REPO_ROOT
+
+from hf_prune import MagnitudeConfig, oneshot
 
 pytest.importorskip("onnxruntime")
 

@@ -292,3 +292,12 @@ def test_tolerance_grows_with_the_logits_and_refuses_a_wrong_weight(tmp_path, mo
         with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a number >= 0"):
             export_onnx(model, tmp_path / "o", **bad)
     assert not (tmp_path / "o").exists()
+
+
+def test_missing_onnx_names_the_extra():
+    script = ("import sys\nsys.modules['onnx'] = None\n"
+              "try:\n    import hf_prune.deploy\nexcept ImportError as err:\n    print(err)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "needs onnx and onnxruntime" in proc.stdout and "pip install 'hf_prune[deploy]'" in proc.stdout
