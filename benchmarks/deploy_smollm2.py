@@ -104,11 +104,13 @@ def greedy_torch(model, ids, new_tokens: int, fixed: bool):
 
     config = copy.deepcopy(model.generation_config)
     config.do_sample, config.max_new_tokens = False, new_tokens
+    # None in the config alone falls back to the model's eos id; the explicit keyword switches the stop off
+    stop = {"eos_token_id": None} if fixed else {}
     if fixed:
         config.eos_token_id = None
     with torch.no_grad():
         return model.generate(torch.as_tensor(ids), attention_mask=torch.ones_like(torch.as_tensor(ids)),
-                              generation_config=config).numpy()
+                              generation_config=config, **stop).numpy()
 
 
 def time_cell(run, prompts, new_tokens: int) -> float:

@@ -25,8 +25,12 @@ def _bench():
 def test_dense_vs_24_rounds_resume_and_greedy_check(tmp_path):
     torch.manual_seed(0)
     dense = tiny_llama().eval()
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer(_bench().PROMPTS[0], return_tensors="pt")["input_ids"]
+    # the first greedy token is the end of sequence: the check stops there, the timed runs must not
+    dense.generation_config.eos_token_id = int(dense.generate(ids, max_new_tokens=1, do_sample=False)[0, -1])
     dense.save_pretrained(tmp_path / "dense")
-    tiny_tokenizer().save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
     oneshot(dense, MagnitudeConfig(pattern="2:4"), show_progress=False)
     dense.save_pretrained(tmp_path / "sparse")
     bench = _bench()
@@ -38,6 +42,7 @@ def test_dense_vs_24_rounds_resume_and_greedy_check(tmp_path):
     for key in ("dense", "sparse"):
         assert [c["equal"] for c in record[key]["greedy_check"]] == [True, True]
         assert record[key]["export"]["verification"]["max_abs_logit_diff"] <= record[key]["export"]["logit_tolerance"]
+    assert [c["new_tokens"] for c in record["dense"]["greedy_check"]] == [1, 1]  # all prompts are [UNK] words
     assert set(record["summary"]) == {"ort_1t", "eager_1t"}
     onnx_file = tmp_path / "w" / "onnx-admm-24" / "model.onnx"
     mtime = onnx_file.stat().st_mtime_ns
