@@ -256,29 +256,31 @@ def main(argv=None) -> dict:
         del onnx
     _write(stem, record, summarised=False)
 
-    # 4. interleaved timing rounds; sessions (one per model and thread count) are opened once.
-    sessions = {}
-    if "onnxruntime" in args.runtimes:
-        for name in MODELS:
-            for t in args.threads:
-                sessions[name, t] = OnnxModel.from_pretrained(onnx_dirs[name], threads=t)
-                sessions[name, t].generate(prompts[0], max_new_tokens=2, eos_token_id=[])  # warm-up
-    runners = {}
-    for runtime in args.runtimes:
-        for t in args.threads:
-            cell = f"{'ort' if runtime == 'onnxruntime' else 'eager'}_{t}t"
+    # 4. interleaved timing rounds; sessions (one per model and thread count) are opened once, and not at all when
+    # every round is already recorded (a re-run only rebuilds the table).
+    runners, cells = {}, []
+    if len(record["rounds"]) < args.rounds:
+        sessions = {}
+        if "onnxruntime" in args.runtimes:
             for name in MODELS:
-                if runtime == "onnxruntime":
-                    runners[cell, name] = (t, lambda ids, s=sessions[name, t]: s.generate(
-                        ids, max_new_tokens=args.new_tokens, eos_token_id=[]))
-                else:
-                    runners[cell, name] = (t, lambda ids, m=torch_models[name]: greedy_torch(
-                        m, ids, args.new_tokens, fixed=True))
-    cells = list(dict.fromkeys(cell for cell, _ in runners))
-    for t in args.threads:  # eager warm-up
-        torch.set_num_threads(t)
-        for name in MODELS:
-            greedy_torch(torch_models[name], prompts[0], 2, fixed=True)
+                for t in args.threads:
+                    sessions[name, t] = OnnxModel.from_pretrained(onnx_dirs[name], threads=t)
+                    sessions[name, t].generate(prompts[0], max_new_tokens=2, eos_token_id=[])  # warm-up
+        for runtime in args.runtimes:
+            for t in args.threads:
+                cell = f"{'ort' if runtime == 'onnxruntime' else 'eager'}_{t}t"
+                for name in MODELS:
+                    if runtime == "onnxruntime":
+                        runners[cell, name] = (t, lambda ids, s=sessions[name, t]: s.generate(
+                            ids, max_new_tokens=args.new_tokens, eos_token_id=[]))
+                    else:
+                        runners[cell, name] = (t, lambda ids, m=torch_models[name]: greedy_torch(
+                            m, ids, args.new_tokens, fixed=True))
+        cells = list(dict.fromkeys(cell for cell, _ in runners))
+        for t in args.threads:  # eager warm-up
+            torch.set_num_threads(t)
+            for name in MODELS:
+                greedy_torch(torch_models[name], prompts[0], 2, fixed=True)
     while len(record["rounds"]) < args.rounds:
         index = len(record["rounds"])
         order = MODELS if index % 2 == 0 else MODELS[::-1]
