@@ -1,7 +1,11 @@
 """SmolLM2-135M dense vs ADMM 2:4 exported to ONNX Runtime: greedy generation tokens/s with the KV cache.
 
-    python benchmarks/deploy_smollm2.py                 # ~15 min on 2 shared cores (pruning ~5 min of it, once)
-    python benchmarks/deploy_smollm2.py --rounds 7      # more rounds: continues the recorded ones
+    python benchmarks/deploy_smollm2.py                 # prune once, export both, check, 3 timing rounds
+    python benchmarks/deploy_smollm2.py --rounds 5      # more rounds: continues the recorded ones
+
+Wall time on the 2 shared cores at load average ~10 (2026-12-03): pruning 28 min (once, one thread; ~4 min on an
+idle machine), exports 2 x 105 s, the greedy check ~3 min, then ~7 min per round (the 2-thread eager cells, at
+under 1 token/s on an oversubscribed machine, are most of it).
 
 What it shows, measured: a 2:4 (or unstructured) sparse model stores its zeros as ordinary fp32 weights in the ONNX
 graph and ONNX Runtime's CPU kernels multiply them like any other, so sparsity alone brings no speed-up (ratio ~1);
@@ -186,7 +190,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num-samples", type=int, default=64, help="calibration windows for the pruning step")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompts", type=int, default=4, help=f"how many of the {len(PROMPTS)} fixed prompts")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds in all (recorded ones count)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds in all (recorded ones count)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
     p.add_argument("--label", default="", help="suffix of the result files")
