@@ -274,7 +274,10 @@ def _export_onnx_parser(sub) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     p.add_argument("--atol", type=float, default=1e-4,
-                   help="largest max abs logit difference from PyTorch the fp32 graph may have (default 1e-4)")
+                   help="the fp32 graph's max abs logit difference from PyTorch must be <= atol + rtol * max |logit| "
+                        "(default 1e-4)")
+    p.add_argument("--rtol", type=float, default=1e-5,
+                   help="the part of the limit that grows with the largest logit (default 1e-5; 0: atol is absolute)")
 
 
 def run_export_onnx(args) -> int:
@@ -282,15 +285,15 @@ def run_export_onnx(args) -> int:
 
     try:
         report = export_onnx(args.model, args.output, task=args.task, int8=args.int8, opset=args.opset,
-                             overwrite=args.overwrite, atol=args.atol,
+                             overwrite=args.overwrite, atol=args.atol, rtol=args.rtol,
                              command="hf-prune " + shlex.join(args.argv))
     except ExportVerificationError as err:
         print(f"hf-prune export-onnx: error: {err}", file=sys.stderr)
         return 1
     v = report.verification
     print(f"exported {args.model} ({report.task}, opset {report.opset}) to {Path(report.path).resolve()}")
-    print(f"  checked against PyTorch: max abs logit diff {v['max_abs_logit_diff']:.2e} over {v['positions']} "
-          f"positions")
+    print(f"  checked against PyTorch: max abs logit diff {v['max_abs_logit_diff']:.2e} (limit "
+          f"{report.logit_tolerance:.2e}, max |logit| {v['max_abs_logit']:.3g}) over {v['positions']} positions")
     if report.int8 is not None:
         print(f"  {report.quantized_file}: argmax agreement with PyTorch {report.int8['argmax_agreement']:.4f}")
     print(f"  files: {', '.join(report.files)}")

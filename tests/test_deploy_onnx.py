@@ -234,8 +234,8 @@ def test_failed_check_writes_nothing_and_keeps_the_old_export(llama_dir, tmp_pat
     out = tmp_path / "onnx"
     export_onnx(llama_dir, out)
     before = _untouched(out)
-    monkeypatch.setattr(export_module, "compare", lambda *a, **k: {"max_abs_logit_diff": 0.5, "argmax_agreement":
-                                                                  0.1, "positions": 1})
+    monkeypatch.setattr(export_module, "compare", lambda *a, **k: {"max_abs_logit_diff": 0.5, "max_abs_logit": 9.0,
+                                                                  "argmax_agreement": 0.1, "positions": 1})
     with pytest.raises(ExportVerificationError, match=r"differ from PyTorch's by 5.00e-01 .*nothing was written"):
         export_onnx(llama_dir, out, overwrite=True)
     assert _untouched(out) == before
@@ -243,3 +243,61 @@ def test_failed_check_writes_nothing_and_keeps_the_old_export(llama_dir, tmp_pat
     monkeypatch.undo()
     report = export_onnx(llama_dir, out, overwrite=True, int8=True)  # a passing export replaces it
     assert "model_quantized.onnx" in report.files and (out / "model_quantized.onnx").is_file()
+
+
+def test_tolerance_grows_with_the_logits_and_refuses_a_wrong_weight(tmp_path, monkeypatch):
+    """Logits of size ~20 (as SmolLM2's): the limit is atol + rtol * max |logit|; a wrong weight is still refused."""
+    import copy
+
+    import hf_prune.deploy.export as export_module
+
+    torch.manual_seed(0)
+    dense = tiny_llama().eval()
+    with torch.no_grad():
+        dense.lm_head.weight.mul_(40)
+    model = copy.deepcopy(dense)
+    oneshot(model, MagnitudeConfig(sparsity=0.5), show_progress=False)
+    report = export_onnx(model, tmp_path / "ok", tokenizer=tiny_tokenizer())
+    v = report.verification
+    assert v["max_abs_logit"] > 10
+    assert report.logit_tolerance == pytest.approx(1e-4 + 1e-5 * v["max_abs_logit"])
+    assert v["max_abs_logit_diff"] <= report.logit_tolerance
+    assert "= 0.0001 + 1e-05 x max |logit|" in (tmp_path / "ok" / "README.md").read_text()
+    with pytest.raises(ExportVerificationError, match=r"limit 1\.00e-09 = atol 1e-09 \+ rtol 0 x max"):
+        export_onnx(model, tmp_path / "strict", tokenizer=tiny_tokenizer(), atol=1e-9, rtol=0)
+
+    real_export = export_module.export_graph
+
+    def exported_with(change):
+        def export_graph(m, *args):
+            wrong = copy.deepcopy(m)
+            with torch.no_grad():
+                change(wrong.model.layers[1].mlp.down_proj.weight)
+            return real_export(wrong, *args)
+        return export_graph
+
+    def one_weight_off(w):
+        w[3, 5] += 0.01  # weights are ~0.02 in size
+
+    def mask_lost(w):
+        w.copy_(dense.model.layers[1].mlp.down_proj.weight)  # one layer exported dense
+
+    for change in (one_weight_off, mask_lost):
+        monkeypatch.setattr(export_module, "export_graph", exported_with(change))
+        with pytest.raises(ExportVerificationError, match=r"differ from PyTorch's by \d\.\d\de-0[0-3] \(limit 2\.\d\de-04"):
+            export_onnx(model, tmp_path / "bad", tokenizer=tiny_tokenizer())
+        assert not (tmp_path / "bad").exists()
+    monkeypatch.undo()
+    for bad in ({"atol": -1e-4}, {"rtol": float("nan")}, {"atol": "1e-4"}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} must be a number >= 0"):
+            export_onnx(model, tmp_path / "o", **bad)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_onnx_names_the_extra():
+    script = ("import sys\nsys.modules['onnx'] = None\n"
+              "try:\n    import hf_prune.deploy\nexcept ImportError as err:\n    print(err)\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "needs onnx and onnxruntime" in proc.stdout and "pip install 'hf_prune[deploy]'" in proc.stdout

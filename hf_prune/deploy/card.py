@@ -14,6 +14,13 @@ from ..version import __version__
 SECTION_MARKER = "<!-- hf_prune:onnx-export -->"
 
 
+def _limit(report) -> str:
+    if report.logit_tolerance is None:
+        return f"{report.atol:g}"
+    return (f"{report.logit_tolerance:.2e} = {report.atol:g} + {report.rtol:g} x max |logit| "
+            f"{report.verification['max_abs_logit']:.3g}")
+
+
 def export_section(report) -> str:
     """Markdown saying how the directory was exported and checked (`report`: an `OnnxExportReport`)."""
     v = report.verification
@@ -30,7 +37,7 @@ def export_section(report) -> str:
         "",
         f"Checked against the PyTorch model in ONNX Runtime {onnxruntime.__version__} before writing, on "
         f"{v['positions']} predicted positions{' (prompt and cached decoding steps)' if report.num_layers else ''}: "
-        f"max abs logit difference **{v['max_abs_logit_diff']:.2e}** (limit {report.atol:g}), argmax agreement "
+        f"max abs logit difference **{v['max_abs_logit_diff']:.2e}** (limit {_limit(report)}), argmax agreement "
         f"{v['argmax_agreement']:.4f}.",
     ]
     if report.int8 is not None:

@@ -1,0 +1,46 @@
+"""The real SmolLM2-135M through `hf-prune export-onnx` with no flags (slow: about 3 minutes on 2 CPU cores).
+
+30 layers and logits up to ~35: the fp32 graph differs from PyTorch by ~1e-4 with nothing wrong, which the default
+limit (atol 1e-4 + rtol 1e-5 x max |logit|) accepts; one wrong weight in the middle of the model is still refused.
+"""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def test_shipped_smollm2_exports_without_flags_and_a_wrong_weight_is_refused(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_prune.assets import smollm2_path
+    from hf_prune.cli import main as cli_main
+    from hf_prune.deploy.tasks import TASKS
+    from hf_prune.deploy.verify import compare, logit_tolerance, sample_inputs
+    from hf_prune_ort import OnnxModel
+
+    path = smollm2_path()
+    out = tmp_path / "onnx"
+    assert cli_main(["export-onnx", path, str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(text-generation, opset 17)" in printed and "limit " in printed
+    onnx = OnnxModel.from_pretrained(out, threads=2)
+    assert onnx.num_layers == 30
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    task = TASKS["text-generation"]
+    inputs = sample_inputs(model, tokenizer, task)
+    ok = compare(model, onnx, task, inputs)
+    limit = logit_tolerance(1e-4, 1e-5, ok["max_abs_logit"])
+    assert ok["max_abs_logit"] > 10 and ok["max_abs_logit_diff"] <= limit and ok["argmax_agreement"] == 1.0
+
+    ids = tokenizer("The history of the Roman Empire", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
+    assert onnx.generate(ids.numpy(), max_new_tokens=16).tolist() == expected.tolist()
+
+    with torch.no_grad():  # the graph no longer computes this model: one weight of block 15 off by 0.05
+        model.model.layers[15].mlp.down_proj.weight[7, 11] += 0.05
+    wrong = compare(model, onnx, task, inputs)
+    assert wrong["max_abs_logit_diff"] > 3 * logit_tolerance(1e-4, 1e-5, wrong["max_abs_logit"])
