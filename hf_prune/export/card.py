@@ -135,7 +135,8 @@ def _model_stats(model, module_sparsity: dict[str, float]) -> dict:
     for name in module_sparsity:
         weight = getattr(modules.get(name), "weight", None)
         if isinstance(weight, torch.Tensor):
-            zeros += int((weight == 0).sum())
+            # an offloaded run's model is on the meta device: its recorded sparsity is exact (zeros / numel)
+            zeros += round(module_sparsity[name] * weight.numel()) if weight.is_meta else int((weight == 0).sum())
             numel += weight.numel()
     total = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -203,6 +203,21 @@ def _is_our_card(path: Path) -> bool:
         return False
 
 
+def check_can_write(save_directory: str | os.PathLike, overwrite: bool) -> Path:
+    """The target directory of an export, refused (before any work) if it is a file or already holds a model."""
+    target = Path(save_directory)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"save_directory {str(target)!r} exists and is not a directory")
+    if target.is_dir() and not overwrite:
+        existing = _holds_model(target)
+        if existing:
+            raise FileExistsError(
+                f"{str(target)!r} already holds a model ({', '.join(existing)}); pass overwrite=True to replace it "
+                "or choose another directory"
+            )
+    return target
+
+
 def save_pruned(
     model,
     save_directory: str | os.PathLike,
@@ -248,16 +263,7 @@ def save_pruned(
         raise ValueError("hf_prune writes safetensors only; safe_serialization=False is not supported")
     if save_kwargs.pop("push_to_hub", False):
         raise ValueError("Use model.push_to_hub(repo_id) or hf_prune.push_pruned(directory, repo_id) to upload")
-    target = Path(save_directory)
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"save_directory {str(target)!r} exists and is not a directory")
-    if target.is_dir() and not overwrite:
-        existing = _holds_model(target)
-        if existing:
-            raise FileExistsError(
-                f"{str(target)!r} already holds a model ({', '.join(existing)}); pass overwrite=True to replace it "
-                "or choose another directory"
-            )
+    target = check_can_write(save_directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-", dir=target.parent))

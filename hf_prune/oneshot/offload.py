@@ -1,0 +1,256 @@
+"""Offloaded one-shot pruning: a checkpoint bigger than memory, pruned block by block, written as it goes.
+
+The model is built on the meta device (`accelerate.init_empty_weights`); the block-sequential runner asks this
+module to load one block's weights from the checkpoint's safetensors files (memory-mapped, `safe_open`) just before
+the block is calibrated, and, once the block is pruned and has produced the next block's inputs, to compress it into
+its own shard of the output checkpoint and put it back on the meta device. So only the block being pruned, the
+calibration activations and one block of statistics are resident. The embeddings are loaded only while the first
+block's inputs are captured. At the end the non-block tensors, `config.json`, the shard index and the model card are
+written, the whole directory is verified (checksums) and swapped into place atomically, as `save_pruned` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..export.save import _apply_umask, _is_our_card, _move_into_place, _remove_stale_temporaries, _temp_prefix, check_can_write
+from .blocks import Blocks, find_blocks
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+    """Tensors of a local safetensors checkpoint by key: one `model.safetensors` or shards with an index."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        index = path / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (path / "model.safetensors").is_file():
+            with safe_open(path / "model.safetensors", framework="pt") as fh:
+                weight_map = {key: "model.safetensors" for key in fh.keys()}
+        else:
+            raise FileNotFoundError(
+                f"offloaded pruning reads safetensors checkpoints: {str(path)!r} has neither model.safetensors nor "
+                f"{INDEX_FILE}"
+            )
+        self.path = path
+        self.weight_map: dict[str, str] = weight_map
+        self._handles: dict[str, object] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self.weight_map[key]
+        if file not in self._handles:
+            self._handles[file] = safe_open(self.path / file, framework="pt")  # memory-mapped
+        return self._handles[file].get_tensor(key)
+
+
+def empty_model_from_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's model class built on the meta device (buffers such as rotary frequencies stay real)."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(
+            f"{str(path)!r} is a quantized or hf_prune-compressed checkpoint ({config.quantization_config!r}); "
+            "offloaded pruning reads a dense checkpoint"
+        )
+    architectures = getattr(config, "architectures", None) or []
+    model_cls = getattr(transformers, architectures[0], None) if architectures else None
+    if model_cls is None:
+        raise ValueError(f"{str(path)!r}: config.json names no transformers architecture ({architectures!r})")
+    with init_empty_weights(include_buffers=False):
+        model = model_cls._from_config(config, dtype=dtype)
+    model.name_or_path = str(path)
+    model.config._name_or_path = str(path)
+    return model
+
+
+class OffloadedCheckpoint:
+    """Loads blocks of a checkpoint on demand and writes the pruned ones straight into a compressed export."""
+
+    def __init__(
+        self, path, output, *, overwrite: bool, dtype: torch.dtype, device: torch.device, layout: str, method: str
+    ):
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model path {str(path)!r} is not a directory (offloaded pruning reads a local checkpoint)")
+        self.target = check_can_write(output, overwrite)
+        self.reader = CheckpointReader(path)
+        self.model = empty_model_from_checkpoint(path, dtype)
+        self.blocks: Blocks = find_blocks(self.model)
+        self.device = torch.device(device)
+        self.layout = layout
+        self.method = method
+        n_files = len(self.blocks.layers) + 1
+        self._files = [f"model-{i + 1:05d}-of-{n_files:05d}.safetensors" for i in range(n_files)]
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+        self.report_entries: dict[str, dict] = {}
+        self._qconfig = None
+        self._tmp: Path | None = None
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        # what an in-memory save writes: parameters and persistent buffers, tied duplicates once
+        self.keys = list(remove_tied_weights_from_state_dict(self.model.state_dict(), self.model))
+        params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        missing = [k for k in self.keys if k in params and k not in self.reader.weight_map]
+        if missing:
+            raise ValueError(
+                f"the checkpoint {str(path)!r} lacks {len(missing)} parameter(s) of {type(self.model).__name__}: "
+                f"{', '.join(missing[:5])}"
+            )
+
+    # ------------------------------------------------------------------------------------------ loading
+    def _load(self, module: nn.Module, prefix: str) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        params = dict(module.named_parameters(remove_duplicate=False))
+        for name, param in params.items():
+            value = self.reader.get(prefix + name).to(dtype=param.dtype)
+            set_module_tensor_to_device(module, name, self.device, value=value)
+        for name, buffer in module.named_buffers():
+            if prefix + name in self.reader.weight_map:  # persistent buffers saved with the checkpoint
+                set_module_tensor_to_device(module, name, self.device, value=self.reader.get(prefix + name))
+
+    @staticmethod
+    def _release(module: nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, _ in list(module.named_parameters(remove_duplicate=False)):
+            set_module_tensor_to_device(module, name, "meta")
+
+    def _outside_blocks(self) -> list[tuple[str, nn.Module]]:
+        """Top-level modules with parameters outside the blocks (embeddings, final norm; not an untied LM head)."""
+        block_list = self.blocks.layers
+        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        inputs = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        found = []
+        for name, module in self.model.named_modules():
+            if module is block_list or module is output and (inputs is None or output.weight is not inputs.weight):
+                continue
+            if any(name.startswith(n + ".") for n, _ in found) or name == self.blocks.prefix or name.startswith(
+                self.blocks.prefix + "."
+            ):
+                continue
+            if list(module.parameters(recurse=False)):
+                found.append((name, module))
+        return found
+
+    def load_embeddings(self) -> None:
+        """What the forward needs before the first block (embeddings, positions), for capturing its inputs."""
+        for name, module in self._outside_blocks():
+            self._load(module, f"{name}." if name else "")
+
+    def release_embeddings(self) -> None:
+        for _, module in self._outside_blocks():
+            self._release(module)
+
+    def load_block(self, index: int) -> nn.Module:
+        from .runner import check_finite_parameters
+
+        block = self.blocks.layers[index]
+        self._load(block, f"{self.blocks.prefix}.{index}.")
+        check_finite_parameters(block, f"{self.blocks.prefix}.{index}")
+        return block
+
+    # ------------------------------------------------------------------------------------------ writing
+    def _stream_config(self, module_names: list[str]):
+        from ..export.quantizer import HfPruneExportConfig
+
+        # Only the names matter while streaming: they say which weights to try compressing.
+        return HfPruneExportConfig(layout=self.layout, pruning={"module_sparsity": dict.fromkeys(module_names, 0.0)})
+
+    def start(self, module_names: list[str]) -> None:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(self.target)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(self.target)}{os.getpid()}-", dir=self.target.parent))
+        self._qconfig = self._stream_config(module_names)
+
+    def _write(self, file: str, state_dict: dict[str, torch.Tensor], compress: bool) -> None:
+        from ..export.formats import get_export_format
+
+        if compress:
+            state_dict, report = get_export_format(self._qconfig.format).compress_state_dict(
+                self.model, state_dict, self._qconfig
+            )
+            self.report_entries.update(report.entries)
+        state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+        write_shard(self._tmp / file, state_dict, self._qconfig.format)
+        for key, tensor in state_dict.items():
+            self.weight_map[key] = file
+            self.total_size += tensor.numel() * tensor.element_size()
+
+    def write_block(self, index: int) -> None:
+        """Compresses the pruned block into its shard and frees its weights."""
+        block = self.blocks.layers[index]
+        prefix = f"{self.blocks.prefix}.{index}."
+        state_dict = {prefix + k: v for k, v in block.state_dict().items() if prefix + k in self.reader.weight_map}
+        self._write(self._files[index], state_dict, compress=True)
+        self._release(block)
+
+    def finish(self, model_card: bool = True) -> Path:
+        """Writes the tensors outside the blocks, the index, config and card; verifies; moves into place."""
+        from ..export.card import build_model_card
+        from ..export.formats import CompressionReport
+        from ..export.integrity import verify_checksums
+        from ..export.save import export_config_for
+
+        prefix = self.blocks.prefix + "."
+        rest = {}
+        tensors = self.model.state_dict()
+        for key in self.keys:
+            if not key.startswith(prefix) and key in self.reader.weight_map:
+                rest[key] = self.reader.get(key).to(tensors[key].dtype)
+        self._write(self._files[-1], rest, compress=False)
+        del rest
+        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self._tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        qconfig = export_config_for(self.model)
+        self.model.config.quantization_config = qconfig
+        self.model.config.save_pretrained(self._tmp)
+        if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
+            self.model.generation_config.save_pretrained(self._tmp)
+        verify_checksums(sorted(self._tmp.glob("*.safetensors")), required=True)
+        readme = self.target / "README.md"
+        keep_readme = (readme.is_file() and not _is_our_card(readme)) or not model_card
+        if model_card and not keep_readme:
+            report = CompressionReport()
+            report.entries.update(self.report_entries)
+            build_model_card(self.model, self._tmp, report=report, repo_id=self.target.name).save(self._tmp / "README.md")
+        _apply_umask(self._tmp)
+        _move_into_place(self._tmp, self.target, keep_readme=keep_readme)
+        self.close()
+        return self.target
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def write_shard(path: Path, state_dict: dict[str, torch.Tensor], format_name: str) -> None:
+    """One safetensors file with the metadata the loader checks (format, version, per-tensor checksums)."""
+    from safetensors.torch import save_file
+
+    from ..export.integrity import checksum_metadata
+    from ..version import __version__
+
+    metadata = {"format": "pt", "hf_prune_format": format_name, "hf_prune_version": __version__}
+    save_file(state_dict, str(path), metadata={**metadata, **checksum_metadata(state_dict)})
