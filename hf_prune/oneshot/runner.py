@@ -41,6 +41,7 @@ def oneshot(
     offload_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    command: str | None = None,
 ) -> nn.Module | Path:
     """Prunes `model` in place with a one-shot method and returns it.
 
@@ -64,6 +65,7 @@ def oneshot(
         overwrite: with `offload_dir`, replace a model already there (refused otherwise, before any work).
         dtype: with `offload_dir`, the dtype the blocks are loaded, computed and saved in (as `from_pretrained`'s
             `dtype`).
+        command: the command that reproduces the run, recorded in the `PruningState` (and so in the model card).
 
     Returns:
         The same model, its linear layers exactly sparse, with a `PruningState` attached; with `offload_dir`, the
@@ -149,6 +151,7 @@ def oneshot(
             module_numel=numel,
             metrics=metrics,
             base_model=getattr(model.config, "_name_or_path", None) or None,
+            command=command,
         ),
     )
     logger.info("%s pruned %d modules in %.1fs", config.method, len(sparsity), elapsed)
