@@ -44,7 +44,7 @@ def synthetic_llama(path: Path, **shape) -> Path:
         return path
     torch.manual_seed(0)
     config = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).to(torch.float16)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.float16)  # initialised in fp16: no fp32 copy
     tmp = path.with_name(path.name + ".partial")
     model.save_pretrained(tmp)
     del model

@@ -21,15 +21,21 @@ def _tensors(directory):
     return out
 
 
-@pytest.fixture
-def checkpoint(tmp_path):
+def _checkpoint(path, tied):
     torch.manual_seed(0)
-    path = tmp_path / "dense"
     model = TINY_MODELS["llama"]()
     model.config.num_hidden_layers = 3
     model.model.layers.append(type(model.model.layers[0])(model.config, 2))
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
     model.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return _checkpoint(tmp_path / "dense", tied=True)
 
 
 CONFIGS = {
@@ -41,9 +47,10 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_offloaded_export_is_bit_equal_to_in_memory(name, checkpoint, calibration_ids, tmp_path):
+@pytest.mark.parametrize("name, tied", [(name, True) for name in CONFIGS] + [("admm-0.6", False)])
+def test_offloaded_export_is_bit_equal_to_in_memory(name, tied, calibration_ids, tmp_path):
     config = CONFIGS[name]
+    checkpoint = _checkpoint(tmp_path / "dense", tied)
     in_memory = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     oneshot(in_memory, config, calibration=calibration_ids, show_progress=False)
     in_memory.save_pretrained(tmp_path / "in_memory")

@@ -77,6 +77,7 @@ def empty_model_from_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
         raise ValueError(f"{str(path)!r}: config.json names no transformers architecture ({architectures!r})")
     with init_empty_weights(include_buffers=False):
         model = model_cls._from_config(config, dtype=dtype)
+    model.tie_weights()  # not done on the meta device by `_from_config`: tied embeddings would look like two tensors
     model.name_or_path = str(path)
     model.config._name_or_path = str(path)
     return model
@@ -137,13 +138,13 @@ class OffloadedCheckpoint:
             set_module_tensor_to_device(module, name, "meta")
 
     def _outside_blocks(self) -> list[tuple[str, nn.Module]]:
-        """Top-level modules with parameters outside the blocks (embeddings, final norm; not an untied LM head)."""
+        """Modules with parameters outside the blocks (embeddings, final norm), except the LM head: the forward
+        up to the first block never reaches it (and a tied one holds the input embedding's weight)."""
         block_list = self.blocks.layers
         output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        inputs = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         found = []
         for name, module in self.model.named_modules():
-            if module is block_list or module is output and (inputs is None or output.weight is not inputs.weight):
+            if module is block_list or module is output:
                 continue
             if any(name.startswith(n + ".") for n, _ in found) or name == self.blocks.prefix or name.startswith(
                 self.blocks.prefix + "."
@@ -161,6 +162,7 @@ class OffloadedCheckpoint:
     def release_embeddings(self) -> None:
         for _, module in self._outside_blocks():
             self._release(module)
+        self.model.tie_weights()  # replacing the embedding's parameter untied it from the LM head
 
     def load_block(self, index: int) -> nn.Module:
         from .runner import check_finite_parameters
