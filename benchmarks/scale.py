@@ -169,13 +169,17 @@ def main() -> None:
         print(json.dumps(run_oneshot(path, mode, method, float(sparsity), int(samples), int(seq_len), out)))
         return
     parts = list(PARTS) if args.part == "all" else [args.part]
-    report = {"machine": f"{os.cpu_count()} CPU cores (shared), torch threads = {os.environ.get('OMP_NUM_THREADS', 'default')}",
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    report = json.loads(args.out.read_text()) if args.out.exists() else {}
+    report["machine"] = f"{os.cpu_count()} CPU cores (shared with other jobs), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}"
     for part in parts:
         run, table = PARTS[part]
         rows = run(args)
-        report[part] = rows
-        print(table(rows))
+        for row in rows:
+            row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        # a re-run replaces the rows of the same model, mode and method and keeps the others
+        fresh = {(r["model"], r["mode"], r["method"]) for r in rows}
+        report[part] = [r for r in report.get(part, []) if (r["model"], r["mode"], r["method"]) not in fresh] + rows
+        print(table(report[part]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -29,34 +29,59 @@ logger = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 
 
+# safetensors dtype names -> torch dtypes (the ones transformers checkpoints hold)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
 class CheckpointReader:
-    """Tensors of a local safetensors checkpoint by key: one `model.safetensors` or shards with an index."""
+    """Tensors of a local safetensors checkpoint by key: one `model.safetensors` or shards with an index.
+
+    Each tensor is read with a positioned read into a fresh tensor rather than through `safe_open`'s memory map:
+    mapped pages of a file count in the process's resident set until it ends, so reading a whole checkpoint through
+    a map would make the process as big as the checkpoint (the page cache, which `read` goes through, does not).
+    """
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
+        from ..export.info import read_safetensors_header
 
         index = path / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         elif (path / "model.safetensors").is_file():
-            with safe_open(path / "model.safetensors", framework="pt") as fh:
-                weight_map = {key: "model.safetensors" for key in fh.keys()}
+            files = ["model.safetensors"]
         else:
             raise FileNotFoundError(
                 f"offloaded pruning reads safetensors checkpoints: {str(path)!r} has neither model.safetensors nor "
                 f"{INDEX_FILE}"
             )
         self.path = path
-        self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
+        self.weight_map: dict[str, str] = {}
+        self._entries: dict[str, tuple[dict, int]] = {}
+        for file in files:
+            header, data_start = read_safetensors_header(path / file)
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self.weight_map[key] = file
+                self._entries[key] = (info, data_start)
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self.weight_map[key]
-        if file not in self._handles:
-            self._handles[file] = safe_open(self.path / file, framework="pt")  # memory-mapped
-        return self._handles[file].get_tensor(key)
+        info, data_start = self._entries[key]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path / self.weight_map[key]}: {key} has dtype {info['dtype']}, not supported here")
+        start, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=dtype)
+        buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+        if buffer.nbytes != end - start:
+            raise ValueError(f"{self.path / self.weight_map[key]}: {key} holds {end - start} bytes, expected {buffer.nbytes}")
+        with open(self.path / self.weight_map[key], "rb") as fh:
+            fh.seek(data_start + start)
+            if fh.readinto(buffer) != buffer.nbytes:
+                raise ValueError(f"{self.path / self.weight_map[key]} is truncated at {key}")
+        return tensor
 
 
 def empty_model_from_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
@@ -163,6 +188,7 @@ class OffloadedCheckpoint:
         for _, module in self._outside_blocks():
             self._release(module)
         self.model.tie_weights()  # replacing the embedding's parameter untied it from the LM head
+        release_free_memory()
 
     def load_block(self, index: int) -> nn.Module:
         from .runner import check_finite_parameters
@@ -205,7 +231,9 @@ class OffloadedCheckpoint:
         prefix = f"{self.blocks.prefix}.{index}."
         state_dict = {prefix + k: v for k, v in block.state_dict().items() if prefix + k in self.reader.weight_map}
         self._write(self._files[index], state_dict, compress=True)
+        del state_dict
         self._release(block)
+        release_free_memory()
 
     def finish(self, model_card: bool = True) -> Path:
         """Writes the tensors outside the blocks, the index, config and card; verifies; moves into place."""
@@ -256,3 +284,15 @@ def write_shard(path: Path, state_dict: dict[str, torch.Tensor], format_name: st
 
     metadata = {"format": "pt", "hf_prune_format": format_name, "hf_prune_version": __version__}
     save_file(state_dict, str(path), metadata={**metadata, **checksum_metadata(state_dict)})
+
+
+def release_free_memory() -> None:
+    """Returns freed heap memory to the system (glibc keeps freed blocks of a few MB for reuse, so that each
+    block's temporaries would otherwise pile up in the resident set); a no-op where `malloc_trim` is missing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
