@@ -5,7 +5,7 @@ import json
 import pytest
 
 from export_utils import run_python
-from hub_server import HubServer
+from hub_server import HubServer, client_env
 
 PUSH_AND_LOAD = r"""
 import json, os, tempfile, torch
@@ -46,9 +46,7 @@ def hub():
 
 def test_push_then_from_pretrained_gives_same_model_and_our_card(hub, tmp_path):
     hub.fail_next["/api/models/me/broken/commit"] = 500  # not retried by the client
-    env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_test_token",
-           "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5",
-           "HF_HUB_DOWNLOAD_TIMEOUT": "5", "HF_HUB_DISABLE_XET": "1"}
+    env = client_env(hub, tmp_path / "hf_home")
     proc = run_python(PUSH_AND_LOAD, env=env, timeout=150)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.split("REPORT", 1)[1])

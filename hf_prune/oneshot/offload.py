@@ -26,7 +26,7 @@ from .blocks import Blocks, find_blocks
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
+from ..export.shards import INDEX_NAME as INDEX_FILE
 
 
 # safetensors dtype names -> torch dtypes (the ones transformers checkpoints hold)
@@ -112,7 +112,8 @@ class OffloadedCheckpoint:
     """Loads blocks of a checkpoint on demand and writes the pruned ones straight into a compressed export."""
 
     def __init__(
-        self, path, output, *, overwrite: bool, dtype: torch.dtype, device: torch.device, layout: str, method: str
+        self, path, output, *, overwrite: bool, dtype: torch.dtype, device: torch.device, layout: str,
+        max_shard_size: int | str | None = None,
     ):
         path = Path(path)
         if not path.is_dir():
@@ -123,18 +124,14 @@ class OffloadedCheckpoint:
         self.blocks: Blocks = find_blocks(self.model)
         self.device = torch.device(device)
         self.layout = layout
-        self.method = method
-        n_files = len(self.blocks.layers) + 1
-        self._files = [f"model-{i + 1:05d}-of-{n_files:05d}.safetensors" for i in range(n_files)]
-        self.weight_map: dict[str, str] = {}
-        self.total_size = 0
+        self.max_shard_size = max_shard_size
         self.report_entries: dict[str, dict] = {}
-        self._qconfig = None
         self._tmp: Path | None = None
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
         # what an in-memory save writes: parameters and persistent buffers, tied duplicates once
         self.keys = list(remove_tied_weights_from_state_dict(self.model.state_dict(), self.model))
+        self.keys_set = set(self.keys)
         params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
         missing = [k for k in self.keys if k in params and k not in self.reader.weight_map]
         if missing:
@@ -199,39 +196,32 @@ class OffloadedCheckpoint:
         return block
 
     # ------------------------------------------------------------------------------------------ writing
-    def _stream_config(self, module_names: list[str]):
-        from ..export.quantizer import HfPruneExportConfig
-
-        # Only the names matter while streaming: they say which weights to try compressing.
-        return HfPruneExportConfig(layout=self.layout, pruning={"module_sparsity": dict.fromkeys(module_names, 0.0)})
-
     def start(self, module_names: list[str]) -> None:
+        from ..export.quantizer import HfPruneExportConfig
+        from ..export.shards import ShardWriter
+        from ..version import __version__
+
         self.target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(self.target)
         self._tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(self.target)}{os.getpid()}-", dir=self.target.parent))
-        self._qconfig = self._stream_config(module_names)
-
-    def _write(self, file: str, state_dict: dict[str, torch.Tensor], compress: bool) -> None:
-        from ..export.formats import get_export_format
-
-        if compress:
-            state_dict, report = get_export_format(self._qconfig.format).compress_state_dict(
-                self.model, state_dict, self._qconfig
-            )
-            self.report_entries.update(report.entries)
-        state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-        write_shard(self._tmp / file, state_dict, self._qconfig.format)
-        for key, tensor in state_dict.items():
-            self.weight_map[key] = file
-            self.total_size += tensor.numel() * tensor.element_size()
+        self._names = set(f"{name}.weight" for name in module_names)  # the weights to try compressing
+        format_name = HfPruneExportConfig().format
+        self._writer = ShardWriter(self._tmp, max_shard_size=self.max_shard_size,
+                                   metadata={"hf_prune_format": format_name, "hf_prune_version": __version__})
 
     def write_block(self, index: int) -> None:
-        """Compresses the pruned block into its shard and frees its weights."""
+        """Compresses the pruned block into the export (its own shard, written now) and frees its weights."""
+        from ..export.formats import compress_tensors
+
         block = self.blocks.layers[index]
         prefix = f"{self.blocks.prefix}.{index}."
-        state_dict = {prefix + k: v for k, v in block.state_dict().items() if prefix + k in self.reader.weight_map}
-        self._write(self._files[index], state_dict, compress=True)
+        state_dict = {prefix + k: v.detach().to("cpu") for k, v in block.state_dict().items() if prefix + k in self.keys_set}
+        compressed, report = compress_tensors(state_dict, self.layout, names=self._names & set(state_dict))
         del state_dict
+        self.report_entries.update(report.entries)
+        self._writer.add(compressed)
+        self._writer.flush()  # one shard per block: nothing of this block stays in memory
+        del compressed
         self._release(block)
         release_free_memory()
 
@@ -240,27 +230,22 @@ class OffloadedCheckpoint:
         from ..export.card import build_model_card
         from ..export.formats import CompressionReport
         from ..export.integrity import verify_checksums
-        from ..export.save import export_config_for
+        from ..export.save import export_config_for, write_config_files
 
         prefix = self.blocks.prefix + "."
-        rest = {}
         tensors = self.model.state_dict()
-        for key in self.keys:
-            if not key.startswith(prefix) and key in self.reader.weight_map:
-                rest[key] = self.reader.get(key).to(tensors[key].dtype)
-        self._write(self._files[-1], rest, compress=False)
+        rest = {k: self.reader.get(k).to(tensors[k].dtype) for k in self.keys
+                if not k.startswith(prefix) and k in self.reader.weight_map}
+        self._writer.add(rest)
         del rest
-        index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self._tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        files = self._writer.close(total_parameters=self.model.num_parameters())
         qconfig = export_config_for(self.model)
         self.model.config.quantization_config = qconfig
-        self.model.config.save_pretrained(self._tmp)
-        if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
-            self.model.generation_config.save_pretrained(self._tmp)
-        verify_checksums(sorted(self._tmp.glob("*.safetensors")), required=True)
+        write_config_files(self.model, self._tmp)
+        verify_checksums(files, required=True)
         readme = self.target / "README.md"
         keep_readme = (readme.is_file() and not _is_our_card(readme)) or not model_card
-        if model_card and not keep_readme:
+        if not keep_readme:
             report = CompressionReport()
             report.entries.update(self.report_entries)
             build_model_card(self.model, self._tmp, report=report, repo_id=self.target.name).save(self._tmp / "README.md")
@@ -273,17 +258,6 @@ class OffloadedCheckpoint:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-
-def write_shard(path: Path, state_dict: dict[str, torch.Tensor], format_name: str) -> None:
-    """One safetensors file with the metadata the loader checks (format, version, per-tensor checksums)."""
-    from safetensors.torch import save_file
-
-    from ..export.integrity import checksum_metadata
-    from ..version import __version__
-
-    metadata = {"format": "pt", "hf_prune_format": format_name, "hf_prune_version": __version__}
-    save_file(state_dict, str(path), metadata={**metadata, **checksum_metadata(state_dict)})
 
 
 def release_free_memory() -> None:

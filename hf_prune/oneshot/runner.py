@@ -86,7 +86,7 @@ def oneshot(
             raise ValueError(f"{owner}.owl needs every block's outputs before pruning; it is not available with offload_dir")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         store = OffloadedCheckpoint(model, offload_dir, overwrite=overwrite, dtype=dtype, device=device,
-                                    layout=config.pattern, method=config.method)
+                                    layout=config.pattern)
         model = store.model
     elif not isinstance(model, nn.Module):
         raise TypeError(
