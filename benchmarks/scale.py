@@ -75,6 +75,9 @@ def run_oneshot(path: str, mode: str, method: str, sparsity: float, samples: int
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
+    import hf_prune.export.card  # noqa: F401  (the code both runs use, imported before the baseline)
+    import hf_prune.export.shards  # noqa: F401
+    import hf_prune.oneshot.offload  # noqa: F401
     from hf_prune import get_config_class, oneshot
 
     generator = torch.Generator().manual_seed(0)

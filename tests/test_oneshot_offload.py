@@ -119,3 +119,47 @@ def test_failure_midway_leaves_no_output(checkpoint, calibration_ids, tmp_path, 
     assert calls == [0, 1]
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+_MEMORY_PROBE = """
+import json, sys
+import accelerate.utils, safetensors.torch, torch, transformers
+from transformers import LlamaForCausalLM  # the code the run uses is imported before the baseline
+import hf_prune.export.card, hf_prune.export.shards, hf_prune.oneshot.offload
+from hf_prune import WandaConfig, oneshot
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+calibration = torch.randint(0, 1024, (8, 64), generator=torch.Generator().manual_seed(0))
+baseline = status("VmRSS")
+oneshot(sys.argv[1], WandaConfig(sparsity=0.5, num_calibration_samples=8, max_seq_length=64, calibration_batch_size=4),
+        calibration=calibration, offload_dir=sys.argv[2], device="cpu", show_progress=False)
+print(json.dumps({"peak_above_baseline": status("VmHWM") - baseline}))
+"""
+
+
+@pytest.mark.slow
+def test_offloaded_run_keeps_about_one_block_resident(tmp_path):
+    """A 150M-parameter LLaMA (290 MB in fp16; the in-memory run holds its fp32 weights, 2x that): the offloaded run's
+    peak RSS above its import baseline stays under 0.75x the fp16 checkpoint (measured about 0.3-0.65x: one fp32 block,
+    the block forward's temporaries and the heap's slack, which is fixed per block and so dominates on this small
+    model; on the 1B benchmark model it is below 0.4x)."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=24, num_attention_heads=12,
+                         num_key_value_heads=4, vocab_size=1024, tie_word_embeddings=True)
+    LlamaForCausalLM._from_config(config, dtype=torch.float16).save_pretrained(tmp_path / "dense")
+    model_bytes = sum(p.stat().st_size for p in (tmp_path / "dense").glob("*.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path / "dense"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_baseline"]
+    assert peak < 0.75 * model_bytes, (peak / 2**20, model_bytes / 2**20)
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == 25
