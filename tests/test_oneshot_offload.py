@@ -4,13 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_MODELS
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from hf_prune import ADMMConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig, oneshot
 from hf_prune.oneshot.offload import INDEX_FILE
-
-from conftest import TINY_MODELS
 
 
 def _tensors(directory):
@@ -158,7 +157,7 @@ def test_offloaded_run_keeps_about_one_block_resident(tmp_path):
     LlamaForCausalLM._from_config(config, dtype=torch.float16).save_pretrained(tmp_path / "dense")
     model_bytes = sum(p.stat().st_size for p in (tmp_path / "dense").glob("*.safetensors"))
     proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path / "dense"), str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=600)
+                          check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_baseline"]
     assert peak < 0.75 * model_bytes, (peak / 2**20, model_bytes / 2**20)

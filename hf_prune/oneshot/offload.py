@@ -21,13 +21,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..export.save import _apply_umask, _is_our_card, _move_into_place, _remove_stale_temporaries, _temp_prefix, check_can_write
+from ..export.save import (
+    _apply_umask,
+    _is_our_card,
+    _move_into_place,
+    _remove_stale_temporaries,
+    _temp_prefix,
+    check_can_write,
+)
 from .blocks import Blocks, find_blocks
 
 logger = logging.getLogger(__name__)
 
 from ..export.shards import INDEX_NAME as INDEX_FILE
-
 
 # safetensors dtype names -> torch dtypes (the ones transformers checkpoints hold)
 _DTYPES = {
@@ -204,7 +210,7 @@ class OffloadedCheckpoint:
         self.target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(self.target)
         self._tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(self.target)}{os.getpid()}-", dir=self.target.parent))
-        self._names = set(f"{name}.weight" for name in module_names)  # the weights to try compressing
+        self._names = {f"{name}.weight" for name in module_names}  # the weights to try compressing
         format_name = HfPruneExportConfig().format
         self._writer = ShardWriter(self._tmp, max_shard_size=self.max_shard_size,
                                    metadata={"hf_prune_format": format_name, "hf_prune_version": __version__})
