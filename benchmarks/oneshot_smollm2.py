@@ -23,7 +23,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "oneshot_smollm2.json"
-METHODS = ["magnitude", "wanda", "sparsegpt", "admm"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "admm", "admm_bf16"]
+# benchmark names for a method with non-default options: name -> (method, config fields)
+VARIANTS = {"admm_bf16": ("admm", {"matmul_precision": "bfloat16"})}
 SETTINGS = ["0.5", "0.6", "0.7", "2:4"]
 RUN_ORDER = ["0.6", "0.7", "2:4", "0.5"]  # the settings the targets hinge on first, so partial results are useful
 CPU_LOCK = "/tmp/hf_prune_cpu.lock"  # one heavy job at a time on a shared machine keeps timings honest
@@ -62,8 +64,8 @@ def prepare(workdir: Path, calib_samples: int, seq_len: int, eval_windows: int) 
     return {"model_path": model_path, "calibration_windows": list(calib.shape), "eval_tokens": int(eval_ids.numel())}
 
 
-def run_one(method: str, setting: str, workdir: Path, model_path: str, seq_len: int) -> dict:
-    """Runs in a subprocess: load, prune, measure wall time + peak RSS, then perplexity."""
+def run_one(method: str, setting: str, workdir: Path, model_path: str, seq_len: int, device: str = "cpu") -> dict:
+    """Runs in a subprocess: load, prune, measure wall time + peak RSS (and peak GPU memory), then perplexity."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -71,17 +73,25 @@ def run_one(method: str, setting: str, workdir: Path, model_path: str, seq_len: 
     from hf_prune.evaluation import perplexity
 
     data = torch.load(workdir / "data.pt")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
     model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    result = {"method": method, "setting": setting, "model_fp32_mb": round(model_mb, 1)}
+    result = {"method": method, "setting": setting, "model_fp32_mb": round(model_mb, 1), "device": device,
+              "threads": torch.get_num_threads()}
     if method != "dense":
         kwargs = {"pattern": setting} if ":" in setting else {"sparsity": float(setting)}
-        config = get_config_class(method)(
-            **kwargs, num_calibration_samples=data["calibration"].shape[0], max_seq_length=seq_len
+        base, options = VARIANTS.get(method, (method, {}))
+        config = get_config_class(base)(
+            **kwargs, **options, num_calibration_samples=data["calibration"].shape[0], max_seq_length=seq_len
         )
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         rss_loaded = _rss_mb()
         started, cpu_started = time.perf_counter(), _cpu_seconds()
         oneshot(model, config, calibration=data["calibration"], show_progress=False)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         result["prune_time_s"] = round(time.perf_counter() - started, 1)
         # CPU seconds (all threads) are what the comparison rests on when other work shares the machine.
         result["prune_cpu_s"] = round(_cpu_seconds() - cpu_started, 1)
@@ -132,12 +142,13 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=32, help="512-token evaluation windows (32 = 16,384 tokens)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--workdir", type=Path, default=HERE / "results" / ".oneshot_work")
+    parser.add_argument("--device", default="cpu", help="where to prune and evaluate (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--run-one", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.run_one:
-        print(json.dumps(run_one(*args.run_one, args.workdir, args.model_path, args.seq_len)))
+        print(json.dumps(run_one(*args.run_one, args.workdir, args.model_path, args.seq_len, args.device)))
         return
 
     report = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
@@ -147,7 +158,8 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)",
         "calibration": "wikipedia_split() calibration articles, random non-overlapping 512-token windows, seed 0",
         "evaluation": "wikipedia_split() held-out articles, non-overlapping 512-token windows",
-        "machine": f"{os.cpu_count()} CPU cores, torch threads = default",
+        "machine": f"{os.cpu_count()} CPU cores, torch threads = {os.environ.get('OMP_NUM_THREADS', 'default')}"
+        + (f", device {args.device}" if args.device != "cpu" else ""),
     }
     done = {(r["method"], r["setting"]) for r in report["runs"]}
     settings = sorted(args.settings, key=lambda s: RUN_ORDER.index(s) if s in RUN_ORDER else len(RUN_ORDER))
@@ -159,7 +171,7 @@ def main() -> None:
         lock = ["flock", CPU_LOCK] if shutil.which("flock") else []
         proc = subprocess.run(
             lock + [sys.executable, __file__, "--run-one", method, setting, "--workdir", str(args.workdir),
-             "--model-path", meta["model_path"], "--seq-len", str(args.seq_len)],
+             "--model-path", meta["model_path"], "--seq-len", str(args.seq_len), "--device", args.device],
             capture_output=True, text=True,
         )
         if proc.returncode != 0:

@@ -121,6 +121,9 @@ def _oneshot_parser(sub) -> None:
     p.add_argument("--device", default=None, help="device to prune on (default: cuda if available, else cpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other config field, e.g. --set iterations=30 --set mask_group=row")
+    p.add_argument("--offload", action="store_true",
+                   help="never load the whole model: prune block by block from the checkpoint and write each pruned "
+                        "block straight into the compressed --output (for models bigger than memory)")
 
 
 def run_oneshot(args) -> int:
@@ -159,6 +162,8 @@ def run_oneshot(args) -> int:
     if calibration is None and config.uses_calibration:
         raise ValueError(f"--method {args.method} needs --calibration text")
     eval_texts = read_texts(args.eval, "eval") if args.eval else None
+    if args.offload:
+        return _run_oneshot_offloaded(args, config, calibration, eval_texts)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"Loading {args.model} ({args.dtype}) on {device}", flush=True)
@@ -190,6 +195,35 @@ def run_oneshot(args) -> int:
     if eval_texts:
         print(f"  perplexity:        {ppl_before:.2f} -> {ppl_after:.2f}")
     desc = describe_export(output, verify=False)
+    print(f"  saved to:          {output.resolve()} ({desc['file_bytes'] / 1e6:.1f} MB of weights"
+          + (f", {desc['file_bytes'] / desc['dense_bytes']:.3f}x dense)" if desc["dense_bytes"] else ")"))
+    if args.push_to_hub:
+        info = push_pruned(output, args.push_to_hub, private=args.private or None)
+        print(f"  pushed to:         {getattr(info, 'commit_url', None) or args.push_to_hub}")
+    return 0
+
+
+def _run_oneshot_offloaded(args, config, calibration, eval_texts) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .oneshot import oneshot
+
+    if eval_texts:
+        raise ValueError("--eval needs the whole model in memory; it cannot be combined with --offload")
+    if args.dense:
+        raise ValueError("--dense cannot be combined with --offload, which writes the compressed export")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"Pruning {args.model} block by block ({args.dtype}) on {device}, writing {args.output}", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    started = time.perf_counter()
+    output = oneshot(args.model, config, calibration=calibration, tokenizer=tokenizer, offload_dir=args.output,
+                     overwrite=args.overwrite, device=device, dtype=getattr(torch, args.dtype),
+                     command="hf-prune " + shlex.join(args.argv))
+    elapsed = time.perf_counter() - started
+    tokenizer.save_pretrained(output)
+    desc = describe_export(output, verify=False)
+    print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s (offloaded)")
     print(f"  saved to:          {output.resolve()} ({desc['file_bytes'] / 1e6:.1f} MB of weights"
           + (f", {desc['file_bytes'] / desc['dense_bytes']:.3f}x dense)" if desc["dense_bytes"] else ")"))
     if args.push_to_hub:

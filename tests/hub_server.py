@@ -9,6 +9,7 @@ pointing at it:
 - `POST /api/models/{repo}/commit/{revision}` (NDJSON)        -> header, file, deletedFile lines; `{"commitOid"...}`
 - `HEAD|GET /{repo}/resolve/{revision}/{path}`                -> the file, with `X-Repo-Commit`, `ETag`, size
 - `GET /api/models/{repo}[/revision/{revision}]`              -> model info (sha, siblings)
+- `GET /api/models/{repo}/tree/{revision}[/{path}]`            -> file listing (sharded downloads list the repo)
 - `POST /api/models/{repo}/branch/{branch}`                   -> creates a branch
 - `POST /api/validate-yaml`                                   -> README front matter must be a YAML mapping
 
@@ -154,6 +155,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         parts = path.strip("/").split("/")
         with self.hub.lock:
+            if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
+                return self._tree(parts[2:])
             if parts[:2] == ["api", "models"]:
                 return self._model_info(parts[2:])
             if len(parts) >= 5 and parts[2] == "resolve":
@@ -171,6 +174,18 @@ class _Handler(BaseHTTPRequestHandler):
                 headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": sha, "ETag": etag}
                 return self._send(200, data, headers, head=head)
         self._error(404, "NotFound", f"no route for {path}", head=head)
+
+    def _tree(self, parts):
+        # parts: [ns, name, "tree", rev(, path...)]: a flat listing of the files (what snapshot_download asks for)
+        repo = self.hub.repos.get("/".join(parts[:2]))
+        if repo is None:
+            return self._error(404, "RepoNotFound", f"Repository {'/'.join(parts[:2])} not found")
+        files, _ = repo.at(parts[3])
+        if files is None:
+            return self._error(404, "RevisionNotFound", f"Revision {parts[3]} not found")
+        prefix = "/".join(parts[4:])
+        self._json(200, [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                         for name, data in sorted(files.items()) if name.startswith(prefix)])
 
     def _model_info(self, parts):
         # parts: [ns, name] or [ns, name, "revision", rev]

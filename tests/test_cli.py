@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from hf_prune.cli import main
 
@@ -113,3 +114,25 @@ def test_cli_refuses_non_empty_output_without_overwrite(model_dir, text_files, t
     code = main(["oneshot", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output", str(out)])
     assert code == 2 and "pass --overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_cli_offload_streams_the_same_export(model_dir, text_files, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    calib, evaluation = text_files
+    common = ["--method", "wanda", "--sparsity", "0.5", "--calibration", str(calib), "--seq-len", "64",
+              "--num-samples", "8", "--device", "cpu"]
+    assert main(["oneshot", str(model_dir), *common, "--output", str(tmp_path / "mem")]) == 0
+    assert main(["oneshot", str(model_dir), *common, "--output", str(tmp_path / "off"), "--offload"]) == 0
+    printed = capsys.readouterr().out
+    assert "(offloaded)" in printed and "block by block" in printed
+    expected = load_file(tmp_path / "mem" / "model.safetensors")
+    got = {k: v for f in sorted((tmp_path / "off").glob("model-*.safetensors")) for k, v in load_file(f).items()}
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    card = (tmp_path / "off" / "README.md").read_text()
+    assert "--offload" in card
+    assert (tmp_path / "off" / "tokenizer_config.json").is_file()
+    code = main(["oneshot", str(model_dir), *common, "--output", str(tmp_path / "x"), "--offload", "--eval",
+                 str(evaluation)])
+    assert code == 2 and "--eval" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

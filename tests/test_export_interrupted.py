@@ -23,8 +23,8 @@ CHILD = r"""
 import builtins, json, os, shutil, signal, sys, time
 import torch
 torch.set_num_threads(1)
-import transformers.modeling_utils as mu
 import hf_prune.export.save as save
+import hf_prune.export.shards as shards
 from export_utils import prune, tiny_model
 
 root, old, mode, arg = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
@@ -47,7 +47,7 @@ def open_counted(file, mode="r", *a, **k):
 
 def install():
     for mod, name in [(os, "rename"), (os, "replace"), (os, "link"), (os, "chmod"), (os, "unlink"), (os, "mkdir"),
-                      (shutil, "rmtree"), (save, "_exchange"), (mu, "safe_save_file")]:
+                      (shutil, "rmtree"), (save, "_exchange"), (shards, "save_file")]:
         setattr(mod, name, counted(getattr(mod, name)))
     builtins.open = open_counted
 

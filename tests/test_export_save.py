@@ -47,13 +47,13 @@ def test_user_readme_is_kept_unless_asked(pruned, tmp_path):
 
 
 def test_raise_mid_save_leaves_nothing(pruned, tmp_path, monkeypatch):
-    import transformers.modeling_utils as mu
+    import hf_prune.export.shards as shards
 
     def broken(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(mu, "safe_save_file", broken)
+    monkeypatch.setattr(shards, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         pruned.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
@@ -62,14 +62,14 @@ def test_raise_mid_save_leaves_nothing(pruned, tmp_path, monkeypatch):
 def test_kill_mid_save_leaves_no_complete_looking_dir(tmp_path):
     code = f"""
 import os, signal
-import transformers.modeling_utils as mu
+import hf_prune.export.shards as shards
 from export_utils import prune, tiny_model
 model = prune(tiny_model("llama"), "unstructured", 0.5)
-real = mu.safe_save_file
+real = shards.save_file
 def dying(tensors, filename, metadata=None):
     real(tensors, filename, metadata=metadata)
     os.kill(os.getpid(), signal.SIGKILL)  # killed after the weights are written, before the export is finished
-mu.safe_save_file = dying
+shards.save_file = dying
 model.save_pretrained({str(tmp_path / 'out')!r})
 """
     proc = run_python(code)

@@ -129,13 +129,20 @@ def _structure_summary(metrics: dict) -> dict | None:
             "params_before": metrics.get("params_before")}
 
 
-def _model_stats(model, module_sparsity: dict[str, float]) -> dict:
+def _model_stats(model, module_sparsity: dict[str, float], report=None) -> dict:
+    """Zeros in the pruned weights (from the save's `CompressionReport` where it counted them: no second pass over
+    the weights), parameter count and dense bytes."""
     modules = dict(model.named_modules())
+    counted = report.entries if report is not None else {}
     zeros = numel = 0
     for name in module_sparsity:
         weight = getattr(modules.get(name), "weight", None)
         if isinstance(weight, torch.Tensor):
-            zeros += int((weight == 0).sum())
+            entry = counted.get(f"{name}.weight") or {}
+            nonzero = entry.get("nonzero", -1) if entry.get("numel") == weight.numel() else -1
+            if nonzero < 0 and weight.is_meta:  # an offloaded run's model: its recorded sparsity is exact
+                nonzero = weight.numel() - round(module_sparsity[name] * weight.numel())
+            zeros += weight.numel() - (nonzero if nonzero >= 0 else int(torch.count_nonzero(weight)))
             numel += weight.numel()
     total = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -172,7 +179,7 @@ def build_model_card(
     if state is None:
         raise ValueError("build_model_card needs a model carrying an hf_prune PruningState")
     method = state.config.method or type(state.config).__name__
-    stats = _model_stats(model, state.module_sparsity)
+    stats = _model_stats(model, state.module_sparsity, report)
     size_after = None
     if directory is not None:
         size_after = sum(p.stat().st_size for p in Path(directory).glob("*.safetensors")) or None

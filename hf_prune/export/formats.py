@@ -129,30 +129,52 @@ class ExportFormat:
         return [k for k, v in state_dict.items() if k.endswith(".weight") and v.dim() == 2]
 
     def compress_state_dict(self, model, state_dict: dict, qconfig) -> tuple[dict, CompressionReport]:
-        out = dict(state_dict)
-        report = CompressionReport()
-        fell_back = []
-        for name in self.candidate_parameters(model, state_dict, qconfig):
-            weight = state_dict[name]
-            if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point()):
-                continue
-            enc = encode_best(weight.detach(), qconfig.layout)
-            dense_bytes = weight.numel() * weight.element_size()
-            if enc is None:
-                fell_back.append(name)
-                report.entries[name] = {"codec": "dense", "bytes": dense_bytes, "dense_bytes": dense_bytes}
-                continue
-            del out[name]
-            for suffix, tensor in enc.tensors.items():
-                out[name + suffix] = tensor
-            report.entries[name] = {"codec": enc.codec, "bytes": enc.nbytes, "dense_bytes": dense_bytes}
-        if fell_back:
-            logger.warning(
-                "hf_prune: %d of %d pruned weights are not sparse enough to be smaller compressed and are stored "
-                "dense (were they fine-tuned without their masks?): %s",
-                len(fell_back), len(report.entries), ", ".join(fell_back[:5]) + (" ..." if len(fell_back) > 5 else ""),
-            )
-        return out, report
+        names = self.candidate_parameters(model, state_dict, qconfig)
+        return compress_tensors(state_dict, qconfig.layout, names)
+
+
+def compress_tensors(tensors: dict[str, torch.Tensor], layout: str, names=None) -> tuple[dict, CompressionReport]:
+    """Encodes the sparse 2-D float weights of `tensors` with the smallest codec for `layout`; the rest is unchanged.
+
+    Args:
+        tensors: dense `{key: tensor}` (a whole state dict, or one block's weights when streaming a checkpoint).
+        layout: the pruning layout (`"unstructured"`, `"2:4"`, `"block:16x16"`).
+        names: keys to try compressing (default: every 2-D `*.weight`); a weight that is not smaller compressed
+            stays dense, with a warning.
+
+    Returns:
+        The tensors to write (each compressed weight replaced by its group, in place of the original key) and a
+        [`CompressionReport`] (codec, bytes and non-zero count per tried weight).
+    """
+    if names is None:
+        names = [k for k, v in tensors.items() if k.endswith(".weight") and v.dim() == 2]
+    names = set(names)
+    out: dict[str, torch.Tensor] = {}
+    report = CompressionReport()
+    fell_back = []
+    for name, weight in tensors.items():
+        if not (name in names and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point()):
+            out[name] = weight
+            continue
+        enc = encode_best(weight.detach(), layout)
+        dense_bytes = weight.numel() * weight.element_size()
+        if enc is None:
+            fell_back.append(name)
+            out[name] = weight
+            report.entries[name] = {"codec": "dense", "bytes": dense_bytes, "dense_bytes": dense_bytes,
+                                    "nonzero": int(torch.count_nonzero(weight)), "numel": weight.numel()}
+            continue
+        for suffix, tensor in enc.tensors.items():
+            out[name + suffix] = tensor
+        report.entries[name] = {"codec": enc.codec, "bytes": enc.nbytes, "dense_bytes": dense_bytes,
+                                "nonzero": enc.nonzero, "numel": weight.numel()}
+    if fell_back:
+        logger.warning(
+            "hf_prune: %d of %d pruned weights are not sparse enough to be smaller compressed and are stored "
+            "dense (were they fine-tuned without their masks?): %s",
+            len(fell_back), len(report.entries), ", ".join(fell_back[:5]) + (" ..." if len(fell_back) > 5 else ""),
+        )
+    return out, report
 
 
 register_export_format("sparse")(ExportFormat)

@@ -117,6 +117,11 @@ class HfPruneDecompress(ConversionOps):
     def __init__(self, hf_quantizer: "HfPruneQuantizer"):
         self.hf_quantizer = hf_quantizer
 
+    def __deepcopy__(self, memo):
+        # transformers deep-copies the converter holding this op once per checkpoint key; the op keeps no per-weight
+        # state, and a deep copy would copy the quantizer and its whole config each time (~1.5 s on SmolLM2).
+        return self
+
     @torch.no_grad()
     def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None, **kwargs):
         name = full_layer_name or "weight"

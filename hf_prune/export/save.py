@@ -203,6 +203,21 @@ def _is_our_card(path: Path) -> bool:
         return False
 
 
+def check_can_write(save_directory: str | os.PathLike, overwrite: bool) -> Path:
+    """The target directory of an export, refused (before any work) if it is a file or already holds a model."""
+    target = Path(save_directory)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"save_directory {str(target)!r} exists and is not a directory")
+    if target.is_dir() and not overwrite:
+        existing = _holds_model(target)
+        if existing:
+            raise FileExistsError(
+                f"{str(target)!r} already holds a model ({', '.join(existing)}); pass overwrite=True to replace it "
+                "or choose another directory"
+            )
+    return target
+
+
 def save_pruned(
     model,
     save_directory: str | os.PathLike,
@@ -234,7 +249,10 @@ def save_pruned(
         repo_id: the Hub repository the card's usage snippet names (default: the directory name).
         tags: extra tags for the card.
         is_main_process: only the main process writes (as in `save_pretrained`).
-        save_kwargs: passed to transformers' `save_pretrained` (e.g. `max_shard_size`).
+        save_kwargs: `max_shard_size` (bytes or `"200MB"`; default: transformers' `save_pretrained` default):
+            bigger exports are written as `model-0000i-of-0000N.safetensors` shards with the standard
+            `model.safetensors.index.json`, each compressed weight in the same shard as its companions. With
+            `dense=True`, any argument of transformers' `save_pretrained`.
 
     The files are written to a hidden temporary directory next to `save_directory`, verified, and then swapped in
     whole: at any moment (a crash or `kill -9` included) `save_directory` holds the complete old export, the complete
@@ -248,16 +266,9 @@ def save_pruned(
         raise ValueError("hf_prune writes safetensors only; safe_serialization=False is not supported")
     if save_kwargs.pop("push_to_hub", False):
         raise ValueError("Use model.push_to_hub(repo_id) or hf_prune.push_pruned(directory, repo_id) to upload")
-    target = Path(save_directory)
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"save_directory {str(target)!r} exists and is not a directory")
-    if target.is_dir() and not overwrite:
-        existing = _holds_model(target)
-        if existing:
-            raise FileExistsError(
-                f"{str(target)!r} already holds a model ({', '.join(existing)}); pass overwrite=True to replace it "
-                "or choose another directory"
-            )
+    if not dense:
+        check_compressed_save_kwargs(save_kwargs)
+    target = check_can_write(save_directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(target)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-", dir=target.parent))
@@ -286,7 +297,8 @@ def save_pruned(
 
 
 def _write_export(model, directory: Path, *, dense: bool, save_kwargs: dict):
-    """Runs transformers' own `save_pretrained` (class method, not our wrapper) into `directory`."""
+    """Writes the export into `directory`: dense through transformers' own `save_pretrained` (the class method, not
+    our wrapper), compressed through [`write_compressed_export`]."""
     cls_save = type(model).save_pretrained
     if dense:
         saved = (model.__dict__.get("hf_quantizer"), getattr(model.config, "quantization_config", None))
@@ -308,18 +320,91 @@ def _write_export(model, directory: Path, *, dense: bool, save_kwargs: dict):
     model.hf_quantizer.quantization_config = qconfig
     model.hf_quantizer.last_report = None
     model.config.quantization_config = qconfig
-    cls_save(model, directory, **save_kwargs)
-    report = model.hf_quantizer.last_report
-    files = sorted(directory.glob("*.safetensors"))
-    if report is None or not files:
-        # Never finish an export that transformers wrote without our compression (e.g. a future save path that
-        # bypasses the quantizer): that would be the silent uncompressed copy users complain about.
-        raise RuntimeError(f"hf_prune: the compressed weights were not written to {directory}; export aborted")
+    files, report = write_compressed_export(model, directory, qconfig, **save_kwargs)
+    model.hf_quantizer.last_report = report
     from .integrity import verify_checksums
 
     # Read back what was written (from the page cache): an export that would not load is never moved into place.
     verify_checksums(files, required=True)
     return report
+
+
+# Arguments of transformers' `save_pretrained` that a compressed save accepts and has nothing to do with.
+_IGNORED_SAVE_KWARGS = ("token", "save_peft_format")
+
+
+def check_compressed_save_kwargs(save_kwargs: dict) -> None:
+    """Refuses, before anything is written, what a compressed save cannot honour (a bad `max_shard_size`, an
+    argument of transformers' `save_pretrained` that has no meaning here)."""
+    from .shards import shard_size_bytes
+
+    unsupported = sorted(k for k in save_kwargs if k not in ("max_shard_size", "save_original_format", *_IGNORED_SAVE_KWARGS))
+    if unsupported:
+        raise TypeError(
+            f"save_pretrained of an hf_prune model got unsupported argument(s) {unsupported}; a compressed save "
+            "takes max_shard_size and save_original_format (dense=True saves through transformers with all of its "
+            "arguments)"
+        )
+    shard_size_bytes(save_kwargs.get("max_shard_size"))
+
+
+def write_compressed_export(model, directory: Path, qconfig=None, *, max_shard_size: int | str | None = None,
+                            save_original_format: bool = True, **others) -> tuple[list[Path], object]:
+    """Writes `config.json`, `generation_config.json` and the compressed weights of `model` into `directory`.
+
+    What transformers' `save_pretrained` writes, but the weights go through [`ShardWriter`] so that a compressed
+    weight and its companions always share a shard (transformers' splitter works tensor by tensor). Not atomic:
+    [`save_pruned`] calls it on a temporary directory. Returns the weight files and the `CompressionReport`.
+    """
+    from transformers.modeling_utils import unwrap_model
+
+    from ..version import __version__
+    from .shards import ShardWriter, default_max_shard_size
+
+    check_compressed_save_kwargs({"max_shard_size": max_shard_size, **others})
+    qconfig = qconfig or export_config_for(model)
+    model_to_save = unwrap_model(model)
+    write_config_files(model_to_save, directory)
+
+    state_dict, report = compressed_state_dict(model_to_save, qconfig)
+    for key in model_to_save._keys_to_ignore_on_save or ():
+        state_dict.pop(key, None)
+    if save_original_format:
+        state_dict = _revert_weight_conversion(model_to_save, state_dict)
+    writer = ShardWriter(
+        directory,
+        max_shard_size=default_max_shard_size() if max_shard_size is None else max_shard_size,
+        metadata={"hf_prune_format": qconfig.format, "hf_prune_version": __version__},
+    )
+    writer.add(state_dict)
+    del state_dict
+    files = writer.close(total_parameters=model_to_save.num_parameters())
+    return files, report
+
+
+def write_config_files(model, directory: Path) -> None:
+    """`config.json` (with the model's `quantization_config`) and `generation_config.json`, as transformers'
+    `save_pretrained` writes them (also used by the offloaded one-shot run, whose model is on the meta device)."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    # As transformers' save_pretrained does before writing the config:
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    if model.is_remote_code():
+        custom_object_save(model, directory, config=model.config)
+    model.config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
+
+
+def _revert_weight_conversion(model, state_dict: dict) -> dict:
+    """transformers' `revert_weight_conversion` (renames back to the checkpoint's original key names), skipped when
+    the model has no conversion: transformers would rebuild every key for nothing (about 1 ms per key)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    if getattr(model, "_weight_conversions", None) == []:
+        return state_dict
+    return revert_weight_conversion(model, state_dict)
 
 
 def _move_into_place(tmp: Path, target: Path, *, keep_readme: bool) -> None:
@@ -476,12 +561,13 @@ def _push_to_hub(
     token: bool | str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
-    max_shard_size: int | str | None = "50GB",
+    max_shard_size: int | str | None = None,
     tags: list[str] | None = None,
     eval_results: list | None = None,
     dense: bool = False,
 ):
-    """Uploads the compressed export and the hf_prune model card (the same files `save_pretrained` writes)."""
+    """Uploads the compressed export and the hf_prune model card (the same files `save_pretrained` writes; sharded
+    with the standard index when bigger than `max_shard_size`, transformers' default when `None`)."""
     from .hub import push_pruned
 
     with tempfile.TemporaryDirectory(prefix="hf_prune-push-") as tmp:
@@ -492,7 +578,7 @@ def _push_to_hub(
             eval_results=eval_results,
             repo_id=repo_id,
             tags=tags,
-            max_shard_size=max_shard_size,
+            **({} if max_shard_size is None else {"max_shard_size": max_shard_size}),
         )
         return push_pruned(
             path,

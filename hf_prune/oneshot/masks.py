@@ -33,14 +33,17 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     # kthvalue (selection, O(n)) is much cheaper than a sort; fall back to exact indices only when ties at the
     # threshold would make the count inexact.
     if rows == 1 and cols >= _NARROW_MIN:
-        threshold = kth_smallest(scores.reshape(-1), k).view(1, 1)
+        threshold, at_or_below = _kth_smallest_and_count(scores.reshape(-1), k)
+        mask = scores > threshold
+        if at_or_below == k:  # known from the bracket: no full pass to count the mask
+            return mask
     else:
         threshold = scores.kthvalue(k, dim=1, keepdim=True).values
-    mask = scores > threshold
-    if bool((mask.sum(dim=1) != cols - k).any()):
-        lowest = scores.topk(k, dim=1, largest=False).indices
-        mask = torch.ones_like(scores, dtype=torch.bool).scatter_(1, lowest, False)
-    return mask
+        mask = scores > threshold
+        if not bool((mask.sum(dim=1) != cols - k).any()):
+            return mask
+    lowest = scores.topk(k, dim=1, largest=False).indices
+    return torch.ones_like(scores, dtype=torch.bool).scatter_(1, lowest, False)
 
 
 _NARROW_MIN = 1 << 16  # below this many scores, a plain kthvalue is as fast as narrowing first
@@ -54,21 +57,29 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     A strided sample brackets the k-th value; the exact selection then runs on the few values inside the bracket.
     When the bracket misses (it cannot on continuous scores, but may on heavily tied ones) the full kthvalue runs.
     """
-    n = flat.numel()
-    if n < _NARROW_MIN:
+    if flat.numel() < _NARROW_MIN:
         return flat.kthvalue(k).values
+    return _kth_smallest_and_count(flat, k)[0]
+
+
+def _kth_smallest_and_count(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """`kth_smallest` and how many values are <= it (k unless values tie with it), from the bracketed values."""
+    n = flat.numel()
     sample = flat[:: max(1, n // _SAMPLE)]
     s = sample.numel()
     margin = max(16, int(4 * (s * (k / n) * (1 - k / n)) ** 0.5))  # ~4 standard deviations of the sample quantile
     pos = k * s / n
     lo = sample.kthvalue(max(1, min(s, int(pos) - margin))).values
     hi = sample.kthvalue(max(1, min(s, int(pos) + margin + 1))).values
-    below = int((flat < lo).sum())
-    inside = flat[(flat >= lo) & (flat <= hi)]
+    below_lo = flat < lo
+    below = int(torch.count_nonzero(below_lo))
+    inside = flat[(flat <= hi) ^ below_lo]  # lo <= value <= hi, in one pass more
     rank = k - below
     if 1 <= rank <= inside.numel():
-        return inside.kthvalue(rank).values
-    return flat.kthvalue(k).values
+        value = inside.kthvalue(rank).values
+        return value, below + int(torch.count_nonzero(inside <= value))
+    value = flat.kthvalue(k).values
+    return value, int(torch.count_nonzero(flat <= value))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -86,4 +86,5 @@ def _fixed_mask(name: str, module: nn.Module, given: torch.Tensor | None) -> tor
         raise ValueError(
             f"masks[{name!r}] has shape {tuple(given.shape)}, expected {tuple(weight.shape)} (out, in) of the weight"
         )
-    return given.to(device=weight.device, dtype=torch.bool)
+    # an offloaded model is on the meta device until its block is loaded: the runner moves the mask then
+    return given.to(device=given.device if weight.is_meta else weight.device, dtype=torch.bool)

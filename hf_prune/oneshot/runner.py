@@ -7,7 +7,9 @@ and only one block's statistics are in memory at a time.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,6 +19,7 @@ from ..state import PruningState, set_pruning_state
 from .blocks import capture_block_inputs, find_blocks, linear_weight_view, set_linear_weight
 from .calibration import calibration_windows
 from .config import OneShotConfig
+from .offload import OffloadedCheckpoint
 from .owl import owl_block_sparsities
 from .passes import advance, collect_stats
 from .plan import LayerPlan, plan_layers
@@ -34,25 +37,64 @@ def oneshot(
     *,
     masks: dict[str, torch.Tensor] | None = None,
     show_progress: bool = True,
-) -> nn.Module:
+    device: str | torch.device | None = None,
+    offload_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype = torch.float32,
+    command: str | None = None,
+) -> nn.Module | Path:
     """Prunes `model` in place with a one-shot method and returns it.
 
     Args:
-        model: a `transformers` model (LLaMA family, GPT-2, OPT or BERT-style), on the device to compute on.
+        model: a `transformers` model (LLaMA family, GPT-2, OPT or BERT-style), on the device to compute on; with
+            `offload_dir`, the path of its local safetensors checkpoint directory instead.
         config: an `ADMMConfig`, `WandaConfig`, `SparseGPTConfig` or `MagnitudeConfig` (or a registered subclass).
         calibration: a list of strings, a `datasets.Dataset` with a `text` or `input_ids` column, or token ids
             (2-D tensor or list of lists). Not needed for magnitude pruning.
         tokenizer: needed when `calibration` is text.
         masks: for `ADMMConfig(mask_mode="fixed")`, keep-masks `{module name: bool tensor (out, in)}`.
         show_progress: show a progress bar over blocks.
+        device: where to compute. An in-memory model is moved there first (default: where it is); an offloaded
+            run loads each block there (default: `"cuda"` if available, else `"cpu"`).
+        offload_dir: prune a checkpoint that need not fit in memory: `model` is a checkpoint path, the model is
+            built on the meta device, each block is loaded from the checkpoint when its turn comes, and once pruned
+            it is written, compressed, as its own shard of the export in `offload_dir` and dropped. Only one block,
+            the calibration activations and one block's statistics are resident. `offload_dir` ends up holding the
+            same export as `model.save_pretrained(offload_dir)` after an in-memory run (sharded, one shard per
+            block), written atomically. OWL is not available offloaded (it needs every block before pruning).
+        overwrite: with `offload_dir`, replace a model already there (refused otherwise, before any work).
+        dtype: with `offload_dir`, the dtype the blocks are loaded, computed and saved in (as `from_pretrained`'s
+            `dtype`).
+        command: the command that reproduces the run, recorded in the `PruningState` (and so in the model card).
 
     Returns:
-        The same model, its linear layers exactly sparse, with a `PruningState` attached.
+        The same model, its linear layers exactly sparse, with a `PruningState` attached; with `offload_dir`, the
+        export's path (nothing of the model stays in memory: load it with `from_pretrained(path)`).
     """
     if not isinstance(config, OneShotConfig):
         raise TypeError(f"oneshot() takes a one-shot config (ADMMConfig, WandaConfig, ...), got {type(config).__name__}")
     owner = type(config).__name__
     config.validate()  # again: lists may have been changed in place since construction
+    store = None
+    if offload_dir is not None:
+        if isinstance(model, nn.Module):
+            raise TypeError(
+                "oneshot(offload_dir=...) reads the model block by block from its checkpoint: pass the checkpoint "
+                "directory (oneshot('path/to/model', config, ..., offload_dir=out)), not a loaded model"
+            )
+        if config.owl:
+            raise ValueError(f"{owner}.owl needs every block's outputs before pruning; it is not available with offload_dir")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        store = OffloadedCheckpoint(model, offload_dir, overwrite=overwrite, dtype=dtype, device=device,
+                                    layout=config.pattern)
+        model = store.model
+    elif not isinstance(model, nn.Module):
+        raise TypeError(
+            f"oneshot() takes a transformers model, got {type(model).__name__}; to prune a checkpoint directory "
+            "without loading it whole, pass offload_dir= as well"
+        )
+    elif device is not None:
+        model.to(device)
     solver = build_solver(config)
     blocks = find_blocks(model)
     plan = plan_layers(blocks, config, masks)
@@ -65,14 +107,17 @@ def oneshot(
             seed=config.seed, owner=owner, vocab_size=getattr(embeddings, "num_embeddings", None),
         )
     started = time.perf_counter()
-    device = next(model.parameters()).device
+    device = store.device if store is not None else next(model.parameters()).device
     was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
     model.eval()
     if use_cache is not None:
         model.config.use_cache = False
+    zeros: dict[str, int] = {}
     try:
+        if store is not None:
+            store.start([e.name for block in plan for e in block])
         if windows is None:
-            _prune_without_calibration(plan, solver, show_progress)
+            _prune_without_calibration(blocks, plan, solver, show_progress, zeros, store)
         else:
             batches = [b.to(device) for b in windows.split(config.calibration_batch_size)]
             if config.owl:
@@ -80,7 +125,11 @@ def oneshot(
                 for entries, sparsity in zip(plan, owl):
                     for entry in entries:
                         entry.sparsity = sparsity
-            _prune_block_sequential(model, blocks, plan, solver, batches, show_progress, config.method)
+            _prune_block_sequential(model, blocks, plan, solver, batches, show_progress, config.method, zeros, store)
+    except BaseException:
+        if store is not None:
+            store.close()  # the temporary export goes; the target directory was never touched
+        raise
     finally:
         model.train(was_training)
         if use_cache is not None:
@@ -89,7 +138,7 @@ def oneshot(
     elapsed = time.perf_counter() - started
     entries = [e for block in plan for e in block]
     numel = {e.name: linear_weight_view(e.module).numel() for e in entries}
-    sparsity = {e.name: (linear_weight_view(e.module) == 0).sum().item() / numel[e.name] for e in entries}
+    sparsity = {e.name: zeros[e.name] / numel[e.name] for e in entries}
     metrics = {"pruning_time_s": round(elapsed, 2)}
     if windows is not None:
         metrics.update(calibration_samples=int(windows.shape[0]), calibration_tokens=int(windows.numel()))
@@ -102,17 +151,24 @@ def oneshot(
             module_numel=numel,
             metrics=metrics,
             base_model=getattr(model.config, "_name_or_path", None) or None,
+            command=command,
         ),
     )
     logger.info("%s pruned %d modules in %.1fs", config.method, len(sparsity), elapsed)
+    if store is not None:
+        try:
+            return store.finish()
+        finally:
+            store.close()
     return model
 
 
-def check_finite_parameters(model: nn.Module) -> None:
+def check_finite_parameters(model: nn.Module, prefix: str = "") -> None:
     """Refuses a model with NaN or inf in any floating-point parameter or buffer, before any layer is touched: the
-    methods would otherwise prune around it (magnitude, Wanda) or fail half-way with unrelated advice (ADMM)."""
+    methods would otherwise prune around it (magnitude, Wanda) or fail half-way with unrelated advice (ADMM).
+    (An offloaded run checks each block as it is loaded; nothing reaches the output directory before the end.)"""
     bad = []
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+    for name, tensor in [*model.named_parameters(prefix=prefix), *model.named_buffers(prefix=prefix)]:
         if tensor.is_floating_point() and tensor.device.type != "meta":
             count = int((~torch.isfinite(tensor)).sum())
             if count:
@@ -125,36 +181,52 @@ def check_finite_parameters(model: nn.Module) -> None:
         )
 
 
-def _solve(entry: LayerPlan, solver: LayerSolver, stats: LayerStats | None) -> None:
+def _solve(entry: LayerPlan, solver: LayerSolver, stats: LayerStats | None, zeros: dict[str, int]) -> None:
     task = LayerTask(
         name=entry.name,
         weight=linear_weight_view(entry.module).detach().to(torch.float32),
         sparsity=entry.sparsity,
         n_m=solver.config.n_m,
         stats=stats,
-        mask=entry.mask,
+        mask=None if entry.mask is None else entry.mask.to(linear_weight_view(entry.module).device),
     )
     set_linear_weight(entry.module, solver.solve(task))
+    zeros[entry.name] = int((linear_weight_view(entry.module) == 0).sum())
 
 
-def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress: bool, method: str) -> None:
+def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress, method, zeros, store) -> None:
+    if store is not None:
+        store.load_embeddings()
     inputs = capture_block_inputs(model, blocks, batches)
+    if store is not None:
+        store.release_embeddings()
     bar = tqdm(total=len(blocks.layers), desc=f"{method}: pruning blocks", unit="block", disable=not show_progress)
     for index, (block, entries) in enumerate(zip(blocks.layers, plan)):
+        if store is not None:
+            store.load_block(index)
         if entries:
             stats = collect_stats(block, entries, inputs, solver.full_gram)
             for entry in entries:
                 bar.set_postfix_str(entry.name.rsplit(".", 1)[-1])
-                _solve(entry, solver, stats.pop(entry.name))
+                _solve(entry, solver, stats.pop(entry.name), zeros)
             solver.release()
             del stats
         if index + 1 < len(blocks.layers):
             advance(block, inputs)
+        if store is not None:
+            store.write_block(index)
         bar.update(1)
     bar.close()
 
 
-def _prune_without_calibration(plan, solver, show_progress: bool) -> None:
-    entries = [e for block in plan for e in block]
-    for entry in tqdm(entries, desc=f"{solver.config.method}: pruning layers", disable=not show_progress):
-        _solve(entry, solver, None)
+def _prune_without_calibration(blocks, plan, solver, show_progress: bool, zeros, store) -> None:
+    bar = tqdm(total=sum(map(len, plan)), desc=f"{solver.config.method}: pruning layers", disable=not show_progress)
+    for index, entries in enumerate(plan):
+        if store is not None:
+            store.load_block(index)
+        for entry in entries:
+            _solve(entry, solver, None, zeros)
+            bar.update(1)
+        if store is not None:
+            store.write_block(index)
+    bar.close()

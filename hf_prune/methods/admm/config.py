@@ -28,6 +28,10 @@ class ADMMConfig(OneShotConfig):
         mask_mode (`str`, defaults to `"gradual"`): `"gradual"` selects the mask; `"fixed"` only updates the
             dense weights for the masks given as `oneshot(..., masks={name: keep_mask})`, e.g. masks from another
             method, keeping their support exactly.
+        matmul_precision (`str`, defaults to `"float32"`): `"bfloat16"` runs the matrix product of the
+            mask-selection iterations in bfloat16 (several times faster on CPUs with AMX or AVX-512 BF16, and on
+            GPUs); the iterations after the mask is fixed stay float32, so the result is the float32 iterate for its
+            mask. Perplexity matches float32 within noise (see the README benchmark); results are not bit-equal.
     """
 
     iterations: int = 20
@@ -37,6 +41,7 @@ class ADMMConfig(OneShotConfig):
     damping: float = 0.1
     mask_group: str = "layer"
     mask_mode: str = "gradual"
+    matmul_precision: str = "float32"
 
     def validate(self) -> None:
         super().validate()
@@ -52,6 +57,7 @@ class ADMMConfig(OneShotConfig):
         check_positive_number(owner, "damping", self.damping)
         check_choice(owner, "mask_group", self.mask_group, ("layer", "row"))
         check_choice(owner, "mask_mode", self.mask_mode, ("gradual", "fixed"))
+        check_choice(owner, "matmul_precision", self.matmul_precision, ("float32", "bfloat16"))
 
     def sparsity_at(self, step: int, target: float) -> float:
         """Sparsity of the mask chosen at ADMM iteration `step` (< mask_iterations)."""

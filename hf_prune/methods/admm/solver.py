@@ -89,12 +89,18 @@ class ADMMSolver(LayerSolver):
 
     def _admm(self, task: LayerTask, system_inv: torch.Tensor, weight_hat: torch.Tensor) -> torch.Tensor:
         """T ADMM iterations. With S = (Ĝ_δ + ρI)⁻¹ the V-step (ŴĜ_δ + ρ(Z - U))S is ŴĜ_δS + ρ(Z - U)S, and
-        ŴĜ_δS = Ŵ - ρŴS, so each iteration is one fused `addmm` plus four elementwise passes into reused buffers."""
+        ŴĜ_δS = Ŵ - ρŴS, so each iteration is one fused `addmm` plus four elementwise passes into reused buffers.
+        With `matmul_precision="bfloat16"` the product of the mask-selection iterations runs in bfloat16 (ADMM is a
+        fixed-point iteration: the later float32 iterations remove what rounding perturbed)."""
         cfg: ADMMConfig = self.config
         rho = cfg.rho
         target = torch.addmm(weight_hat, weight_hat, system_inv, alpha=-rho)  # ŴĜ_δS
         mask = task.mask if cfg.mask_mode == "fixed" else None
         keep = None if mask is None else mask.to(weight_hat.dtype)
+        fast_until = 0
+        if cfg.matmul_precision == "bfloat16" and cfg.mask_mode == "gradual":
+            fast_until = min(cfg.mask_iterations, cfg.iterations - 1)
+            system_inv_bf16 = (system_inv * rho).to(torch.bfloat16)
         v = weight_hat.clone()
         u = torch.zeros_like(v)
         vu, z, d = torch.empty_like(v), torch.empty_like(v), torch.empty_like(v)
@@ -106,7 +112,10 @@ class ADMMSolver(LayerSolver):
             torch.mul(vu, keep, out=z)  # Z = Π(V + U)
             torch.sub(vu, z, out=u)  # U + V - Z
             torch.sub(z, u, out=d)
-            torch.addmm(target, d, system_inv, alpha=rho, out=v)
+            if t < fast_until:
+                torch.add(target, torch.mm(d.to(torch.bfloat16), system_inv_bf16), out=v)
+            else:
+                torch.addmm(target, d, system_inv, alpha=rho, out=v)
         return (v + u) * keep
 
     def _select(self, scores_source: torch.Tensor, task: LayerTask, step: int) -> torch.Tensor:

@@ -1,0 +1,277 @@
+"""Offloaded one-shot pruning: a checkpoint bigger than memory, pruned block by block, written as it goes.
+
+The model is built on the meta device (`accelerate.init_empty_weights`); the block-sequential runner asks this
+module to load one block's weights from the checkpoint's safetensors files (memory-mapped, `safe_open`) just before
+the block is calibrated, and, once the block is pruned and has produced the next block's inputs, to compress it into
+its own shard of the output checkpoint and put it back on the meta device. So only the block being pruned, the
+calibration activations and one block of statistics are resident. The embeddings are loaded only while the first
+block's inputs are captured. At the end the non-block tensors, `config.json`, the shard index and the model card are
+written, the whole directory is verified (checksums) and swapped into place atomically, as `save_pruned` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..export.save import (
+    _apply_umask,
+    _is_our_card,
+    _move_into_place,
+    _remove_stale_temporaries,
+    _temp_prefix,
+    check_can_write,
+)
+from ..export.shards import INDEX_NAME as INDEX_FILE
+from .blocks import Blocks, find_blocks
+
+logger = logging.getLogger(__name__)
+
+# safetensors dtype names -> torch dtypes (the ones transformers checkpoints hold)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class CheckpointReader:
+    """Tensors of a local safetensors checkpoint by key: one `model.safetensors` or shards with an index.
+
+    Each tensor is read with a positioned read into a fresh tensor rather than through `safe_open`'s memory map:
+    mapped pages of a file count in the process's resident set until it ends, so reading a whole checkpoint through
+    a map would make the process as big as the checkpoint (the page cache, which `read` goes through, does not).
+    """
+
+    def __init__(self, path: Path):
+        from ..export.info import read_safetensors_header
+
+        index = path / INDEX_FILE
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(
+                f"offloaded pruning reads safetensors checkpoints: {str(path)!r} has neither model.safetensors nor "
+                f"{INDEX_FILE}"
+            )
+        self.path = path
+        self.weight_map: dict[str, str] = {}
+        self._entries: dict[str, tuple[dict, int]] = {}
+        for file in files:
+            header, data_start = read_safetensors_header(path / file)
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                self.weight_map[key] = file
+                self._entries[key] = (info, data_start)
+
+    def get(self, key: str) -> torch.Tensor:
+        info, data_start = self._entries[key]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path / self.weight_map[key]}: {key} has dtype {info['dtype']}, not supported here")
+        start, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=dtype)
+        buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+        if buffer.nbytes != end - start:
+            raise ValueError(f"{self.path / self.weight_map[key]}: {key} holds {end - start} bytes, expected {buffer.nbytes}")
+        with open(self.path / self.weight_map[key], "rb") as fh:
+            fh.seek(data_start + start)
+            if fh.readinto(buffer) != buffer.nbytes:
+                raise ValueError(f"{self.path / self.weight_map[key]} is truncated at {key}")
+        return tensor
+
+
+def empty_model_from_checkpoint(path: Path, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint's model class built on the meta device (buffers such as rotary frequencies stay real)."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(
+            f"{str(path)!r} is a quantized or hf_prune-compressed checkpoint ({config.quantization_config!r}); "
+            "offloaded pruning reads a dense checkpoint"
+        )
+    architectures = getattr(config, "architectures", None) or []
+    model_cls = getattr(transformers, architectures[0], None) if architectures else None
+    if model_cls is None:
+        raise ValueError(f"{str(path)!r}: config.json names no transformers architecture ({architectures!r})")
+    with init_empty_weights(include_buffers=False):
+        model = model_cls._from_config(config, dtype=dtype)
+    model.tie_weights()  # not done on the meta device by `_from_config`: tied embeddings would look like two tensors
+    model.name_or_path = str(path)
+    model.config._name_or_path = str(path)
+    return model
+
+
+class OffloadedCheckpoint:
+    """Loads blocks of a checkpoint on demand and writes the pruned ones straight into a compressed export."""
+
+    def __init__(
+        self, path, output, *, overwrite: bool, dtype: torch.dtype, device: torch.device, layout: str,
+        max_shard_size: int | str | None = None,
+    ):
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model path {str(path)!r} is not a directory (offloaded pruning reads a local checkpoint)")
+        self.target = check_can_write(output, overwrite)
+        self.reader = CheckpointReader(path)
+        self.model = empty_model_from_checkpoint(path, dtype)
+        self.blocks: Blocks = find_blocks(self.model)
+        self.device = torch.device(device)
+        self.layout = layout
+        self.max_shard_size = max_shard_size
+        self.report_entries: dict[str, dict] = {}
+        self._tmp: Path | None = None
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        # what an in-memory save writes: parameters and persistent buffers, tied duplicates once
+        self.keys = list(remove_tied_weights_from_state_dict(self.model.state_dict(), self.model))
+        self.keys_set = set(self.keys)
+        params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        missing = [k for k in self.keys if k in params and k not in self.reader.weight_map]
+        if missing:
+            raise ValueError(
+                f"the checkpoint {str(path)!r} lacks {len(missing)} parameter(s) of {type(self.model).__name__}: "
+                f"{', '.join(missing[:5])}"
+            )
+
+    # ------------------------------------------------------------------------------------------ loading
+    def _load(self, module: nn.Module, prefix: str) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        params = dict(module.named_parameters(remove_duplicate=False))
+        for name, param in params.items():
+            value = self.reader.get(prefix + name).to(dtype=param.dtype)
+            set_module_tensor_to_device(module, name, self.device, value=value)
+        for name, buffer in module.named_buffers():
+            if prefix + name in self.reader.weight_map:  # persistent buffers saved with the checkpoint
+                set_module_tensor_to_device(module, name, self.device, value=self.reader.get(prefix + name))
+
+    @staticmethod
+    def _release(module: nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, _ in list(module.named_parameters(remove_duplicate=False)):
+            set_module_tensor_to_device(module, name, "meta")
+
+    def _outside_blocks(self) -> list[tuple[str, nn.Module]]:
+        """Modules with parameters outside the blocks (embeddings, final norm), except the LM head: the forward
+        up to the first block never reaches it (and a tied one holds the input embedding's weight)."""
+        block_list = self.blocks.layers
+        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        found = []
+        for name, module in self.model.named_modules():
+            if module is block_list or module is output:
+                continue
+            if any(name.startswith(n + ".") for n, _ in found) or name == self.blocks.prefix or name.startswith(
+                self.blocks.prefix + "."
+            ):
+                continue
+            if list(module.parameters(recurse=False)):
+                found.append((name, module))
+        return found
+
+    def load_embeddings(self) -> None:
+        """What the forward needs before the first block (embeddings, positions), for capturing its inputs."""
+        for name, module in self._outside_blocks():
+            self._load(module, f"{name}." if name else "")
+
+    def release_embeddings(self) -> None:
+        for _, module in self._outside_blocks():
+            self._release(module)
+        self.model.tie_weights()  # replacing the embedding's parameter untied it from the LM head
+        release_free_memory()
+
+    def load_block(self, index: int) -> nn.Module:
+        from .runner import check_finite_parameters
+
+        block = self.blocks.layers[index]
+        self._load(block, f"{self.blocks.prefix}.{index}.")
+        check_finite_parameters(block, f"{self.blocks.prefix}.{index}")
+        return block
+
+    # ------------------------------------------------------------------------------------------ writing
+    def start(self, module_names: list[str]) -> None:
+        from ..export.quantizer import HfPruneExportConfig
+        from ..export.shards import ShardWriter
+        from ..version import __version__
+
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(self.target)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(self.target)}{os.getpid()}-", dir=self.target.parent))
+        self._names = {f"{name}.weight" for name in module_names}  # the weights to try compressing
+        format_name = HfPruneExportConfig().format
+        self._writer = ShardWriter(self._tmp, max_shard_size=self.max_shard_size,
+                                   metadata={"hf_prune_format": format_name, "hf_prune_version": __version__})
+
+    def write_block(self, index: int) -> None:
+        """Compresses the pruned block into the export (its own shard, written now) and frees its weights."""
+        from ..export.formats import compress_tensors
+
+        block = self.blocks.layers[index]
+        prefix = f"{self.blocks.prefix}.{index}."
+        state_dict = {prefix + k: v.detach().to("cpu") for k, v in block.state_dict().items() if prefix + k in self.keys_set}
+        compressed, report = compress_tensors(state_dict, self.layout, names=self._names & set(state_dict))
+        del state_dict
+        self.report_entries.update(report.entries)
+        self._writer.add(compressed)
+        self._writer.flush()  # one shard per block: nothing of this block stays in memory
+        del compressed
+        self._release(block)
+        release_free_memory()
+
+    def finish(self, model_card: bool = True) -> Path:
+        """Writes the tensors outside the blocks, the index, config and card; verifies; moves into place."""
+        from ..export.card import build_model_card
+        from ..export.formats import CompressionReport
+        from ..export.integrity import verify_checksums
+        from ..export.save import export_config_for, write_config_files
+
+        prefix = self.blocks.prefix + "."
+        tensors = self.model.state_dict()
+        rest = {k: self.reader.get(k).to(tensors[k].dtype) for k in self.keys
+                if not k.startswith(prefix) and k in self.reader.weight_map}
+        self._writer.add(rest)
+        del rest
+        files = self._writer.close(total_parameters=self.model.num_parameters())
+        qconfig = export_config_for(self.model)
+        self.model.config.quantization_config = qconfig
+        write_config_files(self.model, self._tmp)
+        verify_checksums(files, required=True)
+        readme = self.target / "README.md"
+        keep_readme = (readme.is_file() and not _is_our_card(readme)) or not model_card
+        if not keep_readme:
+            report = CompressionReport()
+            report.entries.update(self.report_entries)
+            build_model_card(self.model, self._tmp, report=report, repo_id=self.target.name).save(self._tmp / "README.md")
+        _apply_umask(self._tmp)
+        _move_into_place(self._tmp, self.target, keep_readme=keep_readme)
+        self.close()
+        return self.target
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def release_free_memory() -> None:
+    """Returns freed heap memory to the system (glibc keeps freed blocks of a few MB for reuse, so that each
+    block's temporaries would otherwise pile up in the resident set); a no-op where `malloc_trim` is missing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,0 +1,164 @@
+"""Offloaded one-shot pruning (a checkpoint pruned block by block, written as it goes) equals the in-memory run."""
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_MODELS
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from hf_prune import ADMMConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig, oneshot
+from hf_prune.oneshot.offload import INDEX_FILE
+
+
+def _tensors(directory):
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+def _checkpoint(path, tied):
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]()
+    model.config.num_hidden_layers = 3
+    model.model.layers.append(type(model.model.layers[0])(model.config, 2))
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return _checkpoint(tmp_path / "dense", tied=True)
+
+
+CONFIGS = {
+    "admm-0.6": ADMMConfig(sparsity=0.6, num_calibration_samples=8, max_seq_length=32, calibration_batch_size=4),
+    "admm-2:4": ADMMConfig(pattern="2:4", num_calibration_samples=8, max_seq_length=32, calibration_batch_size=4),
+    "sparsegpt-0.5": SparseGPTConfig(sparsity=0.5, num_calibration_samples=8, max_seq_length=32),
+    "wanda-2:4": WandaConfig(pattern="2:4", num_calibration_samples=8, max_seq_length=32),
+    "magnitude-0.7": MagnitudeConfig(sparsity=0.7, ignore=["o_proj"]),
+}
+
+
+@pytest.mark.parametrize("name, tied", [(name, True) for name in CONFIGS] + [("admm-0.6", False)])
+def test_offloaded_export_is_bit_equal_to_in_memory(name, tied, calibration_ids, tmp_path):
+    config = CONFIGS[name]
+    checkpoint = _checkpoint(tmp_path / "dense", tied)
+    in_memory = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    oneshot(in_memory, config, calibration=calibration_ids, show_progress=False)
+    in_memory.save_pretrained(tmp_path / "in_memory")
+
+    out = oneshot(str(checkpoint), config, calibration=calibration_ids, offload_dir=tmp_path / "offloaded",
+                  device="cpu", show_progress=False)
+    assert out == tmp_path / "offloaded"
+    expected, got = _tensors(tmp_path / "in_memory"), _tensors(out)
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+    # one shard per block (plus the rest), every companion tensor in its weight's shard, the index complete
+    index = json.loads((out / INDEX_FILE).read_text())["weight_map"]
+    assert sorted(index) == sorted(expected)
+    assert len(set(index.values())) == 4
+    for key, file in index.items():
+        if "_hf_prune_" in key:
+            assert index[key.split("_hf_prune_")[0]] == file, key
+    q_mem = json.loads((tmp_path / "in_memory" / "config.json").read_text())["quantization_config"]
+    q_off = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert q_off["pruning"]["module_sparsity"] == q_mem["pruning"]["module_sparsity"]
+    assert q_off["pruning"]["config"] == q_mem["pruning"]["config"]
+    assert (out / "README.md").is_file()
+    # and it loads as an ordinary model equal to the in-memory result
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for (key, a), (_, b) in zip(loaded.state_dict().items(), in_memory.state_dict().items()):
+        assert torch.equal(a, b), key
+
+
+def test_offload_refuses_bad_input_before_work(checkpoint, calibration_ids, tmp_path):
+    config = CONFIGS["wanda-2:4"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    with pytest.raises(TypeError, match="pass the checkpoint directory"):
+        oneshot(model, config, calibration=calibration_ids, offload_dir=tmp_path / "x")
+    with pytest.raises(TypeError, match="offload_dir"):
+        oneshot(str(checkpoint), config, calibration=calibration_ids)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        oneshot(str(tmp_path / "missing"), config, calibration=calibration_ids, offload_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="owl"):
+        oneshot(str(checkpoint), WandaConfig(sparsity=0.5, owl=True), calibration=calibration_ids,
+                offload_dir=tmp_path / "x")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        oneshot(str(checkpoint), config, calibration=calibration_ids, offload_dir=taken)
+    assert sorted(p.name for p in taken.iterdir()) == ["config.json"]
+    assert not (tmp_path / "x").exists()
+
+
+def test_failure_midway_leaves_no_output(checkpoint, calibration_ids, tmp_path, monkeypatch):
+    from hf_prune.oneshot import offload
+
+    calls = []
+
+    def fail_on_second(self, index, original=offload.OffloadedCheckpoint.write_block):
+        calls.append(index)
+        if index == 1:
+            raise RuntimeError("disk full")
+        original(self, index)
+
+    monkeypatch.setattr(offload.OffloadedCheckpoint, "write_block", fail_on_second)
+    with pytest.raises(RuntimeError, match="disk full"):
+        oneshot(str(checkpoint), CONFIGS["wanda-2:4"], calibration=calibration_ids, offload_dir=tmp_path / "out",
+                device="cpu", show_progress=False)
+    assert calls == [0, 1]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+_MEMORY_PROBE = """
+import json, sys
+import accelerate.utils, safetensors.torch, torch, transformers
+from transformers import LlamaForCausalLM  # the code the run uses is imported before the baseline
+import hf_prune.export.card, hf_prune.export.shards, hf_prune.oneshot.offload
+from hf_prune import WandaConfig, oneshot
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+
+calibration = torch.randint(0, 1024, (8, 64), generator=torch.Generator().manual_seed(0))
+baseline = status("VmRSS")
+oneshot(sys.argv[1], WandaConfig(sparsity=0.5, num_calibration_samples=8, max_seq_length=64, calibration_batch_size=4),
+        calibration=calibration, offload_dir=sys.argv[2], device="cpu", show_progress=False)
+print(json.dumps({"peak_above_baseline": status("VmHWM") - baseline}))
+"""
+
+
+@pytest.mark.slow
+def test_offloaded_run_keeps_about_one_block_resident(tmp_path):
+    """A 150M-parameter LLaMA (290 MB in fp16; the in-memory run holds its fp32 weights, 2x that): the offloaded run's
+    peak RSS above its import baseline stays under 0.75x the fp16 checkpoint (measured about 0.3-0.65x: one fp32 block,
+    the block forward's temporaries and the heap's slack, which is fixed per block and so dominates on this small
+    model; on the 1B benchmark model it is below 0.4x)."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=768, intermediate_size=2048, num_hidden_layers=24, num_attention_heads=12,
+                         num_key_value_heads=4, vocab_size=1024, tie_word_embeddings=True)
+    LlamaForCausalLM._from_config(config, dtype=torch.float16).save_pretrained(tmp_path / "dense")
+    model_bytes = sum(p.stat().st_size for p in (tmp_path / "dense").glob("*.safetensors"))
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path / "dense"), str(tmp_path / "out")],
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_baseline"]
+    assert peak < 0.75 * model_bytes, (peak / 2**20, model_bytes / 2**20)
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == 25
