@@ -1,0 +1,228 @@
+"""Scale benchmark (issue 16), one part per `--part`:
+
+- `io`: SmolLM2-135M in fp16, dense and magnitude-pruned at 50 %, 2:4 and 70 % (hf_prune's compressed format), each
+  as one file and sharded (`--shard-size`): `from_pretrained` and `save_pretrained` wall and CPU seconds and the peak
+  RSS of the load. Every measurement runs in a fresh subprocess (so peak RSS is the load's own), dense and compressed
+  interleaved round by round, best of `--repeats`; ratios are against the dense checkpoint of the same sharding.
+
+    nice -n 10 python benchmarks/scale.py --part io
+
+Prints a table and writes `benchmarks/results/scale_<part>.json` with the machine state (cores, load average, threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SETTINGS = {"50%": (0.5, "unstructured"), "2:4": (0.5, "2:4"), "70%": (0.7, "unstructured")}
+TARGETS = {"load": 1.5, "save": 2.0, "load_rss": 1.3}
+
+
+# ------------------------------------------------------------------------------------------- machine state
+def machine_state() -> dict:
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
+    return {"cpus": os.cpu_count(), "cpu_model": model, "load_average": [round(x, 2) for x in os.getloadavg()],
+            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "nice": os.nice(0), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ------------------------------------------------------------------------------------------------ io worker
+def io_worker(op: str, directory: str, shard_size: str | None, out: str | None) -> dict:
+    """One measurement in this fresh process: `load` times `from_pretrained`; `save` loads, then times two saves."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    import hf_prune  # noqa: F401  (registers the compressed loader)
+
+    hf_logging.disable_progress_bar()
+    before = _rss_bytes()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    wall, cpu = time.perf_counter(), time.process_time()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float16)
+    result = {"load_s": time.perf_counter() - wall, "load_cpu_s": time.process_time() - cpu,
+              "rss_before": before, "peak_rss_before": peak_before,
+              "load_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    # transformers leaves dense weights memory-mapped and unread; reading one byte per page of every parameter makes
+    # them resident, so `resident_s` is the time until the weights are in memory (decoded ones already are).
+    for param in model.parameters():
+        flat = param.detach().reshape(-1).view(torch.uint8).numpy()
+        int(flat[::4096].sum())
+    result["resident_s"] = time.perf_counter() - wall
+    result["resident_cpu_s"] = time.process_time() - cpu
+    result["resident_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if op == "save":
+        kwargs = {} if shard_size is None else {"max_shard_size": shard_size}
+        times = []
+        for i in range(2):  # the first save also pays one-time costs (card template, lazy imports)
+            target = Path(out) / f"save{i}"
+            wall, cpu = time.perf_counter(), time.process_time()
+            model.save_pretrained(target, **kwargs)
+            times.append((time.perf_counter() - wall, time.process_time() - cpu))
+            shutil.rmtree(target)
+        result["save_s"], result["save_cpu_s"] = min(times)
+    return result
+
+
+def _run_worker(op: str, directory: Path, shard_size: str | None, work: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", op, str(directory), "--out", str(work)]
+    if shard_size:
+        cmd += ["--worker-shard-size", shard_size]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{op} worker failed on {directory}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------- io part
+def prepare_checkpoints(work: Path, shard_size: str) -> list[dict]:
+    """Dense and pruned SmolLM2 checkpoints, single-file and sharded; each pruned one checked to reload bit-equal."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_prune
+    from hf_prune import MagnitudeConfig, oneshot
+    from hf_prune.assets import smollm2_path
+
+    path = smollm2_path()
+    cases = []
+
+    def add(setting, model, compressed):
+        for sharded in (False, True):
+            out = work / f"{setting.replace('%', 'pct').replace(':', '_')}{'-sharded' if sharded else ''}"
+            kwargs = {"max_shard_size": shard_size} if sharded else {}
+            model.save_pretrained(out, **kwargs)
+            files = sorted(out.glob("*.safetensors"))
+            loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16)
+            reference = model.state_dict()
+            equal = all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
+            desc = hf_prune.describe_export(out, verify=False) if compressed else {"codecs": {}}
+            cases.append({"setting": setting, "sharded": sharded, "dir": str(out), "files": len(files),
+                          "file_bytes": sum(p.stat().st_size for p in files), "bit_equal": equal,
+                          "codecs": sorted(set(desc["codecs"].values())),
+                          "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())})
+            del loaded
+
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16)
+    add("dense", dense, compressed=False)
+    del dense
+    for setting, (sparsity, pattern) in SETTINGS.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16)
+        oneshot(model, MagnitudeConfig(sparsity=sparsity, pattern=pattern), show_progress=False)
+        add(setting, model, compressed=True)
+        del model
+    return cases
+
+
+def run_io(args) -> dict:
+    state_before = machine_state()
+    start = time.time()
+    work = Path(tempfile.mkdtemp(prefix="hf_prune-scale-io-"))
+    try:
+        cases = prepare_checkpoints(work, args.shard_size)
+        runs = {i: [] for i in range(len(cases))}
+        for _ in range(args.repeats):  # interleaved: every case once per round, loads then saves
+            for op in ("load", "save"):
+                for i, case in enumerate(cases):
+                    runs[i].append((op, _run_worker(op, Path(case["dir"]), args.shard_size if case["sharded"] else None,
+                                                    work / "saves")))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = []
+    for i, case in enumerate(cases):
+        loads = [r for op, r in runs[i] if op == "load"]
+        saves = [r for op, r in runs[i] if op == "save"]
+        rows.append({
+            **{k: v for k, v in case.items() if k != "dir"},
+            "load_s": min(r["load_s"] for r in loads), "load_cpu_s": min(r["load_cpu_s"] for r in loads),
+            "resident_s": min(r["resident_s"] for r in loads),
+            "resident_cpu_s": min(r["resident_cpu_s"] for r in loads),
+            "resident_peak_rss_above_start": min(r["resident_peak_rss"] - r["rss_before"] for r in loads),
+            "save_s": min(r["save_s"] for r in saves), "save_cpu_s": min(r["save_cpu_s"] for r in saves),
+            "load_peak_rss_above_start": min(r["load_peak_rss"] - r["rss_before"] for r in loads),
+            "load_peak_rss_grew": all(r["load_peak_rss"] > r["peak_rss_before"] for r in loads),
+            "all_runs": runs[i],
+        })
+    for row in rows:
+        dense = next(r for r in rows if r["setting"] == "dense" and r["sharded"] == row["sharded"])
+        for key in ("load_s", "load_cpu_s", "resident_s", "resident_cpu_s", "save_s", "save_cpu_s"):
+            row[key.replace("_s", "_ratio")] = row[key] / dense[key]
+        row["load_rss_over_model"] = row["load_peak_rss_above_start"] / row["model_bytes"]
+        row["meets"] = {"load": row["load_ratio"] <= TARGETS["load"], "save": row["save_ratio"] <= TARGETS["save"],
+                        "load_rss": row["load_rss_over_model"] <= TARGETS["load_rss"]}
+    return {"part": "io", "model": "SmolLM2-135M-Instruct", "dtype": "float16", "method": "magnitude",
+            "repeats": args.repeats, "shard_size": args.shard_size, "targets": TARGETS, "rows": rows,
+            "wall_s": time.time() - start, "machine_before": state_before, "machine_after": machine_state()}
+
+
+def print_io(result: dict) -> None:
+    print(f"SmolLM2-135M fp16, best of {result['repeats']} fresh processes per cell; ratios against the dense "
+          f"checkpoint with the same sharding; sharded = max_shard_size {result['shard_size']}")
+    print("| setting | shards | file MB | load s (x dense) | load CPU s (x) | load + resident s (x) "
+          "| save s (x dense) | save CPU s (x) | load peak RSS MB (x model bytes) | bit-equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['setting']} | {r['files']} | {r['file_bytes'] / 1e6:.1f} | {r['load_s']:.2f} ({r['load_ratio']:.2f}x) "
+              f"| {r['load_cpu_s']:.2f} ({r['load_cpu_ratio']:.2f}x) | {r['resident_s']:.2f} ({r['resident_ratio']:.2f}x) "
+              f"| {r['save_s']:.2f} ({r['save_ratio']:.2f}x) "
+              f"| {r['save_cpu_s']:.2f} ({r['save_cpu_ratio']:.2f}x) "
+              f"| {r['load_peak_rss_above_start'] / 1e6:.0f} ({r['load_rss_over_model']:.2f}x) "
+              f"| {'yes' if r['bit_equal'] else 'NO'} |")
+    m0, m1 = result["machine_before"], result["machine_after"]
+    print(f"\nmachine: {m0['cpus']} CPUs ({m0['cpu_model']}), load average {m0['load_average']} before, "
+          f"{m1['load_average']} after; torch threads {m0['torch_threads']}; nice {m0['nice']}; "
+          f"wall {result['wall_s']:.0f} s")
+
+
+# ------------------------------------------------------------------------------------------------------ main
+PARTS = {"io": (run_io, print_io)}  # the one-shot (offload) part adds its entry here
+
+
+def main(argv=None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shard-size", default="100MB", help="max_shard_size of the sharded checkpoints")
+    parser.add_argument("--worker", nargs=2, metavar=("OP", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-shard-size", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(io_worker(args.worker[0], args.worker[1], args.worker_shard_size, args.out)))
+        return None
+    results = {}
+    for name, (run, show) in PARTS.items():
+        if args.part not in (name, "all"):
+            continue
+        results[name] = run(args)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"scale_{name}.json"
+        path.write_text(json.dumps(results[name], indent=2) + "\n")
+        show(results[name])
+        print(f"JSON: {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
