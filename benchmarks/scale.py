@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -47,6 +46,18 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Resets this process's peak RSS (VmHWM) to its current RSS (Linux `clear_refs`). `getrusage`'s `ru_maxrss` would
+    not do: a child inherits the parent's peak across fork and exec."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+
+
 # ------------------------------------------------------------------------------------------------ io worker
 def io_worker(op: str, directory: str, shard_size: str | None, out: str | None) -> dict:
     """One measurement in this fresh process: `load` times `from_pretrained`; `save` loads, then times two saves."""
@@ -57,13 +68,14 @@ def io_worker(op: str, directory: str, shard_size: str | None, out: str | None) 
     import hf_prune  # noqa: F401  (registers the compressed loader)
 
     hf_logging.disable_progress_bar()
+    _reset_peak_rss()
     before = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_before = _peak_rss_bytes()
     wall, cpu = time.perf_counter(), time.process_time()
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float16)
     result = {"load_s": time.perf_counter() - wall, "load_cpu_s": time.process_time() - cpu,
               "rss_before": before, "peak_rss_before": peak_before,
-              "load_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "load_peak_rss": _peak_rss_bytes()}
     # transformers leaves dense weights memory-mapped and unread; reading one byte per page of every parameter makes
     # them resident, so `resident_s` is the time until the weights are in memory (decoded ones already are).
     for param in model.parameters():
@@ -71,7 +83,7 @@ def io_worker(op: str, directory: str, shard_size: str | None, out: str | None) 
         int(flat[::4096].sum())
     result["resident_s"] = time.perf_counter() - wall
     result["resident_cpu_s"] = time.process_time() - cpu
-    result["resident_peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["resident_peak_rss"] = _peak_rss_bytes()
     if op == "save":
         kwargs = {} if shard_size is None else {"max_shard_size": shard_size}
         times = []
@@ -161,7 +173,6 @@ def run_io(args) -> dict:
             "resident_peak_rss_above_start": min(r["resident_peak_rss"] - r["rss_before"] for r in loads),
             "save_s": min(r["save_s"] for r in saves), "save_cpu_s": min(r["save_cpu_s"] for r in saves),
             "load_peak_rss_above_start": min(r["load_peak_rss"] - r["rss_before"] for r in loads),
-            "load_peak_rss_grew": all(r["load_peak_rss"] > r["peak_rss_before"] for r in loads),
             "all_runs": runs[i],
         })
     for row in rows:
