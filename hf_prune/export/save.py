@@ -350,7 +350,6 @@ def write_compressed_export(model, directory: Path, qconfig=None, *, max_shard_s
     weight and its companions always share a shard (transformers' splitter works tensor by tensor). Not atomic:
     [`save_pruned`] calls it on a temporary directory. Returns the weight files and the `CompressionReport`.
     """
-    from transformers.dynamic_module_utils import custom_object_save
     from transformers.modeling_utils import unwrap_model
 
     from ..version import __version__
@@ -359,15 +358,7 @@ def write_compressed_export(model, directory: Path, qconfig=None, *, max_shard_s
     check_compressed_save_kwargs({"max_shard_size": max_shard_size, **others})
     qconfig = qconfig or export_config_for(model)
     model_to_save = unwrap_model(model)
-    # As transformers' save_pretrained does before writing the config:
-    model_to_save.config.dtype = str(model_to_save.dtype).split(".")[1]
-    model_to_save.config.architectures = [type(model_to_save).__name__.removeprefix("FSDP")]
-    if model_to_save.is_remote_code():
-        custom_object_save(model_to_save, directory, config=model_to_save.config)
-    model_to_save.config.save_pretrained(directory)
-    if model_to_save.can_generate():
-        model_to_save.generation_config.save_pretrained(directory)
-
+    write_model_config(model_to_save, directory)
     state_dict, report = compressed_state_dict(model_to_save, qconfig)
     for key in model_to_save._keys_to_ignore_on_save or ():
         state_dict.pop(key, None)
@@ -382,6 +373,20 @@ def write_compressed_export(model, directory: Path, qconfig=None, *, max_shard_s
     del state_dict
     files = writer.close(total_parameters=model_to_save.num_parameters())
     return files, report
+
+
+def write_model_config(model, directory: Path) -> None:
+    """`config.json` (with the `quantization_config` the model carries), `generation_config.json` and remote code,
+    as transformers' `save_pretrained` writes them: what a streamed export writes beside its shards."""
+    from transformers.dynamic_module_utils import custom_object_save
+
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    if model.is_remote_code():
+        custom_object_save(model, directory, config=model.config)
+    model.config.save_pretrained(directory)
+    if model.can_generate():
+        model.generation_config.save_pretrained(directory)
 
 
 def _revert_weight_conversion(model, state_dict: dict) -> dict:
