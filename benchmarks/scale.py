@@ -1,14 +1,16 @@
-"""Scale benchmark: one-shot pruning in memory vs offloaded (block by block from disk), on synthetic LLaMAs.
+"""Scale benchmark (issue 16), one part per `--part`:
 
-Synthetic models are built from a config with random weights and SmolLM2's vocabulary (49152), saved once as fp16
-safetensors under `$HF_PRUNE_CACHE/synthetic/` (not in the repository). Each run is its own subprocess; its peak RSS
-(VmHWM) is reported above the RSS it had after the imports (the "import baseline"), and over the fp16 model bytes.
+- `io`: SmolLM2-135M in fp16, dense and magnitude-pruned at 50 %, 2:4 and 70 % (hf_prune's compressed format), each
+  as one file and sharded (`--shard-size`): `from_pretrained` and `save_pretrained` wall and CPU seconds and the peak
+  RSS of the load. Every measurement runs in a fresh subprocess (so peak RSS is the load's own), dense and compressed
+  interleaved round by round, best of `--repeats`; ratios are against the dense checkpoint of the same sharding.
 
-    python benchmarks/scale.py --part oneshot                    # the 1B offloaded point + the in-memory comparison
-    python benchmarks/scale.py --part oneshot --models 100m      # a quick check
+    nice -n 10 python benchmarks/scale.py --part io
 
-The 1B in-memory run (fp32: 4.3 GB of weights) does not fit the per-process budget of the shared machine, so the
-in-memory / offloaded wall-time comparison runs on the smaller synthetic model, side by side, interleaved.
+- `oneshot`: one-shot pruning in memory vs offloaded on synthetic LLaMAs (`benchmarks/scale_oneshot.py`; the flags
+  after `--part oneshot` are that script's, e.g. `--models 1b --method magnitude`).
+
+Prints a table and writes `benchmarks/results/scale_<part>.json` with the machine state (cores, load average, threads).
 """
 
 from __future__ import annotations
@@ -16,175 +18,235 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "results" / "scale_oneshot.json"
-
-# name -> LlamaConfig fields. "1b": TinyLlama-1.1B's shape with SmolLM2's vocabulary and tied embeddings.
-SYNTHETIC = {
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=49152),
-    "300m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
-                 num_key_value_heads=4, vocab_size=49152),
-    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
-                 num_key_value_heads=4, vocab_size=8192),
-}
+RESULTS = HERE / "results"
+SETTINGS = {"50%": (0.5, "unstructured"), "2:4": (0.5, "2:4"), "70%": (0.7, "unstructured")}
+TARGETS = {"load": 1.5, "save": 2.0, "load_rss": 1.3}
 
 
-def synthetic_llama(path: Path, **shape) -> Path:
-    """A LLaMA checkpoint with random weights, in fp16 safetensors, built once (reused when complete)."""
+# ------------------------------------------------------------------------------------------- machine state
+def machine_state() -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    if (path / "config.json").is_file():
-        return path
-    torch.manual_seed(0)
-    config = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=True)
-    model = LlamaForCausalLM._from_config(config, dtype=torch.float16)  # initialised in fp16: no fp32 copy
-    tmp = path.with_name(path.name + ".partial")
-    model.save_pretrained(tmp)
-    del model
-    os.replace(tmp, path)
-    return path
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
+    return {"cpus": os.cpu_count(), "cpu_model": model, "load_average": [round(x, 2) for x in os.getloadavg()],
+            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "nice": os.nice(0), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__}
 
 
-def synthetic_path(name: str) -> Path:
-    from hf_prune.assets import cache_dir
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    return synthetic_llama(cache_dir() / "synthetic" / f"llama-{name}", **SYNTHETIC[name])
+
+def _reset_peak_rss() -> None:
+    """Resets this process's peak RSS (VmHWM) to its current RSS (Linux `clear_refs`). `getrusage`'s `ru_maxrss` would
+    not do: a child inherits the parent's peak across fork and exec."""
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
 
 
-def _status_mb(field: str) -> float:
+def _peak_rss_bytes() -> int:
     with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
-def run_oneshot(path: str, mode: str, method: str, sparsity: float, samples: int, seq_len: int, out: str) -> dict:
-    """In a fresh process: prune `path` in memory (load, prune, save) or offloaded; wall time and peak RSS."""
-    import shutil
-
-    import accelerate.utils  # noqa: F401  (imported before the baseline: the offloaded run uses it)
-    import safetensors.torch  # noqa: F401
+# ------------------------------------------------------------------------------------------------ io worker
+def io_worker(op: str, directory: str, shard_size: str | None, out: str | None) -> dict:
+    """One measurement in this fresh process: `load` times `from_pretrained`; `save` loads, then times two saves."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    import hf_prune.export.card
-    import hf_prune.export.shards
-    import hf_prune.oneshot.offload  # noqa: F401
-    from hf_prune import get_config_class, oneshot
+    import hf_prune  # noqa: F401  (registers the compressed loader)
 
-    generator = torch.Generator().manual_seed(0)
-    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
-    calibration = torch.randint(0, vocab, (samples, seq_len), generator=generator)
-    config = get_config_class(method)(sparsity=sparsity, num_calibration_samples=samples, max_seq_length=seq_len)
-    shutil.rmtree(out, ignore_errors=True)
-    baseline = _status_mb("VmRSS")
-    started = time.perf_counter()
-    if mode == "offload":
-        oneshot(path, config, calibration=calibration, offload_dir=out, device="cpu", show_progress=False)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        oneshot(model, config, calibration=calibration, show_progress=False)
-        model.save_pretrained(out)
-    wall = time.perf_counter() - started
-    peak = _status_mb("VmHWM")
-    model_bytes = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
-    out_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
-    return {
-        "mode": mode, "method": method, "sparsity": sparsity, "wall_s": round(wall, 1),
-        "baseline_rss_mb": round(baseline, 1), "peak_rss_mb": round(peak, 1),
-        "peak_above_baseline_mb": round(peak - baseline, 1), "model_fp16_mb": round(model_bytes / 2**20, 1),
-        "peak_above_baseline_over_model": round((peak - baseline) * 2**20 / model_bytes, 3),
-        "output_mb": round(out_bytes / 2**20, 1), "calibration": [samples, seq_len],
-        "threads": torch.get_num_threads(),
-    }
+    hf_logging.disable_progress_bar()
+    _reset_peak_rss()
+    before = _rss_bytes()
+    peak_before = _peak_rss_bytes()
+    wall, cpu = time.perf_counter(), time.process_time()
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float16)
+    result = {"load_s": time.perf_counter() - wall, "load_cpu_s": time.process_time() - cpu,
+              "rss_before": before, "peak_rss_before": peak_before,
+              "load_peak_rss": _peak_rss_bytes()}
+    # transformers leaves dense weights memory-mapped and unread; reading one byte per page of every parameter makes
+    # them resident, so `resident_s` is the time until the weights are in memory (decoded ones already are).
+    for param in model.parameters():
+        flat = param.detach().reshape(-1).view(torch.uint8).numpy()
+        int(flat[::4096].sum())
+    result["resident_s"] = time.perf_counter() - wall
+    result["resident_cpu_s"] = time.process_time() - cpu
+    result["resident_peak_rss"] = _peak_rss_bytes()
+    if op == "save":
+        kwargs = {} if shard_size is None else {"max_shard_size": shard_size}
+        times = []
+        for i in range(2):  # the first save also pays one-time costs (card template, lazy imports)
+            target = Path(out) / f"save{i}"
+            wall, cpu = time.perf_counter(), time.process_time()
+            model.save_pretrained(target, **kwargs)
+            times.append((time.perf_counter() - wall, time.process_time() - cpu))
+            shutil.rmtree(target)
+        result["save_s"], result["save_cpu_s"] = min(times)
+    return result
 
 
-def _subprocess(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], check=False, capture_output=True, text=True)
+def _run_worker(op: str, directory: Path, shard_size: str | None, work: Path) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", op, str(directory), "--out", str(work)]
+    if shard_size:
+        cmd += ["--worker-shard-size", shard_size]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
     if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"run {args} failed")
+        raise RuntimeError(f"{op} worker failed on {directory}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def oneshot_part(args) -> list[dict]:
-    """The offloaded point on each model; in memory vs offloaded side by side on the models that fit."""
+# ------------------------------------------------------------------------------------------------- io part
+def prepare_checkpoints(work: Path, shard_size: str) -> list[dict]:
+    """Dense and pruned SmolLM2 checkpoints, single-file and sharded; each pruned one checked to reload bit-equal."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import hf_prune
+    from hf_prune import MagnitudeConfig, oneshot
+    from hf_prune.assets import smollm2_path
+
+    path = smollm2_path()
+    cases = []
+
+    def add(setting, model, compressed):
+        for sharded in (False, True):
+            out = work / f"{setting.replace('%', 'pct').replace(':', '_')}{'-sharded' if sharded else ''}"
+            kwargs = {"max_shard_size": shard_size} if sharded else {}
+            model.save_pretrained(out, **kwargs)
+            files = sorted(out.glob("*.safetensors"))
+            loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16)
+            reference = model.state_dict()
+            equal = all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
+            desc = hf_prune.describe_export(out, verify=False) if compressed else {"codecs": {}}
+            cases.append({"setting": setting, "sharded": sharded, "dir": str(out), "files": len(files),
+                          "file_bytes": sum(p.stat().st_size for p in files), "bit_equal": equal,
+                          "codecs": sorted(set(desc["codecs"].values())),
+                          "model_bytes": sum(p.numel() * p.element_size() for p in model.parameters())})
+            del loaded
+
+    dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16)
+    add("dense", dense, compressed=False)
+    del dense
+    for setting, (sparsity, pattern) in SETTINGS.items():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16)
+        oneshot(model, MagnitudeConfig(sparsity=sparsity, pattern=pattern), show_progress=False)
+        add(setting, model, compressed=True)
+        del model
+    return cases
+
+
+def run_io(args) -> dict:
+    state_before = machine_state()
+    start = time.time()
+    work = Path(tempfile.mkdtemp(prefix="hf_prune-scale-io-"))
+    try:
+        cases = prepare_checkpoints(work, args.shard_size)
+        runs = {i: [] for i in range(len(cases))}
+        for _ in range(args.repeats):  # interleaved: every case once per round, loads then saves
+            for op in ("load", "save"):
+                for i, case in enumerate(cases):
+                    runs[i].append((op, _run_worker(op, Path(case["dir"]), args.shard_size if case["sharded"] else None,
+                                                    work / "saves")))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     rows = []
-    work = Path(args.workdir)
-    for name in args.models:
-        path = str(synthetic_path(name))
-        modes = ["offload"] if name in args.offload_only else ["memory", "offload"]
-        for repeat in range(args.repeats if len(modes) > 1 else 1):
-            for mode in modes:  # interleaved, so that load on the shared machine hits both alike
-                print(f"oneshot {name} {mode} {args.method} (round {repeat + 1}) ...", flush=True)
-                result = _subprocess(["--run-one", path, mode, args.method, str(args.sparsity), str(args.samples),
-                                      str(args.seq_len), str(work / f"{name}-{mode}")])
-                result.update(model=name, round=repeat + 1)
-                print("   ", result, flush=True)
-                rows.append(result)
-    return rows
+    for i, case in enumerate(cases):
+        loads = [r for op, r in runs[i] if op == "load"]
+        saves = [r for op, r in runs[i] if op == "save"]
+        rows.append({
+            **{k: v for k, v in case.items() if k != "dir"},
+            "load_s": min(r["load_s"] for r in loads), "load_cpu_s": min(r["load_cpu_s"] for r in loads),
+            "resident_s": min(r["resident_s"] for r in loads),
+            "resident_cpu_s": min(r["resident_cpu_s"] for r in loads),
+            "resident_peak_rss_above_start": min(r["resident_peak_rss"] - r["rss_before"] for r in loads),
+            "save_s": min(r["save_s"] for r in saves), "save_cpu_s": min(r["save_cpu_s"] for r in saves),
+            "load_peak_rss_above_start": min(r["load_peak_rss"] - r["rss_before"] for r in loads),
+            "all_runs": runs[i],
+        })
+    for row in rows:
+        dense = next(r for r in rows if r["setting"] == "dense" and r["sharded"] == row["sharded"])
+        for key in ("load_s", "load_cpu_s", "resident_s", "resident_cpu_s", "save_s", "save_cpu_s"):
+            row[key.replace("_s", "_ratio")] = row[key] / dense[key]
+        row["load_rss_over_model"] = row["load_peak_rss_above_start"] / row["model_bytes"]
+        row["meets"] = {"load": row["load_ratio"] <= TARGETS["load"], "save": row["save_ratio"] <= TARGETS["save"],
+                        "load_rss": row["load_rss_over_model"] <= TARGETS["load_rss"]}
+    return {"part": "io", "model": "SmolLM2-135M-Instruct", "dtype": "float16", "method": "magnitude",
+            "repeats": args.repeats, "shard_size": args.shard_size, "targets": TARGETS, "rows": rows,
+            "wall_s": time.time() - start, "machine_before": state_before, "machine_after": machine_state()}
 
 
-def oneshot_table(rows: list[dict]) -> str:
-    lines = ["| model | mode | method | wall s | peak RSS above import baseline MB | ÷ fp16 model bytes | output MB |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} ({r['model_fp16_mb']:.0f} MB fp16) | {r['mode']} | {r['method']} "
-                     f"{r['sparsity']:g} | {r['wall_s']:.1f} | {r['peak_above_baseline_mb']:.0f} | "
-                     f"{r['peak_above_baseline_over_model']:.3f} | {r['output_mb']:.0f} |")
-    by = {}
-    for r in rows:
-        by.setdefault(r["model"], {}).setdefault(r["mode"], []).append(r["wall_s"])
-    for model, modes in by.items():
-        if "memory" in modes and "offload" in modes:
-            ratio = min(modes["offload"]) / min(modes["memory"])
-            lines.append(f"\n{model}: offloaded / in-memory wall (best of {len(modes['memory'])}): {ratio:.2f}x")
-    return "\n".join(lines)
+def print_io(result: dict) -> None:
+    print(f"SmolLM2-135M fp16, best of {result['repeats']} fresh processes per cell; ratios against the dense "
+          f"checkpoint with the same sharding; sharded = max_shard_size {result['shard_size']}")
+    print("| setting | shards | file MB | load s (x dense) | load CPU s (x) | load + resident s (x) "
+          "| save s (x dense) | save CPU s (x) | load peak RSS MB (x model bytes) | bit-equal |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['setting']} | {r['files']} | {r['file_bytes'] / 1e6:.1f} | {r['load_s']:.2f} ({r['load_ratio']:.2f}x) "
+              f"| {r['load_cpu_s']:.2f} ({r['load_cpu_ratio']:.2f}x) | {r['resident_s']:.2f} ({r['resident_ratio']:.2f}x) "
+              f"| {r['save_s']:.2f} ({r['save_ratio']:.2f}x) "
+              f"| {r['save_cpu_s']:.2f} ({r['save_cpu_ratio']:.2f}x) "
+              f"| {r['load_peak_rss_above_start'] / 1e6:.0f} ({r['load_rss_over_model']:.2f}x) "
+              f"| {'yes' if r['bit_equal'] else 'NO'} |")
+    m0, m1 = result["machine_before"], result["machine_after"]
+    print(f"\nmachine: {m0['cpus']} CPUs ({m0['cpu_model']}), load average {m0['load_average']} before, "
+          f"{m1['load_average']} after; torch threads {m0['torch_threads']}; nice {m0['nice']}; "
+          f"wall {result['wall_s']:.0f} s")
 
 
-PARTS = {"oneshot": (oneshot_part, oneshot_table)}
+# ------------------------------------------------------------------------------------------------------ main
+PARTS = {"io": (run_io, print_io)}  # `oneshot` has its own flags and results file: benchmarks/scale_oneshot.py
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
-    parser.add_argument("--models", nargs="+", default=["300m", "1b"], choices=list(SYNTHETIC))
-    parser.add_argument("--offload-only", nargs="*", default=["1b"], help="models run offloaded only (too big in memory)")
-    parser.add_argument("--method", default="wanda")
-    parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--samples", type=int, default=32, help="calibration windows")
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--workdir", default=str(HERE / "results" / ".scale_work"))
-    parser.add_argument("--run-one", nargs=7, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.run_one:
-        path, mode, method, sparsity, samples, seq_len, out = args.run_one
-        print(json.dumps(run_oneshot(path, mode, method, float(sparsity), int(samples), int(seq_len), out)))
-        return
-    parts = list(PARTS) if args.part == "all" else [args.part]
-    report = json.loads(args.out.read_text()) if args.out.exists() else {}
-    report["machine"] = f"{os.cpu_count()} CPU cores (shared with other jobs), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}"
-    for part in parts:
-        run, table = PARTS[part]
-        rows = run(args)
-        for row in rows:
-            row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        # a re-run replaces the rows of the same model, mode and method and keeps the others
-        fresh = {(r["model"], r["mode"], r["method"]) for r in rows}
-        report[part] = [r for r in report.get(part, []) if (r["model"], r["mode"], r["method"]) not in fresh] + rows
-        print(table(report[part]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+def main(argv=None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=[*PARTS, "oneshot", "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shard-size", default="100MB", help="max_shard_size of the sharded checkpoints")
+    parser.add_argument("--worker", nargs=2, metavar=("OP", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-shard-size", default=None, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["--part", "oneshot"] or "--part=oneshot" in argv[:1]:  # that part's flags are its script's
+        sys.path.insert(0, str(HERE))
+        import scale_oneshot
+
+        return scale_oneshot.main(["--part", "oneshot", *argv[1 if argv[0].startswith("--part=") else 2:]])
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(io_worker(args.worker[0], args.worker[1], args.worker_shard_size, args.out)))
+        return None
+    results = {}
+    for name, (run, show) in PARTS.items():
+        if args.part not in (name, "all"):
+            continue
+        results[name] = run(args)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"scale_{name}.json"
+        path.write_text(json.dumps(results[name], indent=2) + "\n")
+        show(results[name])
+        print(f"JSON: {path}")
+    if args.part == "all":
+        sys.path.insert(0, str(HERE))
+        import scale_oneshot
+
+        scale_oneshot.main(["--part", "oneshot"])
+    return results
 
 
 if __name__ == "__main__":

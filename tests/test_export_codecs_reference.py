@@ -272,3 +272,20 @@ def test_corruption_errors_unchanged():
         decode("b.weight", dict(blk, **{"": blk[""][:-1]}))
     with pytest.raises(CorruptCheckpointError, match=r"block 16x16 does not tile 32x60"):
         decode("b.weight", dict(blk, **{META_SUFFIX: torch.tensor([32, 60, 16, 16])}))
+
+
+@pytest.mark.parametrize("workers", [2, 3, 8])
+def test_threaded_decode_of_big_weights_matches_the_previous_codec(monkeypatch, workers):
+    """Weights big enough to be split over threads (forced small here) decode to the same bits."""
+    from hf_prune.export import codecs
+
+    monkeypatch.setattr(codecs, "_workers", lambda: workers)
+    monkeypatch.setattr(codecs, "_MIN_CHUNK", 64)
+    for shape in ((37, 100), (5, 333), (64, 64)):
+        w = _weight(shape, torch.bfloat16, 0.4, seed=shape[0])
+        group = get_codec("bitmask").encode(w).tensors
+        assert_same_bits(decode("w", group), ref_decode(group))
+    for dim in (1, 0):
+        w = _nm_weight((29, 96) if dim == 1 else (96, 29), 2, 4, torch.float16, 7, dim=dim)
+        group = get_codec("nm").encode(w, n=2, m=4).tensors
+        assert_same_bits(decode("w", group), ref_decode(group))

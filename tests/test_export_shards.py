@@ -217,3 +217,16 @@ def test_push_sharded_then_from_pretrained(hub, tmp_path):
         files = set(hub.repos[repo].branches["main"])
         assert {"config.json", "README.md", INDEX_NAME} | shards <= files and "model.safetensors" not in files
         assert json.loads(hub.file(repo, INDEX_NAME)) == out["index"]
+
+
+def test_sharded_checkpoint_loads_with_accelerate_disk_offload(tmp_path):
+    """`device_map="auto"` with a memory cap offloads decoded weights to disk through accelerate; same outputs."""
+    from export_utils import sample_inputs
+
+    model = prune(tiny_model("llama"), "2:4", 0.5)
+    model.save_pretrained(tmp_path / "out", max_shard_size=SHARD)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map="auto", max_memory={"cpu": "300KB"},
+                                                  offload_folder=tmp_path / "offload")
+    assert "disk" in set(loaded.hf_device_map.values())
+    with torch.no_grad():
+        assert torch.equal(loaded(**sample_inputs("llama")).logits, model(**sample_inputs("llama")).logits)

@@ -8,7 +8,9 @@ A compressed weight `P.weight` (dense shape `[rows, cols]`) is stored as
 - one index tensor whose key suffix names the codec (`_hf_prune_bitmask`, `_hf_prune_nm`, `_hf_prune_blockmask`).
 
 No library packs N:M combinations or block masks into safetensors-friendly tensors, so the packing below is
-hand-written; each codec is small, vectorised torch code and documented in `docs/format.md`.
+hand-written; each codec is small, vectorised numpy code on the tensors' bits (torch on other devices), documented in
+`docs/format.md`. `tests/test_export_codecs_reference.py` holds the previous torch implementation and checks that
+both write and read the same bits.
 
 Signed zeros: an entry is "pruned" when it compares equal to 0, so `-0.0` is decoded as `+0.0` (equal under
 `torch.equal`, and in every computation).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,12 +149,51 @@ def _from_bits(bits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(bits)).view(dtype)
 
 
+def _zeros(shape, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """A zero tensor and its bits. numpy's `zeros` takes fresh zero pages from the OS (calloc) where `torch.zeros`
+    writes every byte with its thread pool, which is slow when the cores are busy."""
+    bits = np.zeros(shape, dtype=_bits(torch.empty(0, dtype=dtype)).dtype)
+    return torch.from_numpy(bits).view(dtype), bits
+
+
+_MIN_CHUNK = 1 << 18  # entries per thread below which splitting a weight costs more than it saves
+_POOL: list = []
+
+
+def _workers() -> int:
+    """Threads for one decode: torch's intra-op thread count (what users set to bound CPU use), at most 8."""
+    return max(1, min(8, torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def _pool():
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="hf_prune-decode"))
+    return _POOL[0]
+
+
 def _scatter_kept(mask: np.ndarray, values: torch.Tensor) -> torch.Tensor:
     """Dense tensor of `mask`'s shape: the entries where `mask` is set take `values` in row-major order, the rest
-    +0.0 (what `out[mask] = values` does, several times faster)."""
-    out = torch.zeros(mask.shape, dtype=values.dtype)
-    if values.numel():
-        _bits(out).reshape(-1)[np.flatnonzero(mask)] = _bits(values).reshape(-1)
+    +0.0 (what `out[mask] = values` does, several times faster). Big weights are split by rows over threads (numpy
+    releases the GIL in these loops), each chunk starting at its offset into `values`."""
+    out, bits = _zeros(mask.shape, values.dtype)
+    if not values.numel():
+        return out
+    rows = mask.reshape(mask.shape[0], -1)
+    dst, src = bits.reshape(rows.shape), _bits(values).reshape(-1)
+    n_chunks = min(_workers(), rows.size // _MIN_CHUNK, rows.shape[0])
+    if n_chunks <= 1:
+        dst.reshape(-1)[np.flatnonzero(rows)] = src
+        return out
+    bounds = np.linspace(0, rows.shape[0], n_chunks + 1).astype(int)
+    starts = np.concatenate([[0], np.cumsum([np.count_nonzero(rows[a:b]) for a, b in itertools.pairwise(bounds)])])
+
+    def fill(i):
+        a, b = bounds[i], bounds[i + 1]
+        dst[a:b].reshape(-1)[np.flatnonzero(rows[a:b])] = src[starts[i] : starts[i + 1]]
+
+    list(_pool().map(fill, range(n_chunks)))
     return out
 
 
@@ -233,14 +275,14 @@ def _nm_tables(n: int, m: int):
     """
     codes = np.arange(1 << m, dtype=np.int64)
     bits = ((codes[:, None] >> np.arange(m)) & 1).astype(bool)  # [2^M, M]
-    popcount = bits.sum(1)
+    popcount = bits.sum(1).astype(np.uint8)
     zero_rank = np.cumsum(~bits, axis=1)  # 1-based rank of each zero position among the group's zeros
     filled_bits = bits | (~bits & (zero_rank <= (n - popcount)[:, None]))
-    filled = (filled_bits << np.arange(m)).sum(1)
+    filled = (filled_bits << np.arange(m)).sum(1).astype(np.uint8 if m <= 8 else np.uint16)
     combos = np.array(_combinations_list(n, m), dtype=np.int64).reshape(-1, n)
     pattern = np.zeros((len(combos), m), dtype=bool)
     np.put_along_axis(pattern, combos, True, axis=1)
-    rank = np.full(1 << m, -1, dtype=np.int64)
+    rank = np.full(1 << m, -1, dtype=np.int32)
     rank[(pattern << np.arange(m)).sum(1)] = np.arange(len(combos))
     dtype, per = _nm_storage(len(combos))
     byte_masks = None
@@ -252,9 +294,26 @@ def _nm_tables(n: int, m: int):
 
 
 def _group_codes(mask: np.ndarray, m: int) -> np.ndarray:
-    """`[rows, G, M]` bool -> `[rows, G]` int64 keep patterns (bit j = position j)."""
-    packed = np.packbits(mask, axis=-1, bitorder="little").astype(np.int64)  # [rows, G, ceil(M / 8)]
-    return packed[..., 0] if m <= 8 else packed[..., 0] | (packed[..., 1] << 8)
+    """`[rows, G, M]` bool -> `[rows, G]` keep patterns (bit j = position j), uint8 for M <= 8, else uint16."""
+    rows, groups = mask.shape[:2]
+    if 8 % m == 0 or m == 16:  # whole groups per byte (or two bytes): cut them out of packbits' bytes
+        packed = np.packbits(mask.reshape(rows, -1), axis=-1, bitorder="little")
+        if m == 16:
+            return packed.view("<u2")[:, :groups]
+        per = 8 // m
+        parts = [(packed >> np.uint8(m * k)) & np.uint8((1 << m) - 1) for k in range(per)]
+        return np.stack(parts, axis=-1).reshape(rows, -1)[:, :groups]
+    dtype = np.uint8 if m <= 8 else np.uint16
+    codes = mask[..., 0].astype(dtype)
+    for j in range(1, m):
+        codes |= mask[..., j].astype(dtype) << dtype(j)
+    return codes
+
+
+@functools.cache
+def _nm_bit_table(m: int) -> np.ndarray:
+    """`[2^M, M]` bool: the positions set in each keep pattern."""
+    return ((np.arange(1 << m)[:, None] >> np.arange(m)) & 1).astype(bool)
 
 
 class NMCodec(TensorCodec):
@@ -285,26 +344,33 @@ class NMCodec(TensorCodec):
         popcount, filled, rank_of, _, _ = _nm_tables(n, m)
         nonzero = _nonzero_mask(w.contiguous()).reshape(rows, cols // m, m)
         codes = _group_codes(nonzero, m)
-        if codes.size and int(popcount[codes].max()) > n:
+        counts = np.take(popcount, codes)
+        if codes.size and int(counts.max()) > n:
             return None
-        # Keep the non-zeros, and fill groups with fewer than N of them with their first zero positions.
-        kept_codes = filled[codes]
-        kept = ((kept_codes[..., None] >> np.arange(m)) & 1).astype(bool)
+        if not codes.size or int(counts.min()) == n:  # every group has exactly N non-zeros: they are what is kept
+            kept_codes, kept = codes, nonzero
+        else:  # keep the non-zeros, and fill groups with fewer than N of them with their first zero positions
+            kept_codes = np.take(filled, codes)
+            kept = np.take(_nm_bit_table(m), kept_codes, axis=0)  # [rows, G, M] bool
         values = _from_bits(np.compress(kept.reshape(-1), _bits(w).reshape(-1)), w.dtype).view(rows, -1)
-        index = self._pack_ranks(rank_of[kept_codes], len(_combinations_list(n, m)))
+        index = self._pack_ranks(np.take(rank_of, kept_codes), len(_combinations_list(n, m)))
         return self._pack(values, torch.from_numpy(index), [*weight.shape, n, m, dim], nonzero=int(np.count_nonzero(nonzero)))
 
     @staticmethod
     def _pack_ranks(rank: np.ndarray, n_combos: int) -> np.ndarray:
         dtype, per = _nm_storage(n_combos)
+        dtype = np.uint8 if dtype == torch.uint8 else np.int32  # every partial sum is below the packed value
         rows, g = rank.shape
-        padded = np.zeros((rows, -(-g // per) * per), dtype=np.int64)
-        padded[:, :g] = rank
+        if g % per:
+            padded = np.zeros((rows, -(-g // per) * per), dtype=dtype)
+            padded[:, :g] = rank
+        else:
+            padded = rank.astype(dtype, copy=False)
         padded = padded.reshape(rows, -1, per)
         packed = padded[..., 0].copy()
         for k in range(1, per):
-            packed += padded[..., k] * n_combos**k
-        return packed.astype(np.uint8 if dtype == torch.uint8 else np.int32)
+            packed += padded[..., k] * dtype(n_combos**k)
+        return packed
 
     def decode(self, values, index, meta, name):
         _check(len(meta) == 5, name, f"meta must be [rows, cols, N, M, dim], got {meta}")
@@ -321,7 +387,8 @@ class NMCodec(TensorCodec):
             f"N:M index must be {dtype} of shape {(r, -(-g // per))}, got {index.dtype} {tuple(index.shape)}",
         )
         _check(tuple(values.shape) == (r, g * n), name, f"values must have shape {(r, g * n)}, got {tuple(values.shape)}")
-        _check(index.numel() == 0 or int(index.max()) < n_combos**per, name, "N:M index out of range")
+        top = 0 if index.numel() == 0 else int(index.max() if not _on_cpu(index) else index.numpy().max())
+        _check(top < n_combos**per, name, "N:M index out of range")
         if not _on_cpu(values, index):
             out = self._decode_torch(values, index, r, g, n, m, per)
         else:
@@ -333,6 +400,8 @@ class NMCodec(TensorCodec):
                 ranks = (stored.astype(np.int64)[..., None] // n_combos ** np.arange(per)) % n_combos
                 mask = pattern[ranks.reshape(r, -1)[:, :g]].reshape(r, c)
             out = _scatter_kept(mask, values)
+            if dim == 0:  # numpy's transposed copy is single-threaded, like the rest of this path
+                return _from_bits(_bits(out).T, out.dtype)
         return out if dim == 1 else out.t().contiguous()
 
     @staticmethod
@@ -386,10 +455,10 @@ class BlockCodec(TensorCodec):
             tiles = torch.zeros(gr, gc, br, bc, dtype=values.dtype, device=values.device)
             tiles[keep.to(values.device)] = values
             return tiles.permute(0, 2, 1, 3).reshape(rows, cols)
-        out = torch.zeros(gr, br, gc, bc, dtype=values.dtype)
+        out, bits = _zeros((gr, br, gc, bc), values.dtype)
         if n_kept:
             block_rows, block_cols = np.nonzero(keep.numpy())
-            _bits(out).transpose(0, 2, 1, 3)[block_rows, block_cols] = _bits(values)
+            bits.transpose(0, 2, 1, 3)[block_rows, block_cols] = _bits(values)
         return out.view(rows, cols)
 
 

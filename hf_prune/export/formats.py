@@ -101,6 +101,11 @@ def encode_best(weight: torch.Tensor, layout: str) -> Encoded | None:
     dense = weight.numel() * weight.element_size()
     best = None
     for codec_name, params in parse_layout(layout):
+        if codec_name == "bitmask" and best is not None and best.nonzero >= 0:
+            # the bitmask's size follows from the non-zero count: encode it only when it would win
+            rows, cols = weight.shape
+            if best.nonzero * weight.element_size() + rows * -(-cols // 8) + 16 >= best.nbytes:
+                continue
         enc = get_codec(codec_name).encode(weight, **params)
         if enc is not None and enc.nbytes < dense and (best is None or enc.nbytes < best.nbytes):
             best = enc

@@ -2,8 +2,8 @@
 popcount, in an N:M index, in kept values, in a dense norm) is found before anything is loaded.
 
 Format version 2 stores, in every safetensors file's metadata, `hf_prune_checksums`: a JSON object
-`{tensor key: xxh3_64 hex digest of the tensor's bytes}` for every tensor of the export (shards carry the same
-object, each file is checked for the tensors it holds). The loader (`HfPruneQuantizer.preprocess_model`),
+`{tensor key: xxh3_64 hex digest of the tensor's bytes}` for the tensors the file holds (each shard its own, as
+`shards.ShardWriter` writes them; older exports repeat the whole export's object in every shard, which verifies too). The loader (`HfPruneQuantizer.preprocess_model`),
 `load_compressed_state_dict` and `hf-prune info` all call [`verify_checksums`]. Version-1 checkpoints have no
 checksums and are still read (structure checks only).
 

@@ -364,8 +364,7 @@ def write_compressed_export(model, directory: Path, qconfig=None, *, max_shard_s
     check_compressed_save_kwargs({"max_shard_size": max_shard_size, **others})
     qconfig = qconfig or export_config_for(model)
     model_to_save = unwrap_model(model)
-    write_config_files(model_to_save, directory)
-
+    write_model_config(model_to_save, directory)
     state_dict, report = compressed_state_dict(model_to_save, qconfig)
     for key in model_to_save._keys_to_ignore_on_save or ():
         state_dict.pop(key, None)
@@ -382,12 +381,11 @@ def write_compressed_export(model, directory: Path, qconfig=None, *, max_shard_s
     return files, report
 
 
-def write_config_files(model, directory: Path) -> None:
-    """`config.json` (with the model's `quantization_config`) and `generation_config.json`, as transformers'
-    `save_pretrained` writes them (also used by the offloaded one-shot run, whose model is on the meta device)."""
+def write_model_config(model, directory: Path) -> None:
+    """`config.json` (with the `quantization_config` the model carries), `generation_config.json` and remote code,
+    as transformers' `save_pretrained` writes them: what a streamed export writes beside its shards."""
     from transformers.dynamic_module_utils import custom_object_save
 
-    # As transformers' save_pretrained does before writing the config:
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
     if model.is_remote_code():

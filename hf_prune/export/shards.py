@@ -19,7 +19,9 @@ for block_tensors in finished_blocks:                 # {key: tensor} of one blo
     writer.add(compressed)
 writer.add(other_tensors)                              # embeddings, norms, ...
 files = writer.close(total_parameters=n_params)        # renames to model-0000i-of-0000N, writes the index
+hf_prune.export.save.write_model_config(model, directory)  # config.json with its quantization_config
 ```
+(checksums and the index cover what was added; `verify_checksums(files, required=True)` reads it all back.)
 """
 
 from __future__ import annotations

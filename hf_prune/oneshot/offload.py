@@ -235,7 +235,7 @@ class OffloadedCheckpoint:
         from ..export.card import build_model_card
         from ..export.formats import CompressionReport
         from ..export.integrity import verify_checksums
-        from ..export.save import export_config_for, write_config_files
+        from ..export.save import export_config_for, write_model_config
 
         prefix = self.blocks.prefix + "."
         tensors = self.model.state_dict()
@@ -246,7 +246,7 @@ class OffloadedCheckpoint:
         files = self._writer.close(total_parameters=self.model.num_parameters())
         qconfig = export_config_for(self.model)
         self.model.config.quantization_config = qconfig
-        write_config_files(self.model, self._tmp)
+        write_model_config(self.model, self._tmp)
         verify_checksums(files, required=True)
         readme = self.target / "README.md"
         keep_readme = (readme.is_file() and not _is_our_card(readme)) or not model_card

@@ -1,0 +1,191 @@
+"""Scale benchmark, part `oneshot` (run through `benchmarks/scale.py --part oneshot ...` or directly): one-shot pruning in memory vs offloaded (block by block from disk), on synthetic LLaMAs.
+
+Synthetic models are built from a config with random weights and SmolLM2's vocabulary (49152), saved once as fp16
+safetensors under `$HF_PRUNE_CACHE/synthetic/` (not in the repository). Each run is its own subprocess; its peak RSS
+(VmHWM) is reported above the RSS it had after the imports (the "import baseline"), and over the fp16 model bytes.
+
+    python benchmarks/scale.py --part oneshot                    # the 1B offloaded point + the in-memory comparison
+    python benchmarks/scale.py --part oneshot --models 100m      # a quick check
+
+The 1B in-memory run (fp32: 4.3 GB of weights) does not fit the per-process budget of the shared machine, so the
+in-memory / offloaded wall-time comparison runs on the smaller synthetic model, side by side, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE / "results" / "scale_oneshot.json"
+
+# name -> LlamaConfig fields. "1b": TinyLlama-1.1B's shape with SmolLM2's vocabulary and tied embeddings.
+SYNTHETIC = {
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=49152),
+    "300m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+                 num_key_value_heads=4, vocab_size=49152),
+    "100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=12,
+                 num_key_value_heads=4, vocab_size=8192),
+}
+
+
+def synthetic_llama(path: Path, **shape) -> Path:
+    """A LLaMA checkpoint with random weights, in fp16 safetensors, built once (reused when complete)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return path
+    torch.manual_seed(0)
+    config = LlamaConfig(**shape, max_position_embeddings=2048, tie_word_embeddings=True)
+    model = LlamaForCausalLM._from_config(config, dtype=torch.float16)  # initialised in fp16: no fp32 copy
+    tmp = path.with_name(path.name + ".partial")
+    model.save_pretrained(tmp)
+    del model
+    os.replace(tmp, path)
+    return path
+
+
+def synthetic_path(name: str) -> Path:
+    from hf_prune.assets import cache_dir
+
+    return synthetic_llama(cache_dir() / "synthetic" / f"llama-{name}", **SYNTHETIC[name])
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_oneshot(path: str, mode: str, method: str, sparsity: float, samples: int, seq_len: int, out: str) -> dict:
+    """In a fresh process: prune `path` in memory (load, prune, save) or offloaded; wall time and peak RSS."""
+    import shutil
+
+    import accelerate.utils  # noqa: F401  (imported before the baseline: the offloaded run uses it)
+    import safetensors.torch  # noqa: F401
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
+
+    import hf_prune.export.card
+    import hf_prune.export.shards
+    import hf_prune.oneshot.offload  # noqa: F401
+    from hf_prune import get_config_class, oneshot
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    calibration = torch.randint(0, vocab, (samples, seq_len), generator=generator)
+    config = get_config_class(method)(sparsity=sparsity, num_calibration_samples=samples, max_seq_length=seq_len)
+    shutil.rmtree(out, ignore_errors=True)
+    baseline = _status_mb("VmRSS")
+    started = time.perf_counter()
+    if mode == "offload":
+        oneshot(path, config, calibration=calibration, offload_dir=out, device="cpu", show_progress=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        oneshot(model, config, calibration=calibration, show_progress=False)
+        model.save_pretrained(out)
+    wall = time.perf_counter() - started
+    peak = _status_mb("VmHWM")
+    model_bytes = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+    out_bytes = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
+    return {
+        "mode": mode, "method": method, "sparsity": sparsity, "wall_s": round(wall, 1),
+        "baseline_rss_mb": round(baseline, 1), "peak_rss_mb": round(peak, 1),
+        "peak_above_baseline_mb": round(peak - baseline, 1), "model_fp16_mb": round(model_bytes / 2**20, 1),
+        "peak_above_baseline_over_model": round((peak - baseline) * 2**20 / model_bytes, 3),
+        "output_mb": round(out_bytes / 2**20, 1), "calibration": [samples, seq_len],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _subprocess(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"run {args} failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def oneshot_part(args) -> list[dict]:
+    """The offloaded point on each model; in memory vs offloaded side by side on the models that fit."""
+    rows = []
+    work = Path(args.workdir)
+    for name in args.models:
+        path = str(synthetic_path(name))
+        modes = ["offload"] if name in args.offload_only else ["memory", "offload"]
+        for repeat in range(args.repeats if len(modes) > 1 else 1):
+            for mode in modes:  # interleaved, so that load on the shared machine hits both alike
+                print(f"oneshot {name} {mode} {args.method} (round {repeat + 1}) ...", flush=True)
+                result = _subprocess(["--run-one", path, mode, args.method, str(args.sparsity), str(args.samples),
+                                      str(args.seq_len), str(work / f"{name}-{mode}")])
+                result.update(model=name, round=repeat + 1)
+                print("   ", result, flush=True)
+                rows.append(result)
+    return rows
+
+
+def oneshot_table(rows: list[dict]) -> str:
+    lines = ["| model | mode | method | wall s | peak RSS above import baseline MB | ÷ fp16 model bytes | output MB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} ({r['model_fp16_mb']:.0f} MB fp16) | {r['mode']} | {r['method']} "
+                     f"{r['sparsity']:g} | {r['wall_s']:.1f} | {r['peak_above_baseline_mb']:.0f} | "
+                     f"{r['peak_above_baseline_over_model']:.3f} | {r['output_mb']:.0f} |")
+    by = {}
+    for r in rows:
+        by.setdefault(r["model"], {}).setdefault(r["mode"], []).append(r["wall_s"])
+    for model, modes in by.items():
+        if "memory" in modes and "offload" in modes:
+            ratio = min(modes["offload"]) / min(modes["memory"])
+            lines.append(f"\n{model}: offloaded / in-memory wall (best of {len(modes['memory'])}): {ratio:.2f}x")
+    return "\n".join(lines)
+
+
+PARTS = {"oneshot": (oneshot_part, oneshot_table)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    parser.add_argument("--models", nargs="+", default=["300m", "1b"], choices=list(SYNTHETIC))
+    parser.add_argument("--offload-only", nargs="*", default=["1b"], help="models run offloaded only (too big in memory)")
+    parser.add_argument("--method", default="wanda")
+    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--samples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--workdir", default=str(HERE / "results" / ".scale_work"))
+    parser.add_argument("--run-one", nargs=7, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_one:
+        path, mode, method, sparsity, samples, seq_len, out = args.run_one
+        print(json.dumps(run_oneshot(path, mode, method, float(sparsity), int(samples), int(seq_len), out)))
+        return
+    parts = list(PARTS) if args.part == "all" else [args.part]
+    report = json.loads(args.out.read_text()) if args.out.exists() else {}
+    report["machine"] = f"{os.cpu_count()} CPU cores (shared with other jobs), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}"
+    for part in parts:
+        run, table = PARTS[part]
+        rows = run(args)
+        for row in rows:
+            row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        # a re-run replaces the rows of the same model, mode and method and keeps the others
+        fresh = {(r["model"], r["mode"], r["method"]) for r in rows}
+        report[part] = [r for r in report.get(part, []) if (r["model"], r["mode"], r["method"]) not in fresh] + rows
+        print(table(report[part]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
