@@ -3,6 +3,7 @@
     hf-prune oneshot PATH --method admm --sparsity 0.6 --calibration FILE --output DIR [--push-to-hub REPO]
     hf-prune info DIR
     hf-prune push DIR REPO_ID
+    hf-prune recover DIR --data FILE --steps N --output OUT [--eval FILE] [--bf16]
     hf-prune export-onnx DIR OUT [--task auto|text-classification|fill-mask|text-generation] [--int8] [--opset N]
 """
 
