@@ -184,17 +184,19 @@ def table(report: dict) -> str:
     dense = runs.get("dense", {}).get("perplexity")
     pruned = {r["setting"]: r["perplexity_pruned"] for r in runs.values() if "perplexity_pruned" in r}
     lines = [f"Dense perplexity: **{dense:.2f}**\n" if dense else "",
-             "| row | pruned ppl | recovered ppl | target (≤ √(dense·pruned)) | met | steps | tokens | train wall s | "
-             "s/step | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| row | pruned ppl | recovered ppl | log-gap closed | target (≤ √(dense·pruned)) | met | steps | tokens | "
+             "train wall s | s/step | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in ROWS:
         r = runs.get(row)
         if r is None:
             continue
         before = pruned.get(r["setting"])
         target = math.sqrt(dense * before) if dense and before else None
+        closed = (f"{math.log(before / r['perplexity_recovered']) / math.log(before / dense):.0%}"
+                  if dense and before else "–")
         label = f"ADMM {r['setting'] if ':' in r['setting'] else str(int(float(r['setting']) * 100)) + ' %'}, {r['mode']}"
         lines.append(
-            f"| {label} | {before if before is not None else '–'} | {r['perplexity_recovered']:.2f} | "
+            f"| {label} | {before if before is not None else '–'} | {r['perplexity_recovered']:.2f} | {closed} | "
             f"{f'{target:.2f}' if target else '–'} | {('yes' if r['perplexity_recovered'] <= target else 'no') if target else '–'} | "
             f"{r['steps']} | {r['tokens']} | {r['train_wall_s']:.0f} | {r['s_per_step']} | {r['peak_rss_mb']:.0f} |"
         )
@@ -221,7 +223,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--workdir", type=Path, default=HERE / "results" / ".recover_work")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="only print (and rewrite) the table of --out")
     args = parser.parse_args()
+    if args.table:
+        report = json.loads(args.out.read_text())
+        args.out.with_suffix(".md").write_text(table(report) + "\n")
+        print(table(report))
+        return
     if args.run_one:
         print(json.dumps(run_row(args.run_one, args)))
         return
