@@ -1,4 +1,4 @@
-"""Masked-LoRA recovery on the real SmolLM2-135M and Wikipedia text (slow: 6 minutes on the loaded shared 2-core machine)."""
+"""Masked-LoRA recovery on the real SmolLM2-135M and Wikipedia text (slow: ~6 minutes on a loaded 2-core machine)."""
 
 import pytest
 import torch
