@@ -4,14 +4,12 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
+from conftest import VOCAB, tiny_llama  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 import hf_prune  # noqa: E402
 from hf_prune import WandaConfig, get_pruning_state, oneshot  # noqa: E402
 from hf_prune.peft.layer import SparseLoraLinear  # noqa: E402
-
-from conftest import VOCAB, tiny_llama  # noqa: E402
 
 SETTINGS = [dict(pattern="2:4"), dict(sparsity=0.6)]
 
@@ -116,9 +114,8 @@ def test_adapter_round_trip_keeps_masking(tmp_path, calibration_ids, setting):
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=["2:4", "60%"])
 def test_compressed_save_and_fresh_process_reload_bit_equal(tmp_path, calibration_ids, setting):
-    from safetensors.torch import load_file
-
     from export_utils import run_python
+    from safetensors.torch import load_file
 
     model = _pruned(setting, calibration_ids)
     peft_model = hf_prune.get_sparse_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
