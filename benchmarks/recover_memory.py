@@ -5,6 +5,7 @@ peft.get_peft_model), run `--steps` AdamW steps on random token windows; reports
 before the first step, and the seconds per step. JSON to benchmarks/results/recover_memory.json.
 
     python benchmarks/recover_memory.py CHECKPOINT --seq-len 256 --batch-size 2 --rank 16
+    python benchmarks/recover_memory.py CHECKPOINT --bf16 --batch-size 4 --out benchmarks/results/recover_memory_bf16.json
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from oneshot_smollm2 import _rss_mb  # benchmarks/ is sys.path[0] when run as a 
 HERE = Path(__file__).resolve().parent
 
 
-
-
-def run_one(mode: str, checkpoint: str, seq_len: int, batch_size: int, rank: int, steps: int) -> dict:
+def run_one(mode: str, checkpoint: str, seq_len: int, batch_size: int, rank: int, steps: int, bf16: bool) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -40,7 +39,9 @@ def run_one(mode: str, checkpoint: str, seq_len: int, batch_size: int, rank: int
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        peft_model(input_ids=ids, labels=ids).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - t)
@@ -56,10 +57,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true", help="steps under bf16 autocast (the recovery recipe's setting)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "recover_memory.json")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = [args.checkpoint, args.seq_len, args.batch_size, args.rank, args.steps]
+    shape = [args.checkpoint, args.seq_len, args.batch_size, args.rank, args.steps, args.bf16]
     if args.run_one:
         print(json.dumps(run_one(args.run_one, *shape)))
         return
@@ -67,7 +69,8 @@ def main() -> None:
     for mode in ("plain", "masked"):
         proc = subprocess.run([sys.executable, __file__, *map(str, shape[:1]), "--seq-len", str(args.seq_len),
                                "--batch-size", str(args.batch_size), "--rank", str(args.rank), "--steps",
-                               str(args.steps), "--run-one", mode], capture_output=True, text=True)
+                               str(args.steps), "--run-one", mode] + (["--bf16"] if args.bf16 else []),
+                              capture_output=True, text=True)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -3,6 +3,7 @@
     hf-prune oneshot PATH --method admm --sparsity 0.6 --calibration FILE --output DIR [--push-to-hub REPO]
     hf-prune info DIR
     hf-prune push DIR REPO_ID
+    hf-prune recover DIR --data FILE --steps N --output OUT [--eval FILE] [--bf16]
     hf-prune export-onnx DIR OUT [--task auto|text-classification|fill-mask|text-generation] [--int8] [--opset N]
 """
 
@@ -273,6 +274,9 @@ def _recover_parser(sub) -> None:
     p.add_argument("--learning-rate", type=float, default=2e-4)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval", help="held-out text: perplexity before and after recovery, recorded in the card")
+    p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
+    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (weights stay in their dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
 
 
@@ -281,17 +285,30 @@ def run_recover(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .peft.recover import recover
+    from .state import get_pruning_state
 
     out = Path(args.output)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
     texts = read_texts(args.data, "--data")
+    eval_texts = read_texts(args.eval, "--eval") if args.eval else None
     tokenizer = AutoTokenizer.from_pretrained(args.directory)
     model = AutoModelForCausalLM.from_pretrained(args.directory)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     merged = recover(model, texts, tokenizer, steps=args.steps, lora_config=config, seq_len=args.seq_len,
-                     batch_size=args.batch_size, learning_rate=args.learning_rate)
-    merged.save_pretrained(args.output, overwrite=args.overwrite)
+                     batch_size=args.batch_size, learning_rate=args.learning_rate, bf16=args.bf16,
+                     eval_texts=eval_texts, eval_windows=args.eval_windows, data_name=Path(args.data).name)
+    metrics = get_pruning_state(merged).metrics
+    metrics["recovery_command"] = "hf-prune " + shlex.join(args.argv)
+    evals = None
+    if eval_texts is not None:
+        evals = [dict(task_type="text-generation", dataset_type="text", dataset_name=Path(args.eval).name,
+                      metric_type="perplexity", metric_value=metrics["recovery_perplexity_after"])]
+        print(f"held-out perplexity: {metrics['recovery_perplexity_before']:.3f} before recovery -> "
+              f"{metrics['recovery_perplexity_after']:.3f} after")
+    merged.save_pretrained(args.output, overwrite=args.overwrite, eval_results=evals)
     tokenizer.save_pretrained(args.output)
     print(f"recovered model saved to {args.output}")
     return 0

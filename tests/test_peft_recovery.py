@@ -4,14 +4,12 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
+from conftest import VOCAB, tiny_llama  # noqa: E402
 from peft import LoraConfig, PeftModel  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
 
 import hf_prune  # noqa: E402
 from hf_prune import WandaConfig, get_pruning_state, oneshot  # noqa: E402
 from hf_prune.peft.layer import SparseLoraLinear  # noqa: E402
-
-from conftest import VOCAB, tiny_llama  # noqa: E402
 
 SETTINGS = [dict(pattern="2:4"), dict(sparsity=0.6)]
 
@@ -90,9 +88,10 @@ def test_masked_forward_equals_effective_weight(calibration_ids):
     assert torch.allclose(gx, x2.grad, atol=1e-5)
 
 
-def test_adapter_round_trip_keeps_masking(tmp_path, calibration_ids):
-    model = _pruned(dict(pattern="2:4"), calibration_ids)
-    base_copy = _pruned(dict(pattern="2:4"), calibration_ids)
+@pytest.mark.parametrize("setting", SETTINGS, ids=["2:4", "60%"])
+def test_adapter_round_trip_keeps_masking(tmp_path, calibration_ids, setting):
+    model = _pruned(setting, calibration_ids)
+    base_copy = _pruned(setting, calibration_ids)
     peft_model = hf_prune.get_sparse_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
     _, batch = _train(peft_model, steps=5)
     peft_model.eval()
@@ -104,19 +103,44 @@ def test_adapter_round_trip_keeps_masking(tmp_path, calibration_ids):
     assert n_sparse == len(get_pruning_state(base_copy).module_sparsity)
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=batch).logits, expected, atol=1e-5)
+    # the loaded adapter keeps training masked, and merges into the same mask
+    masks = _masks(base_copy)
+    for name, p in loaded.named_parameters():
+        p.requires_grad_("lora_A" in name or "lora_B" in name)
+    _train(loaded, steps=3)
+    modules = dict(loaded.merge_and_unload().named_modules())
+    assert all(torch.equal(modules[n].weight != 0, m) for n, m in masks.items())
 
 
-def test_compressed_save_and_reload_bit_equal(tmp_path, calibration_ids):
-    model = _pruned(dict(sparsity=0.6), calibration_ids)
+@pytest.mark.parametrize("setting", SETTINGS, ids=["2:4", "60%"])
+def test_compressed_save_and_fresh_process_reload_bit_equal(tmp_path, calibration_ids, setting):
+    from export_utils import run_python
+    from safetensors.torch import load_file
+
+    model = _pruned(setting, calibration_ids)
     peft_model = hf_prune.get_sparse_peft_model(model, LoraConfig(r=8, target_modules="all-linear"))
     _train(peft_model, steps=5)
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(tmp_path / "recovered")
     card = (tmp_path / "recovered" / "README.md").read_text()
-    assert "recovery" in card and "masked LoRA" in card
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "recovered")
-    for (name, p), (_, q) in zip(merged.state_dict().items(), reloaded.state_dict().items()):
-        assert torch.equal(p, q), name
+    assert "recovery" in card and "masked LoRA" in card and '"r": 8' in card
+    assert "model.safetensors" in {p.name for p in (tmp_path / "recovered").iterdir()}
+    code = (
+        "import hf_prune, torch\n"
+        "from safetensors.torch import save_file\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'recovered')!r})\n"
+        "assert hf_prune.get_pruning_state(m) is not None\n"
+        f"save_file({{k: v.contiguous() for k, v in m.state_dict().items() if k != 'lm_head.weight'}}, "
+        f"{str(tmp_path / 'dense.safetensors')!r})\n"
+    )
+    proc = run_python(code)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reloaded = load_file(tmp_path / "dense.safetensors")
+    expected = {k: v for k, v in merged.state_dict().items() if k != "lm_head.weight"}
+    assert set(reloaded) == set(expected)
+    for name, p in expected.items():
+        assert torch.equal(p, reloaded[name]), name
 
 
 def test_bad_inputs(calibration_ids):
@@ -131,10 +155,12 @@ def test_bad_inputs(calibration_ids):
         hf_prune.get_sparse_peft_model(model, LoraConfig(target_modules="all-linear", init_lora_weights="pissa"))
 
 
-@pytest.mark.parametrize("trainer_kind", ["stock"])
-def test_stock_trainer_trains_masked_lora(tmp_path, calibration_ids, trainer_kind):
+@pytest.mark.parametrize("trainer_kind", ["stock", "pruning"])
+def test_trainers_train_masked_lora(tmp_path, calibration_ids, trainer_kind):
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
+
+    from hf_prune import PruningTrainer
 
     model = _pruned(dict(pattern="2:4"), calibration_ids)
     masks = _masks(model)
@@ -143,10 +169,58 @@ def test_stock_trainer_trains_masked_lora(tmp_path, calibration_ids, trainer_kin
     train = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
     args = TrainingArguments(tmp_path / "run", max_steps=10, per_device_train_batch_size=4, learning_rate=1e-2,
                              report_to=[], save_strategy="no", logging_steps=1, use_cpu=True)
-    trainer = Trainer(model=peft_model, args=args, train_dataset=train)
+    if trainer_kind == "stock":
+        trainer = Trainer(model=peft_model, args=args, train_dataset=train)
+    else:
+        trainer = PruningTrainer(model=peft_model, args=args, train_dataset=train, pruning_config=None)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses[-1] < losses[0]
-    merged = trainer.model.merge_and_unload()
+    assert len(losses) == 10 and losses[-1] < losses[0]  # Trainer logging intact: one entry per step
+    merged = trainer.export_pruned_model() if trainer_kind == "pruning" else trainer.model.merge_and_unload()
+    assert not isinstance(merged, PeftModel)
     modules = dict(merged.named_modules())
     assert all(torch.equal(modules[n].weight != 0, m) for n, m in masks.items())
+
+
+def test_pruning_trainer_refuses_a_method_on_a_peft_model(tmp_path, calibration_ids):
+    from transformers import TrainingArguments
+
+    from hf_prune import DynSparseConfig, PruningTrainer
+
+    peft_model = hf_prune.get_sparse_peft_model(_pruned(dict(pattern="2:4"), calibration_ids),
+                                                LoraConfig(r=4, target_modules="all-linear"))
+    args = TrainingArguments(tmp_path / "run", max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="peft model.*pruning_config=None"):
+        PruningTrainer(model=peft_model, args=args, pruning_config=DynSparseConfig(sparsity=0.5))
+    with pytest.raises(ValueError, match="teacher_model.*pruning_config=None"):
+        PruningTrainer(model=peft_model, args=args, pruning_config=None, teacher_model=tiny_llama())
+
+
+def test_dynsparse_block_layout_keeps_its_blocks():
+    from hf_prune import DynSparseConfig, attach
+
+    torch.manual_seed(0)
+    model = attach(tiny_llama(), DynSparseConfig(sparsity=0.75, block_size=16), total_steps=10).finalize()
+    state = get_pruning_state(model)
+    assert state.layout == "block:16x16"
+    masks = _masks(model)
+    peft_model = hf_prune.get_sparse_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    assert sum(isinstance(m, SparseLoraLinear) for m in peft_model.modules()) == len(masks)
+    losses, _ = _train(peft_model, steps=10)
+    assert losses[-1] < losses[0]
+    modules = dict(peft_model.merge_and_unload().named_modules())
+    for name, mask in masks.items():
+        w = modules[name].weight
+        assert torch.equal(w != 0, mask), name
+        blocks = (w != 0).view(w.shape[0] // 16, 16, w.shape[1] // 16, 16).any(3).any(1)
+        assert blocks.float().mean().item() == pytest.approx(0.25, abs=1e-6), name
+
+
+@pytest.mark.parametrize("field, value, name", [
+    ("use_dora", True, "DoRA"), ("lora_bias", True, "LoRA bias"), ("layer_replication", [[0, 1]], "layer replication"),
+])
+def test_unsupported_lora_variants_refused_by_name(calibration_ids, field, value, name):
+    model = _pruned(dict(pattern="2:4"), calibration_ids)
+    with pytest.raises(ValueError, match=f"LoraConfig.{field} .*{name}.*not supported"):
+        hf_prune.get_sparse_peft_model(model, LoraConfig(target_modules="all-linear", **{field: value}))
+    assert not any(isinstance(m, SparseLoraLinear) for m in model.modules())  # refused before any change

@@ -40,15 +40,15 @@ class _MaskedLoraFunction(torch.autograd.Function):
     """`x·(W + M ⊙ s·B·A)ᵀ + b` (with_base) or `x·(M ⊙ s·B·A)ᵀ` (without), with M = (W != 0).
 
     Backward recomputes the masked delta instead of saving it, so between forward and backward a layer holds no
-    dense tensor beyond the frozen weight itself. Runs in the autocast dtype when autocast is on (bf16 on CPU).
+    dense tensor beyond the frozen weight itself. Runs in the autocast dtype when autocast is on (bf16 on CPU), where
+    every d_out × d_in pass is in that dtype too (the scaling is folded into the small B).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, with_base: bool):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            delta = _masked_delta(weight, lora_A, lora_B, scaling, dtype)
-            effective = weight.to(dtype) + delta if with_base else delta
+            effective = _masked_update(weight, lora_A, lora_B, scaling, dtype, with_base, weight == 0)
             out = F.linear(x.to(dtype), effective, bias.to(dtype) if (with_base and bias is not None) else None)
         ctx.save_for_backward(x, weight, lora_A, lora_B)
         ctx.scaling, ctx.with_base, ctx.dtype, ctx.has_bias = scaling, with_base, dtype, bias is not None
@@ -60,25 +60,30 @@ class _MaskedLoraFunction(torch.autograd.Function):
         dtype, scaling = ctx.dtype, ctx.scaling
         with torch.autocast(grad_out.device.type, enabled=False):
             g = grad_out.to(dtype)
-            mask = weight != 0
-            delta = _masked_delta(weight, lora_A, lora_B, scaling, dtype, mask)
-            effective = weight.to(dtype) + delta if ctx.with_base else delta
-            grad_x = (g @ effective).to(x.dtype) if ctx.needs_input_grad[0] else None
-            del effective, delta
+            pruned = weight == 0
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                effective = _masked_update(weight, lora_A, lora_B, scaling, dtype, ctx.with_base, pruned)
+                grad_x = (g @ effective).to(x.dtype)
+                del effective
             g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]).to(dtype)
-            outer = g2.T @ x2  # d_out × d_in, transient
+            outer = g2.T @ x2  # d_out × d_in, transient: dL/dW
             grad_weight = outer.to(weight.dtype, copy=True) if (ctx.with_base and ctx.needs_input_grad[1]) else None
             grad_bias = g2.sum(0).to(weight.dtype) if (ctx.with_base and ctx.has_bias and ctx.needs_input_grad[2]) else None
-            grad_delta = outer.masked_fill_(~mask, 0).float().mul_(scaling)
-            del outer, mask
-            grad_A = (lora_B.float().T @ grad_delta).to(lora_A.dtype) if ctx.needs_input_grad[3] else None
-            grad_B = (grad_delta @ lora_A.float().T).to(lora_B.dtype) if ctx.needs_input_grad[4] else None
+            outer.masked_fill_(pruned, 0)  # M ⊙ dL/dW; dL/d(BA) is s times that
+            del pruned
+            grad_A = ((lora_B.to(dtype) * scaling).T @ outer).to(lora_A.dtype) if ctx.needs_input_grad[3] else None
+            grad_B = (outer @ (lora_A.to(dtype).T * scaling)).to(lora_B.dtype) if ctx.needs_input_grad[4] else None
         return grad_x, grad_weight, grad_bias, grad_A, grad_B, None, None
 
 
-def _masked_delta(weight, lora_A, lora_B, scaling, dtype, mask=None) -> torch.Tensor:
-    delta = (lora_B.to(dtype) @ lora_A.to(dtype)).mul_(scaling)
-    return delta.masked_fill_(weight == 0 if mask is None else ~mask, 0)
+def _masked_update(weight, lora_A, lora_B, scaling, dtype, with_base, pruned) -> torch.Tensor:
+    """`W + M ⊙ s·B·A` (with_base) or `M ⊙ s·B·A`, in `dtype`: one matmul, one add, one fill over d_out × d_in
+    (`W + M ⊙ Δ` equals `M ⊙ (W + Δ)` because W is 0 wherever M is)."""
+    out = (lora_B.to(dtype) * scaling) @ lora_A.to(dtype)
+    if with_base:
+        out.add_(weight)
+    return out.masked_fill_(pruned, 0)
 
 
 class SparseLoraLinear(LoraLinear):

@@ -5,39 +5,106 @@ from __future__ import annotations
 import logging
 import tempfile
 
+import torch
+
 
 logger = logging.getLogger(__name__)
 
 
-def recover(model, texts, tokenizer, *, steps: int, lora_config=None, seq_len: int = 512, batch_size: int = 4,
-            learning_rate: float = 2e-4, seed: int = 0, output_dir: str | None = None):
-    """Trains masked LoRA (`get_sparse_peft_model`) for `steps` on non-overlapping `seq_len` windows of `texts`,
-    merges it and returns the merged model (same mask; its `PruningState` records the recovery)."""
-    from peft import LoraConfig
-    from transformers import Trainer, TrainingArguments, default_data_collator
-
+def training_windows(texts, tokenizer, seq_len: int) -> torch.Tensor:
+    """Non-overlapping `seq_len`-token windows of the concatenated `texts` (the trailing partial one dropped)."""
     from ..oneshot.calibration import tokenize_texts
-    from .model import get_sparse_peft_model
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     ids = tokenize_texts(texts, tokenizer)
     n = ids.numel() // seq_len
     if n == 0:
         raise ValueError(f"training text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
-    windows = ids[: n * seq_len].view(n, seq_len)
-    lora_config = lora_config or LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
-    peft_model = get_sparse_peft_model(model, lora_config)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def train_adapter(peft_model, windows: torch.Tensor, *, steps: int, batch_size: int = 4, learning_rate: float = 2e-4,
+                  seed: int = 0, bf16: bool = False, callbacks=None, output_dir: str | None = None):
+    """Causal-LM training of `peft_model` on `windows` with a stock `transformers.Trainer` (cosine schedule, AdamW,
+    windows shuffled by the Trainer's sampler). Returns the `Trainer` (its `state` holds the log history)."""
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     train = [{"input_ids": w, "labels": w} for w in windows]
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir or tmp, max_steps=steps, per_device_train_batch_size=batch_size,
                                  learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
-                                 logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], seed=seed)
-        result = Trainer(model=peft_model, args=args, train_dataset=train, data_collator=default_data_collator).train()
-    merged = peft_model.merge_and_unload()
-    from ..state import get_pruning_state
+                                 logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], seed=seed,
+                                 bf16=bf16, use_cpu=bf16 and not torch.cuda.is_available(), weight_decay=0.0)
+        trainer = Trainer(model=peft_model, args=args, train_dataset=train, data_collator=default_data_collator,
+                          callbacks=callbacks)
+        trainer.train()
+    return trainer
 
+
+def recover(model, texts, tokenizer, *, steps: int, lora_config=None, seq_len: int = 512, batch_size: int = 4,
+            learning_rate: float = 2e-4, seed: int = 0, bf16: bool = False, eval_texts=None,
+            eval_windows: int | None = None, eval_seq_len: int | None = None, data_name: str | None = None, callbacks=None,
+            output_dir: str | None = None):
+    """Masked-LoRA recovery of a pruned model: trains `get_sparse_peft_model(model, lora_config)` for `steps` on
+    non-overlapping `seq_len`-token windows of `texts`, merges it and returns the merged model (the same mask,
+    exactly).
+
+    The merged model's `PruningState` records the recovery beside the pruning config (so its card and `hf-prune
+    info` show it): the adapter config, `recovery_data`, steps, tokens, final training loss and, with `eval_texts`,
+    the held-out perplexity before and after (`recovery_perplexity_before` / `_after`).
+
+    Args:
+        model: a model pruned by hf_prune (in memory or loaded from an hf_prune checkpoint).
+        texts: training texts (never the held-out ones).
+        tokenizer: the model's tokenizer.
+        steps: optimizer steps.
+        lora_config (`peft.LoraConfig`, *optional*): default `r=16, lora_alpha=32, target_modules="all-linear"`.
+        bf16: train under bf16 autocast (the weights and the merge stay in their dtype).
+        eval_texts: held-out texts for perplexity before and after.
+        eval_windows: at most this many evaluation windows.
+        eval_seq_len: evaluation window length (default `seq_len`).
+        data_name: how the card names the training data (default: the number of texts and tokens).
+        callbacks: extra `TrainerCallback`s (e.g. a wall-time budget).
+    """
+    from peft import LoraConfig
+
+    from ..evaluation import perplexity
+    from ..state import get_pruning_state
+    from .model import get_sparse_peft_model
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    windows = training_windows(texts, tokenizer, seq_len)
+    eval_ids, eval_seq_len = None, eval_seq_len or seq_len
+    if eval_texts is not None:
+        from ..oneshot.calibration import tokenize_texts
+
+        eval_ids = tokenize_texts(eval_texts, tokenizer)
+        if eval_ids.numel() < eval_seq_len:
+            raise ValueError(f"evaluation text has {eval_ids.numel()} tokens, fewer than one window of {eval_seq_len}")
+    lora_config = lora_config or LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    peft_model = get_sparse_peft_model(model, lora_config)  # checks every input before any work
+    ppl_before = None
+    if eval_ids is not None:
+        with peft_model.disable_adapter():
+            ppl_before = perplexity(peft_model, input_ids=eval_ids, seq_len=eval_seq_len, max_windows=eval_windows)
+        logger.info("held-out perplexity before recovery: %.3f", ppl_before)
+    trainer = train_adapter(peft_model, windows, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                            seed=seed, bf16=bf16, callbacks=callbacks, output_dir=output_dir)
+    merged = peft_model.merge_and_unload()
+    done = trainer.state.global_step
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     state = get_pruning_state(merged)
-    state.metrics.update(recovery_steps=steps, recovery_tokens=steps * batch_size * seq_len,
-                         recovery_train_loss=round(result.training_loss, 4))
+    state.metrics.update(
+        recovery_data=data_name or f"{len(texts)} texts, {windows.numel()} tokens",
+        recovery_steps=done, recovery_tokens=done * batch_size * seq_len, recovery_seq_len=seq_len,
+        recovery_learning_rate=learning_rate,
+    )
+    if losses:
+        state.metrics["recovery_train_loss"] = round(losses[-1], 4)
+    if eval_ids is not None:
+        ppl_after = perplexity(merged, input_ids=eval_ids, seq_len=eval_seq_len, max_windows=eval_windows)
+        logger.info("held-out perplexity after recovery: %.3f", ppl_after)
+        state.metrics.update(recovery_perplexity_before=round(ppl_before, 3), recovery_perplexity_after=round(ppl_after, 3))
     return merged

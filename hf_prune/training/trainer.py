@@ -29,7 +29,10 @@ class PruningTrainer(Trainer):
     """[`~transformers.Trainer`] with a pruning method.
 
     Args:
-        pruning_config ([`PruningConfig`]): a training-time method's config (e.g. [`CoFiConfig`]).
+        pruning_config ([`PruningConfig`] or `None`): a training-time method's config (e.g. [`CoFiConfig`]), or
+            `None` for no pruning method: the trainer is then a stock `Trainer` that keeps an hf_prune model's
+            sparsity, e.g. masked-LoRA recovery of a pruned model (`hf_prune.get_sparse_peft_model`), where
+            `export_pruned_model()` returns the merged model with the same mask.
         teacher_model (`torch.nn.Module`, *optional*): dense teacher for methods that distil (run in eval mode,
             without gradients, on the training device).
         *args, **kwargs: everything [`~transformers.Trainer`] accepts.
@@ -44,14 +47,25 @@ class PruningTrainer(Trainer):
     ```
     """
 
-    def __init__(self, model=None, args=None, *trainer_args, pruning_config: PruningConfig, teacher_model=None, **kwargs):
-        if not isinstance(pruning_config, PruningConfig):
-            raise TypeError(f"pruning_config must be a PruningConfig, got {type(pruning_config).__name__}")
+    def __init__(self, model=None, args=None, *trainer_args, pruning_config: PruningConfig | None, teacher_model=None, **kwargs):
+        if pruning_config is not None and not isinstance(pruning_config, PruningConfig):
+            raise TypeError(f"pruning_config must be a PruningConfig or None, got {type(pruning_config).__name__}")
         if model is None:
             raise ValueError("PruningTrainer needs `model` (model_init is not supported: the method modifies the model)")
-        plugin_cls = get_training_plugin_class(pruning_config)
-        if teacher_model is not None and not plugin_cls.supports_teacher:
-            raise ValueError(f"teacher_model was given, but method {pruning_config.method!r} does not distil")
+        if pruning_config is None:
+            if teacher_model is not None:
+                raise ValueError("teacher_model was given with pruning_config=None; distillation needs a method that distils")
+            plugin_cls = _NoMethod
+        else:
+            if _is_peft_model(model):
+                raise ValueError(
+                    f"PruningTrainer got a peft model with pruning_config={type(pruning_config).__name__}: a "
+                    "training-time method cannot prune through LoRA adapters. For masked-LoRA recovery of a pruned "
+                    "model pass pruning_config=None (hf_prune.get_sparse_peft_model keeps the mask)"
+                )
+            plugin_cls = get_training_plugin_class(pruning_config)
+            if teacher_model is not None and not plugin_cls.supports_teacher:
+                raise ValueError(f"teacher_model was given, but method {pruning_config.method!r} does not distil")
         self.pruning_config = pruning_config
         self.teacher_model = teacher_model
         self.pruning_plugin: TrainingPlugin = plugin_cls(pruning_config, model, teacher_model=teacher_model)
@@ -112,7 +126,7 @@ class PruningTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training:
+        if not model.training or self.pruning_config is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         extra = self.pruning_plugin.forward_kwargs()
         loss, outputs = super().compute_loss(
@@ -185,6 +199,25 @@ def extra_term_scale(trainer: Trainer, num_items_in_batch) -> float:
         scaled = (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
             trainer.compute_loss_func is not None)
     return 1.0 / trainer.current_gradient_accumulation_steps if scaled else 1.0
+
+
+def _is_peft_model(model) -> bool:
+    from transformers.utils import is_peft_available
+
+    if not is_peft_available():
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+class _NoMethod(TrainingPlugin):
+    """The plugin of `pruning_config=None`: every hook is the base class's no-op; `export` merges a peft model."""
+
+    def export(self, model):
+        if _is_peft_model(model):
+            return model.merge_and_unload()
+        return model
 
 
 def _keep_out_of_ddp(model: torch.nn.Module, module_names: list[str]) -> list[torch.Tensor]:
