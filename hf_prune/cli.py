@@ -195,13 +195,7 @@ def run_oneshot(args) -> int:
     print(f"  pruned modules:    {len(state.module_sparsity)}, sparsity {overall:.4f}")
     if eval_texts:
         print(f"  perplexity:        {ppl_before:.2f} -> {ppl_after:.2f}")
-    desc = describe_export(output, verify=False)
-    print(f"  saved to:          {output.resolve()} ({desc['file_bytes'] / 1e6:.1f} MB of weights"
-          + (f", {desc['file_bytes'] / desc['dense_bytes']:.3f}x dense)" if desc["dense_bytes"] else ")"))
-    if args.push_to_hub:
-        info = push_pruned(output, args.push_to_hub, private=args.private or None)
-        print(f"  pushed to:         {getattr(info, 'commit_url', None) or args.push_to_hub}")
-    return 0
+    return _report_saved(output, args)
 
 
 def _run_oneshot_offloaded(args, config, calibration, eval_texts) -> int:
@@ -223,8 +217,13 @@ def _run_oneshot_offloaded(args, config, calibration, eval_texts) -> int:
                      command="hf-prune " + shlex.join(args.argv))
     elapsed = time.perf_counter() - started
     tokenizer.save_pretrained(output)
-    desc = describe_export(output, verify=False)
     print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s (offloaded)")
+    return _report_saved(output, args)
+
+
+def _report_saved(output, args) -> int:
+    """The one-shot command's last lines (in memory or offloaded): where the export went, its size, the push."""
+    desc = describe_export(output, verify=False)
     print(f"  saved to:          {output.resolve()} ({desc['file_bytes'] / 1e6:.1f} MB of weights"
           + (f", {desc['file_bytes'] / desc['dense_bytes']:.3f}x dense)" if desc["dense_bytes"] else ")"))
     if args.push_to_hub:
