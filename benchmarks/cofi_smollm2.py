@@ -150,7 +150,7 @@ def flops_per_token(model, context: int) -> int:
 
 def _torch_generate(model, ids: torch.Tensor, new: int) -> None:
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                   pad_token_id=0)
+                   pad_token_id=0, use_cache=True)  # every model with its KV cache, whatever its config says
 
 
 def _ort_generate(session, ids: torch.Tensor, new: int) -> None:

@@ -71,6 +71,8 @@ class PruningTrainer(Trainer):
         self.pruning_plugin: TrainingPlugin = plugin_cls(pruning_config, model, teacher_model=teacher_model)
         self._unsynced = _keep_out_of_ddp(model, self.pruning_plugin.unsynced_module_names())
         self._unsynced_broadcast = False
+        # Trainer sets `model.config.use_cache` to `args.use_cache` (default False); the export gets the model's own
+        self._model_use_cache = getattr(getattr(model, "config", None), "use_cache", None)
         super().__init__(model, args, *trainer_args, **kwargs)
         for callback in self.pruning_plugin.callbacks():
             self.add_callback(callback)
@@ -185,8 +187,13 @@ class PruningTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------- export
     def export_pruned_model(self) -> torch.nn.Module:
-        """The method's final model (for CoFi: physically smaller), with its `PruningState` attached."""
-        return self.pruning_plugin.export(self.accelerator.unwrap_model(self.model))
+        """The method's final model (for CoFi: physically smaller), with its `PruningState` attached, and the
+        `config.use_cache` the model had before `Trainer` changed it (so the export generates with the KV cache)."""
+        exported = self.pruning_plugin.export(self.accelerator.unwrap_model(self.model))
+        config = getattr(exported, "config", None)
+        if self._model_use_cache is not None and config is not None and hasattr(config, "use_cache"):
+            config.use_cache = self._model_use_cache
+        return exported
 
 
 def extra_term_scale(trainer: Trainer, num_items_in_batch) -> float:

@@ -163,6 +163,10 @@ def build_pruned_decoder(model: nn.Module, ad, masks: dict[str, torch.Tensor], m
         small = type(model)(config).to(device=ref.device, dtype=ref.dtype)
         apply_decoder_structure(small, decoder_record(model, ad, hidden, layers, plain=False), type(ad)(small))
     load_pruned_weights(small, sd)
+    if getattr(model, "generation_config", None) is not None:
+        # the new model derived its generation config from `config`, whose `use_cache` Trainer sets to its
+        # `args.use_cache` (False): without the source's own, the export would generate without the KV cache
+        small.generation_config = copy.deepcopy(model.generation_config)
     from .structure import describe_structure
 
     return small, describe_structure(small)
