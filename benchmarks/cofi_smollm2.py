@@ -57,9 +57,17 @@ QUICK = ["--train-windows", "8", "--seq-len", "32", "--batch-size", "2", "--grad
 
 
 # ----------------------------------------------------------------------------------------------------- the runs
-def _done(path: str, settings: dict) -> dict | None:
+# CoFi's own knobs: they do not change the baseline's run, so a finished baseline is reused when only they differ
+COFI_ONLY = ("gate_lr", "lagrangian_lr", "gate_init_droprate", "warmup", "finetune")
+
+
+def _done(path: str, settings: dict, ignore: tuple[str, ...] = ()) -> dict | None:
     done = recipe._read_json(path)
-    return done if done is not None and done.get("settings") == settings else None
+    if done is None:
+        return None
+    def strip(d):
+        return {k: v for k, v in d.items() if k not in ignore}
+    return done if strip(done.get("settings", {})) == strip(settings) else None
 
 
 def run_baseline(args, cofi: dict) -> dict:
@@ -71,7 +79,7 @@ def run_baseline(args, cofi: dict) -> dict:
     settings = {**recipe.run_settings(args), "importance_windows": args.importance_windows,
                 "structure": cofi["structure"]}
     done_file = os.path.join(out, "baseline_run.json")
-    if (done := _done(done_file, settings)) is not None:
+    if (done := _done(done_file, settings, ignore=COFI_ONLY)) is not None:
         print(f"structured-baseline: reusing the finished run in {out}", flush=True)
         return done
     path, tokenizer, train, eval_ids = recipe.load_assets(args)
