@@ -13,7 +13,7 @@ reloads it with `from_pretrained` and asserts it bit-equal.
 Resumable: rows already in the JSON (same protocol) are skipped; run the same command again after an interruption.
 
     OMP_NUM_THREADS=1 nice -n 10 python benchmarks/recover_smollm2.py
-    python benchmarks/recover_smollm2.py --rows 2:4 0.7 --steps 40
+    python benchmarks/recover_smollm2.py --rows 2:4 0.7 --steps 40 --max-train-minutes 20 --out benchmarks/results/recover_smollm2_steps40.json
 """
 
 from __future__ import annotations
@@ -211,14 +211,14 @@ def table(report: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--target-modules", default="all-linear")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (default: bf16 autocast)")
-    parser.add_argument("--max-train-minutes", type=float, default=20.0)
+    parser.add_argument("--max-train-minutes", type=float, default=30.0)
     parser.add_argument("--eval-windows", type=int, default=8, help="held-out 512-token windows (8 = 4,096 tokens)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--workdir", type=Path, default=HERE / "results" / ".recover_work")

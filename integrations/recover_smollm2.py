@@ -6,7 +6,7 @@ mask exactly (checked here), is saved as hf_prune's compressed export with a mod
 and the recovery (data, steps, adapter config, perplexity before/after), and is reloaded with `from_pretrained`
 (checked bit-equal).
 
-    python integrations/recover_smollm2.py                                  # ADMM 2:4, then 40 recovery steps
+    python integrations/recover_smollm2.py                                  # ADMM 2:4, then 120 recovery steps
     python integrations/recover_smollm2.py --pruned outputs/smollm2-admm-24 --steps 120   # reuse a pruned export
     python integrations/recover_smollm2.py --sparsity 0.7 --output outputs/smollm2-admm-70-recovered
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--pruned", help="an existing hf_prune checkpoint of SmolLM2-135M to recover (skips pruning)")
     parser.add_argument("--sparsity", type=float, default=None, help="ADMM sparsity (default: 2:4)")
     parser.add_argument("--pattern", default=None, help="N:M pattern, default 2:4 unless --sparsity is given")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
