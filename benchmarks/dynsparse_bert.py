@@ -144,7 +144,7 @@ def main(argv=None):
                    "for long runs; short runs want fewer)")
     p.add_argument("--seeds", default="0,1,2", help="replication: comma list of seeds (init, data order, masks)")
     p.add_argument("--sweep-seeds", default=None, help="replication: seeds of the dense lr sweep (default: the first)")
-    p.add_argument("--dense-lrs", default="1e-3,3.2e-3,1e-2", help="replication: the dense learning-rate sweep")
+    p.add_argument("--dense-lrs", default="3.2e-4,1e-3,3.2e-3,1e-2", help="replication: the dense learning-rate sweep")
     p.add_argument("--lr", type=float, default=5e-4,
                    help="replication: dense lr eta(0) of the sparse rule; sparse arms train at sparse_learning_rate(lr)")
     p.add_argument("--label", default="", help="suffix of the result files (e.g. 'short')")
