@@ -65,9 +65,8 @@ def _done(path: str, settings: dict, ignore: tuple[str, ...] = ()) -> dict | Non
     done = recipe._read_json(path)
     if done is None:
         return None
-    def strip(d):
-        return {k: v for k, v in d.items() if k not in ignore}
-    return done if strip(done.get("settings", {})) == strip(settings) else None
+    saved = {k: v for k, v in done.get("settings", {}).items() if k not in ignore}
+    return done if saved == {k: v for k, v in settings.items() if k not in ignore} else None
 
 
 def run_baseline(args, cofi: dict) -> dict:

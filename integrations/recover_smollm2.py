@@ -7,7 +7,7 @@ and the recovery (data, steps, adapter config, perplexity before/after), and is 
 (checked bit-equal).
 
     python integrations/recover_smollm2.py                                  # ADMM 2:4, then 120 recovery steps
-    python integrations/recover_smollm2.py --pruned outputs/smollm2-admm-24 --steps 120   # reuse a pruned export
+    python integrations/recover_smollm2.py --pruned outputs/smollm2-admm-24 --steps 40    # reuse a pruned export
     python integrations/recover_smollm2.py --sparsity 0.7 --output outputs/smollm2-admm-70-recovered
 
 The same from the shell, on any hf_prune checkpoint:
