@@ -16,10 +16,11 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from subprocess_rows import run_in_subprocess  # noqa: E402  (a sibling in benchmarks/, on the path when run as a script)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "oneshot_smollm2.json"
@@ -169,17 +170,10 @@ def main() -> None:
             continue
         print(f"running {method} {setting} ...", flush=True)
         lock = ["flock", CPU_LOCK] if shutil.which("flock") else []
-        proc = subprocess.run(
+        report["runs"].append(run_in_subprocess(
             lock + [sys.executable, __file__, "--run-one", method, setting, "--workdir", str(args.workdir),
-             "--model-path", meta["model_path"], "--seq-len", str(args.seq_len), "--device", args.device],
-            capture_output=True, text=True,
-        )
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"run {method} {setting} failed")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        print("   ", result, flush=True)
-        report["runs"].append(result)
+                    "--model-path", meta["model_path"], "--seq-len", str(args.seq_len), "--device", args.device],
+            f"run {method} {setting}", stderr_tail=3000))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report["runs"]))

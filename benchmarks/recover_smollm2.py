@@ -23,12 +23,13 @@ import json
 import math
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from subprocess_rows import run_in_subprocess  # noqa: E402  (a sibling in benchmarks/, on the path when run as a script)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "recover_smollm2.json"
@@ -250,14 +251,7 @@ def main() -> None:
         if row in done:
             continue
         print(f"running {row} ...", flush=True)
-        cmd = [sys.executable, __file__, "--run-one", row] + sys.argv[1:]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"row {row} failed")
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        print("   ", result, flush=True)
-        report["runs"].append(result)
+        report["runs"].append(run_in_subprocess([sys.executable, __file__, "--run-one", row] + sys.argv[1:], f"row {row}"))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(table(report) + "\n")
