@@ -101,6 +101,32 @@ def test_pruning_trainer_checkpoint_holds_the_nested_plugin_state(tmp_path):
     assert torch.equal(other.updater.generator.get_state(), plugin.updater.generator.get_state())
 
 
+def _train_pruning_trainer(out, resume=None):
+    from hf_prune import PruningTrainer
+
+    trainer = PruningTrainer(model=tiny_bert_mlm(seed=0), args=_args(out), train_dataset=ToyMLMData(),
+                             pruning_config=CONFIG)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_pruning_trainer_checkpoints_the_state_once_and_resumes_exactly(tmp_path):
+    """Through `PruningTrainer` the masks live in the trainer's plugin state only (no second `dynsparse_state`
+    copy per checkpoint), and resuming from it equals the uninterrupted run."""
+    from hf_prune.training.trainer import PLUGIN_STATE_TENSORS
+
+    full = _train_pruning_trainer(tmp_path)
+    checkpoint = tmp_path / "checkpoint-4"
+    assert os.path.isfile(checkpoint / PLUGIN_STATE_TENSORS) and not os.path.exists(checkpoint / STATE_FILE)
+    resumed = _train_pruning_trainer(tmp_path, resume=str(checkpoint))
+    updater, rupdater = full.pruning_plugin.updater, resumed.pruning_plugin.updater
+    assert rupdater.restored and (rupdater.step_count, rupdater.updates_done) == (8, 3)
+    for name, mask in updater.masks.items():
+        assert torch.equal(mask.mask, rupdater.masks[name].mask), name
+    for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=n)
+
+
 def test_pruning_trainer_export_round_trips_block_sparse(tmp_path):
     """PruningTrainer + DynSparse (16x16 blocks) -> export -> compressed save -> from_pretrained in a fresh process."""
     from export_utils import run_python

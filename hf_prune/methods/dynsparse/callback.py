@@ -33,13 +33,18 @@ class DynSparseCallback(TrainerCallback):
     Args:
         config ([`DynSparseConfig`], *optional*): the method config (or give `updater`).
         updater ([`DynSparseUpdater`], *optional*): an existing updater (what the `PruningTrainer` plugin passes).
+        save_state (`bool`, *optional*, defaults to `True`): write `dynsparse_state.safetensors` into each checkpoint.
+            The `PruningTrainer` plugin passes `False`: that trainer already saves the same state as its plugin
+            state (`hf_prune_plugin_state.*`) and restores it before training begins.
     """
 
-    def __init__(self, config: DynSparseConfig | None = None, *, updater: DynSparseUpdater | None = None):
+    def __init__(self, config: DynSparseConfig | None = None, *, updater: DynSparseUpdater | None = None,
+                 save_state: bool = True):
         if updater is None and not isinstance(config, DynSparseConfig):
             raise TypeError(f"DynSparseCallback needs a DynSparseConfig, got {type(config).__name__}")
         self.config = updater.config if updater is not None else config
         self.updater = updater
+        self.save_state = save_state
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.updater is None:
@@ -76,7 +81,7 @@ class DynSparseCallback(TrainerCallback):
             state.log_history[-1].update(metrics)
 
     def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if self.save_state and state.is_world_process_zero:
             directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             if os.path.isdir(directory):
                 self.updater.save(directory)

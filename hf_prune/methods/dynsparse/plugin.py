@@ -16,12 +16,13 @@ from .updater import DynSparseUpdater
 @register_training_plugin(DynSparseConfig)
 class DynSparsePlugin(TrainingPlugin):
     """DynSparse for `PruningTrainer(..., pruning_config=DynSparseConfig(...))`: one [`DynSparseCallback`] sharing
-    this plugin's [`DynSparseUpdater`]; `state_dict` holds masks, RNG state and counters."""
+    this plugin's [`DynSparseUpdater`]; `state_dict` holds masks, RNG state and counters (the trainer checkpoints it,
+    so the callback does not write its own copy)."""
 
     def __init__(self, config: DynSparseConfig, model: torch.nn.Module, **kwargs: Any):
         super().__init__(config, model, **kwargs)
         self.updater = DynSparseUpdater(model, config)
-        self._callback = DynSparseCallback(updater=self.updater)
+        self._callback = DynSparseCallback(updater=self.updater, save_state=False)
 
     def callbacks(self) -> list:
         return [self._callback]
