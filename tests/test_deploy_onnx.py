@@ -112,6 +112,50 @@ def test_sparse_llama_kv_cache_greedy_equals_generate(llama_dir, tmp_path):
     assert step.logits.shape == (1, 1, 128) and step.past_key_values[0][0].shape[2] == 10
 
 
+def _copies(path, matrix: torch.Tensor) -> int:
+    """How many initializers of the graph at `path` hold `matrix` or its transpose."""
+    import onnx
+    from onnx import numpy_helper
+
+    matrix = matrix.detach().numpy()
+    arrays = [numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer]
+    return sum(a.shape in (matrix.shape, matrix.T.shape) and (np.array_equal(a, matrix) or np.array_equal(a, matrix.T))
+               for a in arrays)
+
+
+def test_tied_embedding_is_stored_once_and_int8_still_quantizes_the_head(llama_dir, tmp_path):
+    """The exporter writes a tied LM head as a second (transposed) copy of the embedding; the export keeps one copy
+    (a Transpose node feeds the head) with the same outputs. An untied model keeps both of its matrices."""
+    import onnx
+
+    untied = AutoModelForCausalLM.from_pretrained(llama_dir)
+    untied_graph = export_onnx(llama_dir, tmp_path / "untied").path / "model.onnx"
+    assert _copies(untied_graph, untied.model.embed_tokens.weight) == _copies(untied_graph, untied.lm_head.weight) == 1
+    torch.manual_seed(0)
+    tied = AutoModelForCausalLM.from_config(tiny_llama().config.__class__(
+        **{**tiny_llama().config.to_dict(), "tie_word_embeddings": True})).eval()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    report = export_onnx(tied, tmp_path / "tied", int8=True, tokenizer=tiny_tokenizer())
+    graph = tmp_path / "tied" / "model.onnx"
+    from hf_prune.deploy.graph import export_graph
+    from hf_prune.deploy.tasks import TASKS
+
+    export_graph(tied, TASKS["text-generation"], tmp_path / "traced.onnx")
+    assert _copies(tmp_path / "traced.onnx", tied.lm_head.weight) == 2  # what the exporter writes
+    assert _copies(graph, tied.lm_head.weight) == 1
+    ops = [n.op_type for n in onnx.load(str(graph)).graph.node]
+    assert ops.count("Transpose") >= 1 and report.verification["max_abs_logit_diff"] <= 1e-4
+    saved = (tmp_path / "traced.onnx").stat().st_size - graph.stat().st_size
+    assert abs(saved - 128 * 64 * 4) < 512  # one 32 KB matrix less (less the Transpose node's few bytes)
+    assert not (tmp_path / "tied" / ".traced").exists() and ".traced" not in report.files
+    quantized = [n.op_type for n in onnx.load(str(tmp_path / "tied" / "model_quantized.onnx")).graph.node]
+    assert quantized.count("MatMulInteger") == 2 * 7 + 1  # the LM head too
+    onnx_model = OnnxModel.from_pretrained(tmp_path / "tied")
+    ids = _ids(128, 2, 6)
+    expected = tied.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert onnx_model.generate(ids.numpy(), max_new_tokens=8).tolist() == expected.tolist()
+
+
 def test_int8_from_the_cli_agrees_on_most_predictions(llama_dir, tmp_path, capsys):
     out = tmp_path / "int8"
     assert cli_main(["export-onnx", str(llama_dir), str(out), "--int8"]) == 0

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from hf_prune_ort import ONNX_FILE, QUANTIZED_FILE, OnnxModel
 
-from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, export_graph, move_weights_to_external_data
+from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, export_graph, share_tied_weights
 from .opsets import check_opset
 from .tasks import TASKS, Task, resolve_task
 from .verify import compare, logit_tolerance, sample_inputs
@@ -178,11 +178,14 @@ def export_onnx(model_or_dir, out: str | os.PathLike, task: str = "auto", int8: 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.hf_prune-onnx-tmp-", dir=out.parent))
     try:
         logger.info("hf_prune: exporting %s to ONNX (task %s, opset %d)", type(model).__name__, chosen.name, opset)
-        names = export_graph(model, chosen, tmp / ONNX_FILE, opset)
-        external = None
-        if sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES:
-            move_weights_to_external_data(tmp / ONNX_FILE, EXTERNAL_DATA_FILE)
-            external = EXTERNAL_DATA_FILE
+        traced = tmp / ".traced"  # the exporter's graph; int8 quantizes it (a MatMul fed by a Transpose is not quantized)
+        traced.mkdir()
+        names = export_graph(model, chosen, traced / ONNX_FILE, opset)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        external = EXTERNAL_DATA_FILE if weight_bytes > EXTERNAL_DATA_BYTES else None
+        shared = share_tied_weights(traced / ONNX_FILE, tmp / ONNX_FILE, external)
+        if shared:
+            logger.info("hf_prune: %d tied weight(s) stored once in the ONNX graph: %s", len(shared), ", ".join(shared))
         inputs = sample_inputs(model, tokenizer, chosen)
         check = _verify(model, tmp, ONNX_FILE, chosen, inputs)
         limit = logit_tolerance(atol, rtol, check["max_abs_logit"])
@@ -199,7 +202,7 @@ def export_onnx(model_or_dir, out: str | os.PathLike, task: str = "auto", int8: 
         if int8:
             from .quantize import quantize_int8
 
-            quantize_int8(tmp / ONNX_FILE, tmp / QUANTIZED_FILE)
+            quantize_int8(traced / ONNX_FILE, tmp / QUANTIZED_FILE)
             q = _verify(model, tmp, QUANTIZED_FILE, chosen, inputs)
             logger.info("hf_prune: int8 vs PyTorch: argmax agreement %.4f", q["argmax_agreement"])
             if not q["argmax_agreement"] >= min_int8_agreement:
@@ -207,6 +210,7 @@ def export_onnx(model_or_dir, out: str | os.PathLike, task: str = "auto", int8: 
                     f"the int8 graph agrees with PyTorch's argmax on {q['argmax_agreement']:.1%} of positions "
                     f"(limit min_int8_agreement={min_int8_agreement:g}); nothing was written to {str(out)!r}")
             report.int8, report.min_int8_agreement, report.quantized_file = q, min_int8_agreement, QUANTIZED_FILE
+        shutil.rmtree(traced)
         _save_config(model, tmp, chosen)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -130,10 +130,57 @@ def export_graph(model: nn.Module, task: Task, path: str | Path, opset: int = DE
     return {"inputs": input_names, "outputs": output_names}
 
 
-def move_weights_to_external_data(path: Path, data_name: str) -> None:
-    """Re-saves `path` with its weights in `data_name` beside it (optimum's `model.onnx_data` layout)."""
-    import onnx
+def share_tied_weights(source: Path, target: Path, external_data: str | None = None) -> list[str]:
+    """Writes `source` to `target` with each weight that is stored twice stored once; returns the names dropped.
+    With `external_data`, the weights go to that file beside `target` (optimum's `model.onnx_data` layout).
 
-    model = onnx.load(str(path))
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name,
-                    size_threshold=1024)
+    A tied `lm_head` is the embedding matrix, but the exporter folds its transpose into a second initializer for
+    the MatMul, so the file holds the matrix twice (108 of SmolLM2-135M's 622 MiB). A MatMul / Gemm weight that is
+    bit for bit the transpose of another initializer becomes a `Transpose` node of that one, which ONNX Runtime
+    folds back into a constant when the session is created: the file shrinks, the computation is the same (the
+    check after the export confirms it). Written here because optimum's graph transformations, which do this for
+    optimum's exports, do not install beside transformers 5.
+    """
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    by_shape: dict[tuple, list[str]] = {}
+    for name, init in initializers.items():
+        if len(init.dims) == 2:
+            by_shape.setdefault((tuple(init.dims), init.data_type), []).append(name)
+    weights = {node.input[1] for node in graph.node if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1}
+    replaced: dict[str, str] = {}
+    arrays: dict[str, np.ndarray] = {}
+
+    def array(name: str) -> np.ndarray:
+        if name not in arrays:
+            arrays[name] = numpy_helper.to_array(initializers[name])  # onnx.load read any external data
+        return arrays[name]
+
+    for name in sorted(weights & initializers.keys()):
+        init = initializers[name]
+        if len(init.dims) != 2 or init.dims[0] == init.dims[1]:
+            continue
+        for other in by_shape.get(((init.dims[1], init.dims[0]), init.data_type), []):
+            if other not in replaced and np.array_equal(array(name), array(other).T):
+                replaced[name] = other
+                break
+    if replaced:
+        kept = [init for init in graph.initializer if init.name not in replaced]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        transposes = [helper.make_node("Transpose", [other], [name], perm=[1, 0], name=f"{name}_tied_transpose")
+                      for name, other in replaced.items()]
+        nodes = transposes + list(graph.node)  # first: their inputs are initializers, their outputs keep the names
+        del graph.node[:]
+        graph.node.extend(nodes)
+    if external_data is None:
+        onnx.save_model(model, str(target))
+    else:
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_data, size_threshold=1024)
+    return sorted(replaced)
