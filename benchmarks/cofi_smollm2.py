@@ -89,6 +89,7 @@ def run_baseline(args, cofi: dict) -> dict:
     del dense
     assert describe_structure(small) == cofi["structure"], "the baseline must have the CoFi export's shape"
     ppl_oneshot = recipe.held_out_perplexity(small, eval_ids, args)
+    use_cache = small.config.use_cache  # Trainer sets it to `args.use_cache` (False); restored before the save
     trainer = DistillationTrainer(model=small, args=recipe.training_args(os.path.join(out, "trainer"), args, len(train)),
                                   train_dataset=train, teacher_model=teacher, temperature=args.temperature,
                                   hard_label_weight=args.hard_label_weight)
@@ -97,6 +98,7 @@ def run_baseline(args, cofi: dict) -> dict:
     wall = time.perf_counter() - start
     ppl = recipe.held_out_perplexity(small, eval_ids, args)
     model_dir = os.path.join(out, "model")
+    small.config.use_cache = use_cache  # so the saved baseline generates with the KV cache, as the CoFi export does
     small.save_pretrained(model_dir)  # a uniform shape: a stock LlamaForCausalLM with a plain config
     tokenizer.save_pretrained(model_dir)
     result = {"model_dir": model_dir, "oneshot_perplexity": ppl_oneshot, "perplexity": ppl, "prune_time_s": prune_s,
