@@ -6,7 +6,9 @@
    `integrations/dynsparse_bert_mlm.py`; protocol in `benchmarks/dynsparse_replication.py`): static, DynSparse
    (random and gradient regrowth) at s = 0.9 with 1x1 and 16x16 blocks, and a dense learning-rate sweep of the dense
    and FLOP-matched dense models; mean ± std over seeds and paired differences with 95 % t intervals. Resumable: the
-   same command again skips the finished runs (kept in the JSON after each run) and trains the rest.
+   same command again skips the finished runs (kept in the JSON after each run) and trains the rest;
+   `--extra-seeds static_b1,dynsparse_b1:3,4` adds seeds to some sparse arms of the same file (one comparison made
+   tighter without re-running the rest).
 
     python benchmarks/dynsparse_bert.py --part overhead
     OMP_NUM_THREADS=1 python benchmarks/dynsparse_bert.py --part replication --max-steps 200 --num-updates 20
@@ -93,6 +95,19 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def _extra_seeds(specs: list[str]) -> dict[str, list[int]]:
+    """`["static_b1,dynsparse_b1:3,4"]` -> `{"static_b1": [3, 4], "dynsparse_b1": [3, 4]}`."""
+    extra: dict[str, list[int]] = {}
+    for spec in specs:
+        arms, sep, seeds = spec.partition(":")
+        if not sep or not arms or not seeds:
+            raise SystemExit(f"--extra-seeds wants ARM[,ARM...]:SEED[,SEED...] (e.g. static_b1,dynsparse_b1:3,4), "
+                             f"got {spec!r}")
+        for arm in arms.split(","):
+            extra.setdefault(arm, []).extend(s for s in _ints(seeds) if s not in extra.get(arm, []))
+    return extra
+
+
 def replication(a) -> dict:
     """Runs (or resumes) the multi-seed replication and prints its tables."""
     from dynsparse_replication import Replication, markdown
@@ -103,6 +118,8 @@ def replication(a) -> dict:
         "pruning_ratio": 0.5, "sparse_base_lr": a.lr, "dense_lrs": _floats(a.dense_lrs), "seeds": _ints(a.seeds),
         "sweep_seeds": _ints(a.sweep_seeds) if a.sweep_seeds else _ints(a.seeds)[:1],
     }
+    if a.extra_seeds:
+        protocol["extra_seeds"] = _extra_seeds(a.extra_seeds)
     label = a.label or f"steps{a.max_steps}_seeds{len(protocol['seeds'])}"
     data = {}
 
@@ -147,6 +164,9 @@ def main(argv=None):
     p.add_argument("--dense-lrs", default="3.2e-4,1e-3,3.2e-3,1e-2", help="replication: the dense learning-rate sweep")
     p.add_argument("--lr", type=float, default=5e-4,
                    help="replication: dense lr eta(0) of the sparse rule; sparse arms train at sparse_learning_rate(lr)")
+    p.add_argument("--extra-seeds", action="append", default=[], metavar="ARMS:SEEDS",
+                   help="replication: more seeds for some sparse arms, e.g. static_b1,dynsparse_b1:3,4 (repeatable; "
+                   "added to the label's file, whose other runs are kept)")
     p.add_argument("--label", default="", help="suffix of the result files (e.g. 'short')")
     a = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)

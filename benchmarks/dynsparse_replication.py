@@ -7,7 +7,10 @@ Order of the runs (so that an interrupted replication has its most important com
 1. static and DynSparse (random regrowth) at 1x1 and 16x16 blocks, every seed;
 2. the dense learning-rate sweep: `dense` and `dense_matched` at every `dense_lrs` value on the `sweep_seeds`;
 3. per dense mode, the best swept lr (lowest mean eval loss on the sweep seeds) on the remaining seeds: the dense row;
-4. DynSparse with gradient regrowth at 1x1 and 16x16, every seed.
+4. DynSparse with gradient regrowth at 1x1 and 16x16, every seed;
+5. `extra_seeds` (optional, e.g. `{"static_b1": [3, 4], "dynsparse_b1": [3, 4]}`): more seeds for some sparse arms,
+   to tighten one comparison without re-running the rest. They accumulate in the file: asking for extra seeds extends
+   a finished replication in place, and the plain command resumes whatever extra seeds the file holds.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 BLOCKS = (1, 16)
 DENSE_MODES = ("dense", "dense_matched")
+PROTOCOL_DEFAULTS = {"extra_seeds": {}}  # what a file written before a key existed means by its absence
 
 
 def sparse_arm(mode: str, block: int, base_lr: float, regrowth: str = "random") -> dict:
@@ -40,6 +44,13 @@ def run_key(arm: dict, seed: int) -> str:
     return f"{arm['arm']}/seed={seed}"
 
 
+def sparse_arms(base_lr: float) -> dict[str, dict]:
+    """Every sparse arm of the protocol by name: static, DynSparse random and gradient regrowth, per block size."""
+    arms = [sparse_arm(mode, b, base_lr) for b in BLOCKS for mode in ("static", "dynsparse")]
+    arms += [sparse_arm("dynsparse", b, base_lr, "gradient") for b in BLOCKS]
+    return {arm["arm"]: arm for arm in arms}
+
+
 def check_protocol(protocol: dict) -> None:
     """Clear errors for a protocol that cannot run, before any training."""
     seeds, sweep = protocol["seeds"], protocol["sweep_seeds"]
@@ -50,6 +61,13 @@ def check_protocol(protocol: dict) -> None:
     lrs = protocol["dense_lrs"]
     if not lrs or any(not lr > 0 for lr in lrs) or len(set(lrs)) != len(lrs):
         raise ValueError(f"replication: dense_lrs must be distinct positive numbers, got {lrs}")
+    names = sparse_arms(protocol["sparse_base_lr"])
+    for arm, extra in protocol.get("extra_seeds", {}).items():
+        if arm not in names:
+            raise ValueError(f"replication: extra_seeds names arm {arm!r}; allowed: {', '.join(names)}")
+        if not extra or len(set(extra)) != len(extra) or set(extra) & set(seeds):
+            raise ValueError(f"replication: extra_seeds of {arm} must be distinct seeds not in seeds {seeds}, "
+                             f"got {extra}")
 
 
 class Replication:
@@ -58,7 +76,8 @@ class Replication:
     Args:
         path (`Path`): the results JSON; if it exists its finished runs are kept and skipped. It must hold the same
             protocol (else a `ValueError` names the differing fields: pick another label).
-        protocol (`dict`): model/training sizes plus `seeds`, `sweep_seeds`, `dense_lrs`, `sparse_base_lr`.
+        protocol (`dict`): model/training sizes plus `seeds`, `sweep_seeds`, `dense_lrs`, `sparse_base_lr`, and
+            optionally `extra_seeds` (arm name -> more seeds; merged with the file's).
         train_fn (`Callable[[dict, int], dict]`): trains one arm at one seed; returns at least `eval_mlm_loss`.
     """
 
@@ -68,8 +87,9 @@ class Replication:
         self.runs: dict[str, dict] = {}
         if self.path.exists():
             saved = json.loads(self.path.read_text())
-            old = saved.get("protocol", {})
-            diff = sorted(k for k in set(old) | set(protocol) if old.get(k) != protocol.get(k))
+            old = {**PROTOCOL_DEFAULTS, **saved.get("protocol", {})}
+            asked = {**PROTOCOL_DEFAULTS, **protocol}
+            diff = sorted(k for k in set(old) | set(asked) if k != "extra_seeds" and old.get(k) != asked.get(k))
             if diff:
                 raise ValueError(
                     f"{self.path} holds a replication with another protocol (differs in {', '.join(diff)}: "
@@ -77,6 +97,12 @@ class Replication:
                     + "); use another --label or move that file away"
                 )
             self.runs = saved.get("runs", {})
+            # extra seeds accumulate: asking for more extends the file, asking for none resumes what it holds
+            extra = {arm: list(seeds) for arm, seeds in old["extra_seeds"].items()}
+            for arm, seeds in asked["extra_seeds"].items():
+                extra[arm] = extra.get(arm, []) + [s for s in seeds if s not in extra.get(arm, [])]
+            self.protocol = {**protocol, "extra_seeds": extra} if extra else dict(protocol)
+            check_protocol(self.protocol)
 
     # --- planning -------------------------------------------------------------------------------------------------
     def _core(self) -> list[tuple[dict, int]]:
@@ -91,6 +117,10 @@ class Replication:
     def _gradient(self) -> list[tuple[dict, int]]:
         base = self.protocol["sparse_base_lr"]
         return [(sparse_arm("dynsparse", b, base, "gradient"), s) for b in BLOCKS for s in self.protocol["seeds"]]
+
+    def _extra(self) -> list[tuple[dict, int]]:
+        arms = sparse_arms(self.protocol["sparse_base_lr"])
+        return [(arms[name], s) for name, extra in self.protocol.get("extra_seeds", {}).items() for s in extra]
 
     def best_dense_lr(self, mode: str) -> float | None:
         """The swept lr of `mode` with the lowest mean eval loss over the sweep seeds (None until the sweep is done)."""
@@ -114,11 +144,12 @@ class Replication:
 
     def total_runs(self) -> int:
         extra = len(self.protocol["seeds"]) - len(self.protocol["sweep_seeds"])
-        return len(self._core()) + len(self._sweep()) + len(DENSE_MODES) * extra + len(self._gradient())
+        return (len(self._core()) + len(self._sweep()) + len(DENSE_MODES) * extra + len(self._gradient())
+                + len(self._extra()))
 
     def next_run(self) -> tuple[dict, int] | None:
         """The first unfinished run in protocol order (None when the replication is complete)."""
-        for phase in (self._core, self._sweep, self._dense_rest, self._gradient):
+        for phase in (self._core, self._sweep, self._dense_rest, self._gradient, self._extra):
             jobs = phase()
             if jobs is None:  # cannot happen in order (the sweep precedes), kept for a hand-edited file
                 raise RuntimeError("replication: the dense sweep is incomplete, cannot pick the dense lr")
@@ -244,7 +275,8 @@ def markdown(doc: dict) -> str:
         f"Replication, {doc['finished_runs']} of {doc['total_runs']} runs finished"
         f"{'' if doc['complete'] else ' (INCOMPLETE: rerun the same command to resume)'}: BERT h={p['hidden']} "
         f"L={p['layers']} seq={p['seq_len']} batch={p['batch_size']}, {p['max_steps']} steps, s={p['sparsity']}, "
-        f"{p['num_updates']} pattern updates, seeds {p['seeds']} (dense lr sweep on seeds {p['sweep_seeds']}).",
+        f"{p['num_updates']} pattern updates, seeds {p['seeds']} (dense lr sweep on seeds {p['sweep_seeds']})"
+        + "".join(f"; {arm} also on seeds {extra}" for arm, extra in p.get("extra_seeds", {}).items()) + ".",
         "",
         "| arm | block | hidden | lr | MLM eval loss (mean ± std) | n | DOF | non-emb FLOPs/token | s/run (mean) |",
         "|---|---|---|---|---|---|---|---|---|",

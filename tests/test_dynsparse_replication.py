@@ -76,6 +76,36 @@ def test_resume_skips_finished_runs(tmp_path):
         Replication(path, {**PROTOCOL, "max_steps": 2}, _fake([]))
 
 
+def test_extra_seeds_extend_a_finished_replication_in_place(tmp_path):
+    path = tmp_path / "rep.json"
+    Replication(path, PROTOCOL, _fake([])).run(progress=False)
+    more = {**PROTOCOL, "extra_seeds": {"static_b1": [3, 4], "dynsparse_b1": [3, 4]}}
+    calls = []
+    doc = Replication(path, more, _fake(calls)).run(progress=False)
+    assert sorted(calls) == [("dynsparse_b1", 3), ("dynsparse_b1", 4), ("static_b1", 3), ("static_b1", 4)]
+    assert doc["complete"] and doc["total_runs"] == 28 + 4 and doc["protocol"]["extra_seeds"] == more["extra_seeds"]
+    assert doc["arms"]["static_b1"]["seeds"] == [0, 1, 2, 3, 4] and doc["arms"]["static_b16"]["eval_mlm_loss"]["n"] == 3
+    pair = next(c for c in doc["comparisons"] if (c["a"], c["b"]) == ("dynsparse_b1", "static_b1"))
+    assert pair["seeds"] == [0, 1, 2, 3, 4] and pair["n"] == 5
+    assert "static_b1 also on seeds [3, 4]" in path.with_suffix(".md").read_text()
+    again = []  # the plain protocol resumes the file with its extra seeds: nothing to train, nothing dropped
+    assert Replication(path, PROTOCOL, _fake(again)).run(progress=False)["finished_runs"] == 32 and again == []
+    for bad, match in (({"gradient_b4": [3]}, "extra_seeds names arm 'gradient_b4'; allowed: static_b1"),
+                       ({"static_b1": [2]}, "must be distinct seeds not in seeds"),
+                       ({"static_b1": []}, "must be distinct seeds not in seeds")):
+        with pytest.raises(ValueError, match=match):
+            Replication(tmp_path / "new.json", {**PROTOCOL, "extra_seeds": bad}, _fake([]))
+
+
+def test_extra_seeds_command_line():
+    from dynsparse_bert import _extra_seeds
+
+    assert _extra_seeds(["static_b1,dynsparse_b1:3,4", "gradient_b16:5"]) == {
+        "static_b1": [3, 4], "dynsparse_b1": [3, 4], "gradient_b16": [5]}
+    with pytest.raises(SystemExit, match="ARM\\[,ARM...\\]:SEED"):
+        _extra_seeds(["static_b1"])
+
+
 def test_seed_same_identical_different_masks_differ():
     from transformers import AutoTokenizer
 
