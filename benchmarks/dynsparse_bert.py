@@ -123,14 +123,19 @@ def replication(a) -> dict:
     label = a.label or f"steps{a.max_steps}_seeds{len(protocol['seeds'])}"
     data = {}
 
-    def train(arm: dict, seed: int) -> dict:
-        from dynsparse_bert_mlm import mlm_datasets, run_mlm, tokenizer_path
-
-        if not data:  # loaded on the first run that trains: a finished replication only re-summarises
+    def load_data():
+        """Tokenizer and data, loaded once, when needed: a finished replication only re-summarises."""
+        if not data:
+            from dynsparse_bert_mlm import mlm_datasets, tokenizer_path
             from transformers import AutoTokenizer
 
             data["tokenizer"] = AutoTokenizer.from_pretrained(tokenizer_path())
             data["train"], data["evaluation"] = mlm_datasets(data["tokenizer"], protocol["seq_len"])
+
+    def train(arm: dict, seed: int) -> dict:
+        from dynsparse_bert_mlm import run_mlm
+
+        load_data()
         return run_mlm(
             arm["mode"], tokenizer=data["tokenizer"], train=data["train"], evaluation=data["evaluation"],
             hidden=protocol["hidden"], layers=protocol["layers"], heads=protocol["heads"], seq_len=protocol["seq_len"],
@@ -140,7 +145,14 @@ def replication(a) -> dict:
             output_dir=f"/tmp/hf_prune_dynsparse_replication_{label}",
         )
 
-    doc = Replication(RESULTS / f"dynsparse_replication_{label}.json", protocol, train).run()
+    path = RESULTS / f"dynsparse_replication_{label}.json"
+    reference = None
+    if not (path.exists() and json.loads(path.read_text()).get("reference")):
+        from dynsparse_bert_mlm import unigram_mlm_loss
+
+        load_data()
+        reference = {"unigram_eval_mlm_loss": unigram_mlm_loss(data["train"], data["evaluation"], len(data["tokenizer"]))}
+    doc = Replication(path, protocol, train, reference=reference).run()
     print(markdown(doc))
     return doc
 

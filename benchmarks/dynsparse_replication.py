@@ -79,12 +79,16 @@ class Replication:
         protocol (`dict`): model/training sizes plus `seeds`, `sweep_seeds`, `dense_lrs`, `sparse_base_lr`, and
             optionally `extra_seeds` (arm name -> more seeds; merged with the file's).
         train_fn (`Callable[[dict, int], dict]`): trains one arm at one seed; returns at least `eval_mlm_loss`.
+        reference (`dict`, *optional*): losses that need no training, printed beside the arms (e.g.
+            `{"unigram_eval_mlm_loss": 7.16}`); kept from the file when not given.
     """
 
-    def __init__(self, path: Path, protocol: dict, train_fn: Callable[[dict, int], dict]):
+    def __init__(self, path: Path, protocol: dict, train_fn: Callable[[dict, int], dict],
+                 reference: dict | None = None):
         check_protocol(protocol)
         self.path, self.protocol, self.train_fn = Path(path), protocol, train_fn
         self.runs: dict[str, dict] = {}
+        self.reference = dict(reference or {})
         if self.path.exists():
             saved = json.loads(self.path.read_text())
             old = {**PROTOCOL_DEFAULTS, **saved.get("protocol", {})}
@@ -97,6 +101,7 @@ class Replication:
                     + "); use another --label or move that file away"
                 )
             self.runs = saved.get("runs", {})
+            self.reference = self.reference or saved.get("reference", {})
             # extra seeds accumulate: asking for more extends the file, asking for none resumes what it holds
             extra = {arm: list(seeds) for arm, seeds in old["extra_seeds"].items()}
             for arm, seeds in asked["extra_seeds"].items():
@@ -187,7 +192,7 @@ class Replication:
     def save(self) -> dict:
         """Writes the JSON (atomically: temp file then rename) and the markdown table; returns the document."""
         doc = {"protocol": self.protocol, "complete": self.next_run() is None, "finished_runs": len(self.runs),
-               "total_runs": self.total_runs(), **self.summary(), "runs": self.runs}
+               "total_runs": self.total_runs(), **self.summary(), "reference": self.reference, "runs": self.runs}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for target, text in ((self.path, json.dumps(doc, indent=2) + "\n"),
                              (self.path.with_suffix(".md"), markdown(doc) + "\n")):
@@ -287,6 +292,10 @@ def markdown(doc: dict) -> str:
         lines.append(f"| {name} | {block} | {a['hidden']} | {a['learning_rate']:.2e} | {loss['mean']:.4f} ± "
                      f"{loss['std']:.4f} | {loss['n']} | {a['explored_dof']:.3f} | {a['flops_per_token'] / 1e6:.2f}M | "
                      f"{a['run_wall_seconds']['mean']:.0f} |")
+    if doc.get("reference", {}).get("unigram_eval_mlm_loss") is not None:
+        lines += ["", f"Reference, no training: predicting every masked token by its training-set frequency (a unigram "
+                  f"model, add-one smoothed) scores {doc['reference']['unigram_eval_mlm_loss']:.4f} on the same eval "
+                  "tokens; an arm above that has not yet learned more than token counts."]
     if doc["dense_sweep"]:
         lines += ["", "Dense learning-rate sweep (mean eval loss on the sweep seeds; * = the dense row):", "",
                   "| mode | lr | MLM eval loss | n |", "|---|---|---|---|"]

@@ -73,6 +73,19 @@ def mlm_datasets(tokenizer, seq_len: int, max_train_chunks: int | None = None):
     return train, evaluation
 
 
+def unigram_mlm_loss(train, evaluation, vocab_size: int) -> float:
+    """MLM loss of a model that ignores the context and predicts every masked token by its training-set frequency
+    (add-one smoothed over the vocabulary): the floor a trained model must get below to have learned more than
+    token counts. Positions are the chunks' bodies (the collator never masks [CLS] / [SEP]); the masked positions
+    are drawn uniformly among them, so their mean is this loss's expectation."""
+    def body(chunks):
+        return torch.cat([c["input_ids"][1:-1] for c in chunks])
+
+    counts = torch.bincount(body(train), minlength=vocab_size).double()
+    log_p = ((counts + 1.0) / (counts.sum() + vocab_size)).log()
+    return float(-log_p[body(evaluation)].mean())
+
+
 def bert_config(vocab_size: int, hidden: int, layers: int, heads: int, seq_len: int) -> BertConfig:
     return BertConfig(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

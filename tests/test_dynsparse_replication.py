@@ -120,3 +120,22 @@ def test_seed_same_identical_different_masks_differ():
     assert a["mask_digest"] == b["mask_digest"] and a["loss_curve"] == b["loss_curve"] and len(a["loss_curve"]) == 4
     assert a["eval_mlm_loss"] == b["eval_mlm_loss"]
     assert c["mask_digest"] != a["mask_digest"] and c["loss_curve"] != a["loss_curve"]
+
+
+def test_unigram_reference_on_known_numbers_and_kept_in_the_file(tmp_path):
+    from dynsparse_bert_mlm import unigram_mlm_loss
+
+    cls, sep = 101, 102
+    train = [{"input_ids": torch.tensor([cls, 1, 1, sep])}, {"input_ids": torch.tensor([cls, 2, 3, sep])}]
+    evaluation = [{"input_ids": torch.tensor([cls, 1, 0, sep])}]
+    # train body counts over a 4-token vocab {0: 0, 1: 2, 2: 1, 3: 1}; add-one: p(1) = 3/8, p(0) = 1/8
+    assert unigram_mlm_loss(train, evaluation, 4) == pytest.approx(-(math.log(3 / 8) + math.log(1 / 8)) / 2)
+
+    path = tmp_path / "rep.json"
+    doc = Replication(path, PROTOCOL, _fake([]), reference={"unigram_eval_mlm_loss": 7.1629}).run(progress=False)
+    assert doc["reference"] == {"unigram_eval_mlm_loss": 7.1629}
+    assert "unigram model, add-one smoothed) scores 7.1629" in path.with_suffix(".md").read_text()
+    again = Replication(path, PROTOCOL, _fake([])).run(progress=False)  # resumed without one: the file's is kept
+    assert again["reference"] == {"unigram_eval_mlm_loss": 7.1629}
+    assert Replication(tmp_path / "plain.json", PROTOCOL, _fake([])).run(progress=False)["reference"] == {}
+    assert "unigram" not in (tmp_path / "plain.md").read_text()
