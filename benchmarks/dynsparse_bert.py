@@ -157,9 +157,29 @@ def replication(a) -> dict:
     return doc
 
 
+def budget_trend(files: list[str] | None) -> dict:
+    """Prints and writes (`dynsparse_replication_trend.{json,md}`) the replications side by side by budget."""
+    from dynsparse_replication import trend, trend_markdown
+
+    paths = [Path(f) for f in files] if files else sorted(RESULTS.glob("dynsparse_replication_steps*_seeds*.json"))
+    missing = [str(f) for f in paths if not f.is_file()]
+    if missing or not paths:
+        raise SystemExit(f"--part trend: no such replication file: {', '.join(missing) or RESULTS / 'dynsparse_replication_steps*_seeds*.json'}")
+    try:
+        t = trend({f.name: json.loads(f.read_text()) for f in paths})
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    text = trend_markdown(t)
+    print(text)
+    (RESULTS / "dynsparse_replication_trend.json").write_text(json.dumps(t, indent=2) + "\n")
+    (RESULTS / "dynsparse_replication_trend.md").write_text(text + "\n")
+    return t
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["overhead", "replication", "all"], default="all")
+    p.add_argument("--part", choices=["overhead", "replication", "trend", "all"], default="all",
+                   help="trend: the finished replications side by side by budget (no training)")
     p.add_argument("--steps", type=int, default=30, help="overhead: timed steps per run")
     p.add_argument("--update-every", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
@@ -179,6 +199,9 @@ def main(argv=None):
     p.add_argument("--extra-seeds", action="append", default=[], metavar="ARMS:SEEDS",
                    help="replication: more seeds for some sparse arms, e.g. static_b1,dynsparse_b1:3,4 (repeatable; "
                    "added to the label's file, whose other runs are kept)")
+    p.add_argument("--trend-files", nargs="*", default=None, metavar="JSON",
+                   help="trend: replication files (default: every dynsparse_replication_steps*_seeds*.json in "
+                   "benchmarks/results)")
     p.add_argument("--label", default="", help="suffix of the result files (e.g. 'short')")
     a = p.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -196,6 +219,8 @@ def main(argv=None):
         (RESULTS / f"dynsparse_overhead{suffix}.md").write_text(text + "\n")
     if a.part in ("replication", "all"):
         replication(a)
+    if a.part == "trend":
+        budget_trend(a.trend_files)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ Order of the runs (so that an interrupted replication has its most important com
 5. `extra_seeds` (optional, e.g. `{"static_b1": [3, 4], "dynsparse_b1": [3, 4]}`): more seeds for some sparse arms,
    to tighten one comparison without re-running the rest. They accumulate in the file: asking for extra seeds extends
    a finished replication in place, and the plain command resumes whatever extra seeds the file holds.
+   `dense_lrs` accumulate the same way: a wider sweep on a finished file trains only the new lrs (and, if one of them
+   becomes the best, the dense rows at that lr on the other seeds).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class Replication:
         path (`Path`): the results JSON; if it exists its finished runs are kept and skipped. It must hold the same
             protocol (else a `ValueError` names the differing fields: pick another label).
         protocol (`dict`): model/training sizes plus `seeds`, `sweep_seeds`, `dense_lrs`, `sparse_base_lr`, and
-            optionally `extra_seeds` (arm name -> more seeds; merged with the file's).
+            optionally `extra_seeds` (arm name -> more seeds; merged with the file's). `dense_lrs` are merged with
+            the file's too (a wider sweep extends it in place).
         train_fn (`Callable[[dict, int], dict]`): trains one arm at one seed; returns at least `eval_mlm_loss`.
         reference (`dict`, *optional*): losses that need no training, printed beside the arms (e.g.
             `{"unigram_eval_mlm_loss": 7.16}`); kept from the file when not given.
@@ -93,7 +96,8 @@ class Replication:
             saved = json.loads(self.path.read_text())
             old = {**PROTOCOL_DEFAULTS, **saved.get("protocol", {})}
             asked = {**PROTOCOL_DEFAULTS, **protocol}
-            diff = sorted(k for k in set(old) | set(asked) if k != "extra_seeds" and old.get(k) != asked.get(k))
+            grows = ("extra_seeds", "dense_lrs")  # asking for more of these extends the file in place
+            diff = sorted(k for k in set(old) | set(asked) if k not in grows and old.get(k) != asked.get(k))
             if diff:
                 raise ValueError(
                     f"{self.path} holds a replication with another protocol (differs in {', '.join(diff)}: "
@@ -107,6 +111,8 @@ class Replication:
             for arm, seeds in asked["extra_seeds"].items():
                 extra[arm] = extra.get(arm, []) + [s for s in seeds if s not in extra.get(arm, [])]
             self.protocol = {**protocol, "extra_seeds": extra} if extra else dict(protocol)
+            # so does the dense sweep: new lrs are swept, and the dense rows follow the best lr of the wider sweep
+            self.protocol["dense_lrs"] = sorted(set(old["dense_lrs"]) | set(asked["dense_lrs"]))
             check_protocol(self.protocol)
 
     # --- planning -------------------------------------------------------------------------------------------------
@@ -148,9 +154,14 @@ class Replication:
         return rest
 
     def total_runs(self) -> int:
-        extra = len(self.protocol["seeds"]) - len(self.protocol["sweep_seeds"])
-        return (len(self._core()) + len(self._sweep()) + len(DENSE_MODES) * extra + len(self._gradient())
-                + len(self._extra()))
+        """Planned runs plus finished ones the plan no longer holds (a former dense row, before a wider sweep)."""
+        planned = {run_key(arm, s) for phase in (self._core, self._sweep, self._gradient, self._extra)
+                   for arm, s in phase()}
+        rest = self._dense_rest()
+        if rest is None:  # the sweep is not finished: the dense rows' lr is unknown; counted as new (an upper bound)
+            return len(planned | set(self.runs)) + len(DENSE_MODES) * (
+                len(self.protocol["seeds"]) - len(self.protocol["sweep_seeds"]))
+        return len(planned | {run_key(arm, s) for arm, s in rest} | set(self.runs))
 
     def next_run(self) -> tuple[dict, int] | None:
         """The first unfinished run in protocol order (None when the replication is complete)."""
@@ -308,4 +319,76 @@ def markdown(doc: dict) -> str:
         for c in doc["comparisons"]:
             interval = f"[{c['low']:+.4f}, {c['high']:+.4f}]" if c["low"] is not None else "-"
             lines.append(f"| {c['a']} | {c['b']} | {c['n']} | {c['mean']:+.4f} | {interval} | {reading(c)} |")
+    return "\n".join(lines)
+
+
+# --- the trend with budget ----------------------------------------------------------------------------------------
+BUDGET_KEYS = ("max_steps", "num_updates", "dense_lrs", "extra_seeds")  # what may differ between budget points
+
+
+def _row(arm: str) -> str:
+    """An arm's name across budgets: the dense rows are named by their mode (their best lr may differ)."""
+    return arm.split("@")[0]
+
+
+def trend(docs: dict[str, dict]) -> dict:
+    """The same arms and comparisons side by side across replications that differ only in budget.
+
+    Args:
+        docs (`dict[str, dict]`): file name -> a saved replication document.
+
+    Returns a dict with `budgets` (ordered by steps), `arms` (row -> per budget: mean, std, n, lr) and `comparisons`
+    (`"a − b"` -> per budget: the paired difference). Raises `ValueError` naming the file and the fields when two
+    documents differ in more than their budget.
+    """
+    if not docs:
+        raise ValueError("trend: no replication files")
+    ordered = sorted(docs.items(), key=lambda kv: kv[1]["protocol"]["max_steps"])
+    first_name, first = ordered[0]
+    fixed = {k: v for k, v in first["protocol"].items() if k not in BUDGET_KEYS}
+    budgets, arms, comparisons = [], {}, {}
+    for name, doc in ordered:
+        p = doc["protocol"]
+        diff = sorted(k for k in set(fixed) | set(p) if k not in BUDGET_KEYS and fixed.get(k) != p.get(k))
+        if diff:
+            raise ValueError(f"trend: {name} differs from {first_name} in more than the budget ({', '.join(diff)})")
+        budget = f"{p['max_steps']} steps"
+        budgets.append({"budget": budget, "file": name, "max_steps": p["max_steps"], "num_updates": p["num_updates"],
+                        "tokens": p["max_steps"] * p["batch_size"] * p["seq_len"], "complete": doc["complete"],
+                        "unigram_eval_mlm_loss": doc.get("reference", {}).get("unigram_eval_mlm_loss")})
+        for arm, a in doc["arms"].items():
+            arms.setdefault(_row(arm), {})[budget] = {**a["eval_mlm_loss"], "lr": a["learning_rate"]}
+        for c in doc["comparisons"]:
+            comparisons.setdefault(f"{_row(c['a'])} − {_row(c['b'])}", {})[budget] = {
+                k: c[k] for k in ("mean", "low", "high", "n", "significant")}
+    return {"budgets": budgets, "arms": arms, "comparisons": comparisons}
+
+
+def trend_markdown(t: dict) -> str:
+    names = [b["budget"] for b in t["budgets"]]
+    head = "| " + " | ".join(f"{b['budget']} ({b['tokens'] / 1e3:.0f}k tokens){'' if b['complete'] else ', incomplete'}"
+                             for b in t["budgets"]) + " |"
+    rule = "|---" * (len(names) + 1) + "|"
+    lines = ["MLM eval loss, mean ± std over seeds (n), by training budget:", "", "| arm " + head, rule]
+    for row, per in t["arms"].items():
+        cells = [f"{per[n]['mean']:.4f} ± {per[n]['std']:.4f} ({per[n]['n']})" if n in per else "-" for n in names]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    if any(b["unigram_eval_mlm_loss"] is not None for b in t["budgets"]):
+        cells = [f"{b['unigram_eval_mlm_loss']:.4f}" if b["unigram_eval_mlm_loss"] is not None else "-"
+                 for b in t["budgets"]]
+        lines.append("| unigram reference (no training) | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences a − b over the common seeds, 95 % t interval (* = significant; negative: a "
+              "better):", "", "| a − b " + head, rule]
+    for pair, per in t["comparisons"].items():
+        cells = []
+        for n in names:
+            c = per.get(n)
+            if c is None:
+                cells.append("-")
+            elif c["low"] is None:
+                cells.append(f"{c['mean']:+.4f} (n={c['n']})")
+            else:
+                cells.append(f"{c['mean']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]{' *' if c['significant'] else ''}"
+                             f" (n={c['n']})")
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

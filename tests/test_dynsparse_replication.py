@@ -139,3 +139,20 @@ def test_unigram_reference_on_known_numbers_and_kept_in_the_file(tmp_path):
     assert again["reference"] == {"unigram_eval_mlm_loss": 7.1629}
     assert Replication(tmp_path / "plain.json", PROTOCOL, _fake([])).run(progress=False)["reference"] == {}
     assert "unigram" not in (tmp_path / "plain.md").read_text()
+
+
+def test_a_wider_dense_sweep_extends_a_finished_replication_and_moves_the_dense_row(tmp_path):
+    path = tmp_path / "rep.json"
+    Replication(path, PROTOCOL, _fake([])).run(progress=False)
+    assert "dense@lr=3.0e-03" in json.loads(path.read_text())["arms"]
+    calls = []  # the fake dense loss is lowest at 10^-2.5 = 3.16e-3: the new 3.2e-3 point becomes the dense row
+    doc = Replication(path, {**PROTOCOL, "dense_lrs": [3.2e-3, 1e-3]}, _fake(calls)).run(progress=False)
+    assert calls == [("dense@lr=3.2e-03", 0), ("dense_matched@lr=3.2e-03", 0), ("dense@lr=3.2e-03", 1),
+                     ("dense@lr=3.2e-03", 2)]
+    assert doc["protocol"]["dense_lrs"] == [1e-3, 3e-3, 3.2e-3, 1e-2] and doc["complete"] and doc["total_runs"] == 32
+    assert "dense@lr=3.2e-03" in doc["arms"] and "dense@lr=3.0e-03" not in doc["arms"]
+    assert doc["arms"]["dense@lr=3.2e-03"]["eval_mlm_loss"]["n"] == 3
+    assert [r["lr"] for r in doc["dense_sweep"] if r["best"]] == [3.2e-3, 1e-3]
+    assert ("dynsparse_b1", "dense@lr=3.2e-03") in [(c["a"], c["b"]) for c in doc["comparisons"]]
+    again = []  # the plain command resumes the wider file: nothing to train, nothing dropped
+    assert Replication(path, PROTOCOL, _fake(again)).run(progress=False)["finished_runs"] == 32 and again == []
