@@ -366,13 +366,17 @@ def trend(docs: dict[str, dict]) -> dict:
 
 def trend_markdown(t: dict) -> str:
     names = [b["budget"] for b in t["budgets"]]
-    head = "| " + " | ".join(f"{b['budget']} ({b['tokens'] / 1e3:.0f}k tokens){'' if b['complete'] else ', incomplete'}"
+    def tokens(n: int) -> str:
+        return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+    head = "| " + " | ".join(f"{b['budget']} ({tokens(b['tokens'])} tokens){'' if b['complete'] else ', incomplete'}"
                              for b in t["budgets"]) + " |"
     rule = "|---" * (len(names) + 1) + "|"
     lines = ["MLM eval loss, mean ± std over seeds (n), by training budget:", "", "| arm " + head, rule]
     for row, per in t["arms"].items():
-        cells = [f"{per[n]['mean']:.4f} ± {per[n]['std']:.4f} ({per[n]['n']})" if n in per else "-" for n in names]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        cells = [f"{per[n]['mean']:.4f} ± {per[n]['std']:.4f} ({per[n]['n']})"
+                 + (f", lr {per[n]['lr']:.1e}" if row in DENSE_MODES else "") if n in per else "-" for n in names]
+        lines.append(f"| {row}{' (best swept lr)' if row in DENSE_MODES else ''} | " + " | ".join(cells) + " |")
     if any(b["unigram_eval_mlm_loss"] is not None for b in t["budgets"]):
         cells = [f"{b['unigram_eval_mlm_loss']:.4f}" if b["unigram_eval_mlm_loss"] is not None else "-"
                  for b in t["budgets"]]

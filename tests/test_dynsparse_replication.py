@@ -156,3 +156,22 @@ def test_a_wider_dense_sweep_extends_a_finished_replication_and_moves_the_dense_
     assert ("dynsparse_b1", "dense@lr=3.2e-03") in [(c["a"], c["b"]) for c in doc["comparisons"]]
     again = []  # the plain command resumes the wider file: nothing to train, nothing dropped
     assert Replication(path, PROTOCOL, _fake(again)).run(progress=False)["finished_runs"] == 32 and again == []
+
+
+def test_trend_puts_budgets_side_by_side_and_refuses_other_protocols(tmp_path):
+    from dynsparse_replication import trend, trend_markdown
+
+    short = Replication(tmp_path / "a.json", PROTOCOL, _fake([]), reference={"unigram_eval_mlm_loss": 7.5}).run(
+        progress=False)
+    long = Replication(tmp_path / "b.json", {**PROTOCOL, "max_steps": 5, "num_updates": 2}, _fake([])).run(
+        progress=False)
+    t = trend({"b.json": long, "a.json": short})
+    assert [b["max_steps"] for b in t["budgets"]] == [1, 5] and t["budgets"][0]["tokens"] == 16
+    assert t["arms"]["dense"]["1 steps"]["lr"] == 3e-3 and t["arms"]["static_b1"]["5 steps"]["n"] == 3
+    pair = t["comparisons"]["dynsparse_b1 − dense"]["5 steps"]
+    assert pair["n"] == 3 and pair["mean"] == pytest.approx(6.0 - (5.0 + abs(math.log10(3e-3) + 2.5)))
+    text = trend_markdown(t)
+    assert "| dense (best swept lr) | 5.0329 ± 0.0100 (3), lr 3.0e-03 | 5.0329 ± 0.0100 (3), lr 3.0e-03 |" in text
+    assert "| unigram reference (no training) | 7.5000 | - |" in text and "| arm | 1 steps (16 tokens) | 5 steps (80" in text
+    with pytest.raises(ValueError, match="b.json differs from a.json in more than the budget \\(hidden\\)"):
+        trend({"a.json": short, "b.json": {**long, "protocol": {**long["protocol"], "hidden": 16}}})
