@@ -98,6 +98,31 @@ def test_heterogeneous_export_equals_masked_model(model_type, tied):
     assert not any(k.startswith("model.layers.2.") for k in small.state_dict())  # nothing left of layer 2
 
 
+def test_masked_model_loaded_with_from_pretrained_survives_train_eval_switches(tmp_path):
+    """transformers >= 5.25 kernelizes a `from_pretrained` model and re-kernelizes it on every `train()` / `eval()`,
+    which resets the `forward` of LLaMA's RMSNorm: the hidden-dimension masking must not live in a patched forward
+    (it did, and the real SmolLM2 export then differed from the masked model by 30 in the logits)."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama(0).save_pretrained(tmp_path / "dense")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    plugin = CoFiPlugin(CoFiConfig(target_sparsity=0.5, multiple_of=16), model)
+    _heterogeneous(plugin)
+    ids = _ids()
+    with torch.no_grad():
+        before = model.eval()(input_ids=ids).logits
+        model.train()
+        model.eval()  # a mode switch: where transformers re-kernelizes
+        masked = model(input_ids=ids).logits
+    torch.testing.assert_close(masked, before, atol=0, rtol=0)
+    norm = model.model.norm
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        assert not torch.equal(norm(x), norm.forward(x))  # the hook masks; the stock forward alone does not
+        small = plugin.export(model)
+        torch.testing.assert_close(small(input_ids=ids).logits, masked, atol=1e-4, rtol=0)
+
+
 def test_export_with_biases_equals_masked_model():
     model = tiny_llama(1, attention_bias=True, mlp_bias=True)
     with torch.no_grad():

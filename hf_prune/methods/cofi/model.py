@@ -34,8 +34,6 @@ a small pruned model (no LayerNorm, no module chain).
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -246,14 +244,17 @@ def _removed(
 
 
 # ------------------------------------------------------------------------------------------------------ hooks
-def masked_layer_norm(x: torch.Tensor, ln: nn.LayerNorm, z: torch.Tensor | None) -> torch.Tensor:
-    """LayerNorm over the dimensions where `z != 0` only, zero elsewhere, times `z`."""
+def masked_layer_norm(x: torch.Tensor, ln: nn.LayerNorm, z: torch.Tensor | None,
+                      stock_output: torch.Tensor | None = None) -> torch.Tensor:
+    """LayerNorm over the dimensions where `z != 0` only, zero elsewhere, times `z`. `stock_output` (the norm's own
+    output on `x`, when the caller has it) is reused when every dimension is kept."""
+    full = stock_output if stock_output is not None else F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
     if z is None:
-        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return full
     z = z.to(x.dtype)
     keep = torch.nonzero(z, as_tuple=True)[0]
     if keep.numel() == z.numel():
-        y = F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        y = full
     else:
         w = ln.weight.index_select(0, keep) if ln.weight is not None else None
         b = ln.bias.index_select(0, keep) if ln.bias is not None else None
@@ -262,11 +263,18 @@ def masked_layer_norm(x: torch.Tensor, ln: nn.LayerNorm, z: torch.Tensor | None)
     return y * z
 
 
-def _ln_forward(gates: CoFiGates):
-    def forward(self, x):
-        return masked_layer_norm(x, self, gates.z("hidden", x))
+def _norm_hook(gates: CoFiGates, masked_norm):
+    """A forward hook that replaces a norm's output with `masked_norm(x, norm, z_hidden, stock_output)`.
 
-    return forward
+    A hook, not a patched `forward`: transformers (>= 5.25) kernelizes models loaded with `from_pretrained` and
+    re-kernelizes them on every `train()` / `eval()` switch, which resets the `forward` of kernel-decorated modules
+    (LLaMA's RMSNorm) and silently dropped a patch; forward hooks are left alone by that and by accelerate's hooks."""
+
+    def hook(norm, args, out):
+        z = gates.z("hidden", args[0])
+        return None if z is None else masked_norm(args[0], norm, z, out)
+
+    return hook
 
 
 def inject_gates(
@@ -321,32 +329,33 @@ def inject_gates(
             adapter.ffn_block(layer).register_forward_hook(identity_if_removed("ffn")),
         ]
     if "hidden" in gates.gates:
-        for ln in adapter.layernorms():
-            ln.forward = types.MethodType(_ln_forward(gates), ln)
+        handles += [ln.register_forward_hook(_norm_hook(gates, masked_layer_norm)) for ln in adapter.layernorms()]
     gates._hook_handles = handles  # plain attribute: not part of the state dict
     return gates
 
 
-def masked_rms_norm(x: torch.Tensor, norm: nn.Module, z: torch.Tensor | None, stock_forward) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, norm: nn.Module, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The stock RMSNorm arithmetic (float32 statistics, weight applied in the input dtype) over the dimensions
+    `keep` of `x` (all of them when None)."""
+    part = (x if keep is None else x.index_select(-1, keep)).to(torch.float32)
+    part = part * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    weight = norm.weight if keep is None else norm.weight.index_select(0, keep)
+    return weight * part.to(x.dtype)
+
+
+def masked_rms_norm(x: torch.Tensor, norm: nn.Module, z: torch.Tensor | None,
+                    stock_output: torch.Tensor | None = None) -> torch.Tensor:
     """RMSNorm over the dimensions where `z != 0` only (the RMS a norm of the smaller width computes), zero
-    elsewhere, times `z`; the stock norm's arithmetic (float32 statistics, weight applied in the input dtype)."""
+    elsewhere, times `z`. `stock_output` (the norm's own output on `x`, when the caller has it) is used when every
+    dimension is kept."""
+    full = stock_output if stock_output is not None else _rms_norm(x, norm)
     if z is None:
-        return stock_forward(x)
+        return full
     z = z.to(x.dtype)
     keep = torch.nonzero(z, as_tuple=True)[0]
     if keep.numel() == z.numel():
-        return stock_forward(x) * z
-    part = x.index_select(-1, keep).to(torch.float32)
-    part = part * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    part = norm.weight.index_select(0, keep) * part.to(x.dtype)
-    return x.new_zeros(x.shape).index_copy(-1, keep, part.to(x.dtype)) * z
-
-
-def _rms_forward(gates: CoFiGates, stock_forward):
-    def forward(self, x):
-        return masked_rms_norm(x, self, gates.z("hidden", x), stock_forward)
-
-    return forward
+        return full * z
+    return x.new_zeros(x.shape).index_copy(-1, keep, _rms_norm(x, norm, keep).to(x.dtype)) * z
 
 
 def _inject_decoder_hooks(gates: CoFiGates, adapter: Adapter) -> list:
@@ -378,8 +387,7 @@ def _inject_decoder_hooks(gates: CoFiGates, adapter: Adapter) -> list:
             down.register_forward_hook(scaled("ffn")),
         ]
     if "hidden" in gates.gates:
-        for norm in adapter.norms():
-            norm.forward = types.MethodType(_rms_forward(gates, norm.forward), norm)
+        handles += [norm.register_forward_hook(_norm_hook(gates, masked_rms_norm)) for norm in adapter.norms()]
     return handles
 
 
