@@ -144,6 +144,17 @@ class Replication:
             means[lr] = sum(losses) / len(losses)
         return min(means, key=means.get)
 
+    def dense_row_lr(self, mode: str) -> float | None:
+        """The lr of the dense row: among the swept lrs that ran on every seed, the one with the lowest mean over
+        all of them (more evidence than the sweep seeds: a wider sweep can pick an lr that then fails on another
+        seed); the sweep's best until one has run on every seed."""
+        means = {}
+        for lr in self.protocol["dense_lrs"]:
+            losses = self._losses(dense_arm(mode, lr)["arm"])
+            if all(s in losses for s in self.protocol["seeds"]):
+                means[lr] = sum(losses[s] for s in self.protocol["seeds"]) / len(self.protocol["seeds"])
+        return min(means, key=means.get) if means else self.best_dense_lr(mode)
+
     def _dense_rest(self) -> list[tuple[dict, int]] | None:
         rest = []
         for mode in DENSE_MODES:
@@ -217,10 +228,10 @@ class Replication:
         return {r["seed"]: r["eval_mlm_loss"] for r in self.runs.values() if r["arm"] == arm_name}
 
     def table_arms(self) -> list[str]:
-        """The rows of the main table: the dense modes at their best lr, then the sparse arms."""
+        """The rows of the main table: the dense modes at their row's lr, then the sparse arms."""
         names = []
         for mode in DENSE_MODES:
-            lr = self.best_dense_lr(mode)
+            lr = self.dense_row_lr(mode)
             if lr is not None:
                 names.append(dense_arm(mode, lr)["arm"])
         base = self.protocol["sparse_base_lr"]
@@ -236,7 +247,7 @@ class Replication:
                       (f"gradient_b{b}", f"dynsparse_b{b}")]
         pairs += [("static_b16", "static_b1"), ("dynsparse_b16", "dynsparse_b1")]
         for mode in DENSE_MODES:
-            lr = self.best_dense_lr(mode)
+            lr = self.dense_row_lr(mode)
             if lr is not None:
                 pairs += [(f"dynsparse_b{b}", dense_arm(mode, lr)["arm"]) for b in BLOCKS]
         return pairs
@@ -258,14 +269,15 @@ class Replication:
             }
         sweep = []
         for mode in DENSE_MODES:
-            best = self.best_dense_lr(mode)
+            best, row = self.best_dense_lr(mode), self.dense_row_lr(mode)
             for lr in self.protocol["dense_lrs"]:
                 losses = self._losses(dense_arm(mode, lr)["arm"])
                 on_sweep = [losses[s] for s in self.protocol["sweep_seeds"] if s in losses]
                 if on_sweep:
                     sweep.append({"mode": mode, "lr": lr, "sweep_seeds": [s for s in self.protocol["sweep_seeds"]
                                                                           if s in losses],
-                                  "eval_mlm_loss": mean_std(on_sweep), "best": lr == best})
+                                  "eval_mlm_loss": mean_std(on_sweep), "all_seeds": mean_std(list(losses.values())),
+                                  "best": lr == row, "sweep_best": lr == best})
         comparisons = []
         for a, b in self.comparisons():
             la, lb = self._losses(a), self._losses(b)
@@ -308,11 +320,17 @@ def markdown(doc: dict) -> str:
                   f"model, add-one smoothed) scores {doc['reference']['unigram_eval_mlm_loss']:.4f} on the same eval "
                   "tokens; an arm above that has not yet learned more than token counts."]
     if doc["dense_sweep"]:
-        lines += ["", "Dense learning-rate sweep (mean eval loss on the sweep seeds; * = the dense row):", "",
-                  "| mode | lr | MLM eval loss | n |", "|---|---|---|---|"]
+        lines += ["", "Dense learning-rate sweep (mean eval loss on the sweep seeds, and on every seed an lr ran on; "
+                  "* = the dense row: the lowest mean over all seeds among the lrs run on every seed; + = the sweep "
+                  "seeds' pick, which then runs on the other seeds):", "",
+                  "| mode | lr | MLM eval loss (sweep seeds) | n | MLM eval loss (every seed run) | n |",
+                  "|---|---|---|---|---|---|"]
         for r in doc["dense_sweep"]:
-            lines.append(f"| {r['mode']} | {r['lr']:.1e}{' *' if r['best'] else ''} | {r['eval_mlm_loss']['mean']:.4f} ± "
-                         f"{r['eval_mlm_loss']['std']:.4f} | {r['eval_mlm_loss']['n']} |")
+            every = r.get("all_seeds", r["eval_mlm_loss"])
+            marks = (" *" if r["best"] else "") + (" +" if r.get("sweep_best", r["best"]) else "")
+            lines.append(f"| {r['mode']} | {r['lr']:.1e}{marks} | {r['eval_mlm_loss']['mean']:.4f} ± "
+                         f"{r['eval_mlm_loss']['std']:.4f} | {r['eval_mlm_loss']['n']} | {every['mean']:.4f} ± "
+                         f"{every['std']:.4f} | {every['n']} |")
     if doc["comparisons"]:
         lines += ["", "Paired differences a − b of eval loss over the common seeds (negative: a better), 95 % t "
                   "interval:", "", "| a | b | n | mean diff | 95 % interval | reading |", "|---|---|---|---|---|---|"]

@@ -175,3 +175,25 @@ def test_trend_puts_budgets_side_by_side_and_refuses_other_protocols(tmp_path):
     assert "| unigram reference (no training) | 7.5000 | - |" in text and "| arm | 1 steps (16 tokens) | 5 steps (80" in text
     with pytest.raises(ValueError, match="b.json differs from a.json in more than the budget \\(hidden\\)"):
         trend({"a.json": short, "b.json": {**long, "protocol": {**long["protocol"], "hidden": 16}}})
+
+
+def test_the_dense_row_is_the_lowest_mean_over_every_seed_not_only_the_sweep_pick(tmp_path):
+    path = tmp_path / "rep.json"
+    Replication(path, PROTOCOL, _fake([])).run(progress=False)
+    plain = _fake([])
+
+    def collapses_on_seed_1(arm, seed):  # the new lr wins on the sweep seed, then collapses on seed 1
+        out = plain(arm, seed)
+        if arm["arm"] == "dense@lr=3.2e-03" and seed == 1:
+            out["eval_mlm_loss"] = 7.5
+        return out
+
+    doc = Replication(path, {**PROTOCOL, "dense_lrs": [3.2e-3]}, collapses_on_seed_1).run(progress=False)
+    rows = {r["lr"]: r for r in doc["dense_sweep"] if r["mode"] == "dense"}
+    assert rows[3.2e-3]["sweep_best"] and not rows[3.2e-3]["best"]  # picked by seed 0, ran on 1 and 2 ...
+    assert rows[3e-3]["best"] and not rows[3e-3]["sweep_best"]  # ... but 3e-3 is lower over all three seeds
+    assert rows[3.2e-3]["all_seeds"]["n"] == 3 and rows[3.2e-3]["all_seeds"]["mean"] > rows[3e-3]["all_seeds"]["mean"]
+    assert "dense@lr=3.0e-03" in doc["arms"] and "dense@lr=3.2e-03" not in doc["arms"]
+    assert ("dynsparse_b1", "dense@lr=3.0e-03") in [(c["a"], c["b"]) for c in doc["comparisons"]]
+    assert "| dense | 3.0e-03 * |" in path.with_suffix(".md").read_text()
+    assert "| dense | 3.2e-03 + |" in path.with_suffix(".md").read_text()
