@@ -133,26 +133,25 @@ class Replication:
         arms = sparse_arms(self.protocol["sparse_base_lr"])
         return [(arms[name], s) for name, extra in self.protocol.get("extra_seeds", {}).items() for s in extra]
 
-    def best_dense_lr(self, mode: str) -> float | None:
-        """The swept lr of `mode` with the lowest mean eval loss over the sweep seeds (None until the sweep is done)."""
+    def _dense_means(self, mode: str, seeds: list[int]) -> dict[float, float]:
+        """Swept lr -> mean eval loss over `seeds`, for the lrs of `mode` that finished on all of them."""
         means = {}
         for lr in self.protocol["dense_lrs"]:
-            losses = [self.runs.get(run_key(dense_arm(mode, lr), s), {}).get("eval_mlm_loss")
-                      for s in self.protocol["sweep_seeds"]]
-            if any(v is None for v in losses):
-                return None
-            means[lr] = sum(losses) / len(losses)
-        return min(means, key=means.get)
+            losses = self._losses(dense_arm(mode, lr)["arm"])
+            if all(s in losses for s in seeds):
+                means[lr] = sum(losses[s] for s in seeds) / len(seeds)
+        return means
+
+    def best_dense_lr(self, mode: str) -> float | None:
+        """The swept lr of `mode` with the lowest mean eval loss over the sweep seeds (None until the sweep is done)."""
+        means = self._dense_means(mode, self.protocol["sweep_seeds"])
+        return min(means, key=means.get) if len(means) == len(self.protocol["dense_lrs"]) else None
 
     def dense_row_lr(self, mode: str) -> float | None:
         """The lr of the dense row: among the swept lrs that ran on every seed, the one with the lowest mean over
         all of them (more evidence than the sweep seeds: a wider sweep can pick an lr that then fails on another
         seed); the sweep's best until one has run on every seed."""
-        means = {}
-        for lr in self.protocol["dense_lrs"]:
-            losses = self._losses(dense_arm(mode, lr)["arm"])
-            if all(s in losses for s in self.protocol["seeds"]):
-                means[lr] = sum(losses[s] for s in self.protocol["seeds"]) / len(self.protocol["seeds"])
+        means = self._dense_means(mode, self.protocol["seeds"])
         return min(means, key=means.get) if means else self.best_dense_lr(mode)
 
     def _dense_rest(self) -> list[tuple[dict, int]] | None:
@@ -384,6 +383,7 @@ def trend(docs: dict[str, dict]) -> dict:
 
 def trend_markdown(t: dict) -> str:
     names = [b["budget"] for b in t["budgets"]]
+
     def tokens(n: int) -> str:
         return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
 

@@ -245,16 +245,15 @@ def _removed(
 
 # ------------------------------------------------------------------------------------------------------ hooks
 def masked_layer_norm(x: torch.Tensor, ln: nn.LayerNorm, z: torch.Tensor | None,
-                      stock_output: torch.Tensor | None = None) -> torch.Tensor:
+                      stock_output: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the dimensions where `z != 0` only, zero elsewhere, times `z`. `stock_output` (the norm's own
-    output on `x`, when the caller has it) is reused when every dimension is kept."""
-    full = stock_output if stock_output is not None else F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    output on `x`) is reused when every dimension is kept."""
     if z is None:
-        return full
+        return stock_output
     z = z.to(x.dtype)
     keep = torch.nonzero(z, as_tuple=True)[0]
     if keep.numel() == z.numel():
-        y = full
+        y = stock_output
     else:
         w = ln.weight.index_select(0, keep) if ln.weight is not None else None
         b = ln.bias.index_select(0, keep) if ln.bias is not None else None
@@ -334,28 +333,21 @@ def inject_gates(
     return gates
 
 
-def _rms_norm(x: torch.Tensor, norm: nn.Module, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """The stock RMSNorm arithmetic (float32 statistics, weight applied in the input dtype) over the dimensions
-    `keep` of `x` (all of them when None)."""
-    part = (x if keep is None else x.index_select(-1, keep)).to(torch.float32)
-    part = part * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    weight = norm.weight if keep is None else norm.weight.index_select(0, keep)
-    return weight * part.to(x.dtype)
-
-
 def masked_rms_norm(x: torch.Tensor, norm: nn.Module, z: torch.Tensor | None,
-                    stock_output: torch.Tensor | None = None) -> torch.Tensor:
+                    stock_output: torch.Tensor) -> torch.Tensor:
     """RMSNorm over the dimensions where `z != 0` only (the RMS a norm of the smaller width computes), zero
-    elsewhere, times `z`. `stock_output` (the norm's own output on `x`, when the caller has it) is used when every
-    dimension is kept."""
-    full = stock_output if stock_output is not None else _rms_norm(x, norm)
+    elsewhere, times `z`; the stock norm's arithmetic (float32 statistics, weight applied in the input dtype).
+    `stock_output` (the norm's own output on `x`) is used when every dimension is kept."""
     if z is None:
-        return full
+        return stock_output
     z = z.to(x.dtype)
     keep = torch.nonzero(z, as_tuple=True)[0]
     if keep.numel() == z.numel():
-        return full * z
-    return x.new_zeros(x.shape).index_copy(-1, keep, _rms_norm(x, norm, keep).to(x.dtype)) * z
+        return stock_output * z
+    part = x.index_select(-1, keep).to(torch.float32)
+    part = part * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    part = norm.weight.index_select(0, keep) * part.to(x.dtype)
+    return x.new_zeros(x.shape).index_copy(-1, keep, part.to(x.dtype)) * z
 
 
 def _inject_decoder_hooks(gates: CoFiGates, adapter: Adapter) -> list:
