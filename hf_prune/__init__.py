@@ -15,6 +15,7 @@ from .export import describe_export, push_pruned, save_pruned
 from .methods.cofi import CoFiConfig
 from .methods.dynsparse import DynSparseCallback, DynSparseConfig, attach, sparse_learning_rate
 from .training import TrainingPlugin, register_training_plugin
+from .evaluation import evaluate_lm, perplexity
 
 
 def __getattr__(name):
@@ -47,4 +48,5 @@ __all__ = [
     "CoFiConfig",
     "DynSparseCallback", "DynSparseConfig", "attach", "sparse_learning_rate",
     "PruningTrainer", "TrainingPlugin", "register_training_plugin",
+    "evaluate_lm", "perplexity",
 ]

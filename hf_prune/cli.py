@@ -5,6 +5,7 @@
     hf-prune push DIR REPO_ID
     hf-prune recover DIR --data FILE --steps N --output OUT [--eval FILE] [--bf16]
     hf-prune export-onnx DIR OUT [--task auto|text-classification|fill-mask|text-generation] [--int8] [--opset N]
+    hf-prune eval DIR --tasks T1,T2 [--limit N] [--batch-size B] [--num-fewshot K] [--include-path DIR] [--write-card]
 """
 
 from __future__ import annotations
@@ -350,6 +351,60 @@ def run_export_onnx(args) -> int:
     return 0
 
 
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="task accuracy with lm-evaluation-harness (the eval extra), optionally recorded "
+                                    "in the model card")
+    p.add_argument("directory", help="a checkpoint directory (an hf_prune export or any causal LM with its tokenizer)")
+    p.add_argument("--tasks", required=True,
+                   help="comma-separated lm-eval task names, e.g. hf_prune_wiki_cloze (local) or hellaswag,arc_easy "
+                        "(their data comes from the Hugging Face Hub)")
+    p.add_argument("--limit", type=float, default=None,
+                   help="at most N examples per task (a value < 1: that fraction), for quick checks")
+    p.add_argument("--batch-size", default="1", help="batch size, or 'auto' (default 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    p.add_argument("--include-path", action="append", default=None,
+                   help="a directory of extra task YAML files (repeatable)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="load the weights as this dtype, e.g. bfloat16 (default: as saved)")
+    p.add_argument("--write-card", action="store_true",
+                   help="record the results in DIR/README.md's model-index (only the README is rewritten)")
+    p.add_argument("--output-json", default=None, help="also write lm-eval's results as JSON to this file")
+
+
+def run_eval(args) -> int:
+    from .evaluation import evaluate_lm
+
+    batch_size = args.batch_size
+    if batch_size != "auto":
+        try:
+            batch_size = int(batch_size)
+        except ValueError:
+            raise ValueError(f"--batch-size must be an integer or 'auto', got {batch_size!r}") from None
+    if args.output_json and not Path(args.output_json).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--output-json {args.output_json!r}: its directory does not exist")
+    limit = args.limit
+    if limit is not None and limit >= 1:
+        if limit != int(limit):
+            raise ValueError(f"--limit must be a whole number of examples or a fraction < 1, got {limit}")
+        limit = int(limit)
+    try:
+        results = evaluate_lm(args.directory, args.tasks, limit=limit, batch_size=batch_size,
+                              num_fewshot=args.num_fewshot, include_path=args.include_path, device=args.device,
+                              dtype=args.dtype, write_card=args.write_card)
+    except ImportError as err:
+        print(f"hf-prune eval: error: {err}", file=sys.stderr)
+        return 2
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"results written to {args.output_json}")
+    if args.write_card:
+        print(f"results recorded in {Path(args.directory) / 'README.md'} (model-index)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-prune", description="Pruning for the Hugging Face stack")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -359,13 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     _push_parser(sub)
     _recover_parser(sub)
     _export_onnx_parser(sub)
+    _eval_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in the model card as the command that reproduces the run
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"oneshot": run_oneshot, "info": run_info, "push": run_push, "recover": run_recover,
-                "export-onnx": run_export_onnx}[args.command](args)
+                "export-onnx": run_export_onnx, "eval": run_eval}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, PushError) as err:
         print(f"hf-prune {args.command}: error: {err}", file=sys.stderr)
         return 2

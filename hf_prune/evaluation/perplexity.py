@@ -7,7 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .oneshot.calibration import tokenize_texts
+from ..oneshot.calibration import tokenize_texts
 
 
 @torch.no_grad()
