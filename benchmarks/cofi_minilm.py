@@ -199,6 +199,8 @@ def int8_table(models: dict, exports: dict, results: dict, seq: int, args) -> li
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--label", default="", help="suffix of the result files; use it for any shortened protocol")
+    p.add_argument("--plot", action="store_true",
+                   help="at the end, draw accuracy vs speed-up from the results (benchmarks/plots.py; needs matplotlib)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op thread counts to time")
     p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES),
                    help="where to time the models: eager PyTorch, torch.compile (needs a C compiler), ONNX Runtime "
@@ -327,6 +329,10 @@ def main(argv=None):
                    "rows": rows, "floor_latency_ms": floor, "int8_rows": int8_rows}, fh, indent=2, default=str)
     with open(stem + ".md", "w") as fh:
         fh.write(table + "\n")
+    if args.plot:
+        from plots import plot_after_run
+
+        print(f"plot: {plot_after_run('cofi', stem + '.json')}")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--workdir", type=Path, default=HERE / "results" / ".oneshot_work")
     parser.add_argument("--device", default="cpu", help="where to prune and evaluate (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--plot", action="store_true",
+                        help="at the end, draw perplexity vs sparsity from --out (benchmarks/plots.py; needs matplotlib)")
     parser.add_argument("--run-one", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,6 +179,10 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report["runs"]))
+    if args.plot:
+        from plots import plot_after_run
+
+        print(f"plot: {plot_after_run('oneshot', args.out)}")
 
 
 if __name__ == "__main__":

@@ -225,11 +225,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=HERE / "results" / ".recover_work")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="only print (and rewrite) the table of --out")
+    parser.add_argument("--plot", action="store_true",
+                        help="at the end, draw perplexity before/after recovery from --out (benchmarks/plots.py)")
     args = parser.parse_args()
     if args.table:
         report = json.loads(args.out.read_text())
         args.out.with_suffix(".md").write_text(table(report) + "\n")
         print(table(report))
+        if args.plot:
+            from plots import plot_after_run
+
+            print(f"plot: {plot_after_run('recover', args.out)}")
         return
     if args.run_one:
         print(json.dumps(run_row(args.run_one, args)))
@@ -256,6 +262,10 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(table(report) + "\n")
     print(table(report))
+    if args.plot:
+        from plots import plot_after_run
+
+        print(f"plot: {plot_after_run('recover', args.out)}")
 
 
 if __name__ == "__main__":
