@@ -22,16 +22,13 @@ def _tokenizer_with_eos():
 
 
 @pytest.fixture
-def pruned_dir(tmp_path):
+def pruned_dir(model_dir, tmp_path):
     """A magnitude-pruned tiny LLaMA saved the hf_prune way (compressed), with a perplexity in its card."""
-    torch.manual_seed(0)
-    src = tmp_path / "dense"
-    TINY_MODELS["llama"]().save_pretrained(src)
-    _tokenizer_with_eos().save_pretrained(src)
+    _tokenizer_with_eos().save_pretrained(model_dir)
     evaluation = tmp_path / "eval.jsonl"
     evaluation.write_text("\n".join(json.dumps({"text": t}) for t in random_texts(4, seed=1)))
     out = tmp_path / "pruned"
-    assert main(["oneshot", str(src), "--method", "magnitude", "--sparsity", "0.5", "--eval", str(evaluation),
+    assert main(["oneshot", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--eval", str(evaluation),
                  "--seq-len", "32", "--output", str(out)]) == 0
     return out
 
