@@ -275,7 +275,8 @@ def _recover_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval", help="held-out text: perplexity before and after recovery, recorded in the card")
     p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
-    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (weights stay in their dtype)")
+    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (weights stay in their dtype); on a CPU without native bf16 it "
+                   "runs in fp32 with a warning (bf16 is emulated there, ~10x slower)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
 
 
@@ -320,7 +321,12 @@ def _export_onnx_parser(sub) -> None:
     p.add_argument("output", help="directory to write model.onnx, config.json, tokenizer and card to")
     p.add_argument("--task", default="auto", help="auto (from the architecture, default), text-classification, "
                                                   "fill-mask or text-generation (with the KV cache)")
-    p.add_argument("--int8", action="store_true", help="also write model_quantized.onnx (dynamic int8 weights)")
+    p.add_argument("--int8", action="store_true", help="also write model_quantized.onnx (int8 weights, exact on "
+                   "every CPU; see --int8-scheme)")
+    p.add_argument("--int8-scheme", default="auto", choices=["auto", "dynamic", "blockwise"],
+                   help="auto: blockwise for text generation, dynamic otherwise; dynamic: 7-bit per-channel weights, "
+                   "activations quantized at run time (MatMulInteger); blockwise: weight-only 8-bit in blocks of 32 "
+                   "(MatMulNBits)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     p.add_argument("--atol", type=float, default=1e-4,
@@ -335,7 +341,7 @@ def run_export_onnx(args) -> int:
 
     try:
         report = export_onnx(args.model, args.output, task=args.task, int8=args.int8, opset=args.opset,
-                             overwrite=args.overwrite, atol=args.atol, rtol=args.rtol,
+                             int8_scheme=args.int8_scheme, overwrite=args.overwrite, atol=args.atol, rtol=args.rtol,
                              command="hf-prune " + shlex.join(args.argv))
     except ExportVerificationError as err:
         print(f"hf-prune export-onnx: error: {err}", file=sys.stderr)
@@ -345,7 +351,8 @@ def run_export_onnx(args) -> int:
     print(f"  checked against PyTorch: max abs logit diff {v['max_abs_logit_diff']:.2e} (limit "
           f"{report.logit_tolerance:.2e}, max |logit| {v['max_abs_logit']:.3g}) over {v['positions']} positions")
     if report.int8 is not None:
-        print(f"  {report.quantized_file}: argmax agreement with PyTorch {report.int8['argmax_agreement']:.4f}")
+        print(f"  {report.quantized_file} ({report.int8_scheme} int8): argmax agreement with PyTorch "
+              f"{report.int8['argmax_agreement']:.4f}, verified on {report.verified_on}")
     print(f"  files: {', '.join(report.files)}")
     return 0
 

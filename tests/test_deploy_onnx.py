@@ -149,7 +149,7 @@ def test_tied_embedding_is_stored_once_and_int8_still_quantizes_the_head(llama_d
     assert abs(saved - 128 * 64 * 4) < 512  # one 32 KB matrix less (less the Transpose node's few bytes)
     assert not (tmp_path / "tied" / ".traced").exists() and ".traced" not in report.files
     quantized = [n.op_type for n in onnx.load(str(tmp_path / "tied" / "model_quantized.onnx")).graph.node]
-    assert quantized.count("MatMulInteger") == 2 * 7 + 1  # the LM head too
+    assert quantized.count("MatMulNBits") == 2 * 7 + 1  # the LM head too (decoders: blockwise int8)
     onnx_model = OnnxModel.from_pretrained(tmp_path / "tied")
     ids = _ids(128, 2, 6)
     expected = tied.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
@@ -164,9 +164,9 @@ def test_int8_from_the_cli_agrees_on_most_predictions(llama_dir, tmp_path, capsy
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(out / "model_quantized.onnx")).graph.node]
-    assert ops.count("MatMulInteger") == 2 * 7 + 1  # every Linear (7 per layer, the LM head); attention stays fp32
+    assert ops.count("MatMulNBits") == 2 * 7 + 1  # every Linear (7 per layer, the LM head); attention stays fp32
     assert (out / "model_quantized.onnx").stat().st_size < 0.7 * (out / "model.onnx").stat().st_size
-    assert "quantize_dynamic" in (out / "README.md").read_text()
+    assert "blockwise int8" in printed and "MatMulNBitsQuantizer" in (out / "README.md").read_text()
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     int8 = OnnxModel.from_pretrained(out, "model_quantized.onnx")
     ids = _ids(128, 4, 16, seed=5)

@@ -45,6 +45,8 @@ class OnnxExportReport:
     logit_tolerance: float | None = None
     int8: dict | None = None
     min_int8_agreement: float | None = None
+    int8_scheme: str | None = None
+    verified_on: str | None = None
     onnx_file: str = ONNX_FILE
     quantized_file: str | None = None
     external_data: str | None = None
@@ -130,7 +132,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 
 def export_onnx(model_or_dir, out: str | os.PathLike, task: str = "auto", int8: bool = False, opset: int | None = None,
                 overwrite: bool = False, *, tokenizer=None, atol: float = 1e-4, rtol: float = 1e-5,
-                min_int8_agreement: float = 0.9,
+                min_int8_agreement: float = 0.9, int8_scheme: str = "auto",
                 command: str | None = None) -> OnnxExportReport:
     """Exports a (pruned) model to ONNX Runtime, checked against PyTorch before anything is written.
 
@@ -142,8 +144,13 @@ def export_onnx(model_or_dir, out: str | os.PathLike, task: str = "auto", int8: 
             an "ONNX export" section).
         task: `"auto"` (from the architecture), `"text-classification"`, `"fill-mask"` or `"text-generation"`
             (exported with the KV cache: `past_key_values.{i}.key/value` in, `present.{i}.key/value` out).
-        int8: also write `model_quantized.onnx`, dynamic int8 weight quantization of the checked graph
-            (`onnxruntime.quantization.quantize_dynamic`).
+        int8: also write `model_quantized.onnx`, int8 weight quantization of the checked graph, in settings that
+            are exact on every CPU ONNX Runtime supports (see `int8_scheme`).
+        int8_scheme: `"auto"` (default: `"blockwise"` for text generation, `"dynamic"` otherwise), `"dynamic"`
+            (int8 per-channel weights with `reduce_range`, i.e. 7-bit, activations quantized at run time:
+            `MatMulInteger`; the fast path for encoders) or `"blockwise"` (weight-only 8-bit in blocks of 32 inputs:
+            `MatMulNBits`; decoders' activation outliers defeat per-tensor activation quantization). Why each, in
+            `hf_prune.deploy.quantize`.
         opset: ONNX opset (default 17); it must be one the exporter writes and ONNX Runtime runs.
         overwrite: replace an existing non-empty `out`.
         tokenizer: the tokenizer to save and to build the check inputs with (default: the directory's, if any).
@@ -168,6 +175,9 @@ def export_onnx(model_or_dir, out: str | os.PathLike, task: str = "auto", int8: 
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
     _check_output(out, overwrite)
     opset = check_opset(DEFAULT_OPSET if opset is None else opset)
+    from .quantize import resolve_scheme
+
+    resolve_scheme(int8_scheme, decoder=False)  # a bad name is refused before any work
     model, dir_tokenizer, source, chosen = _load_source(model_or_dir, task)
     tokenizer = tokenizer if tokenizer is not None else dir_tokenizer
     if next(model.parameters()).dtype != torch.float32:
@@ -200,16 +210,20 @@ def export_onnx(model_or_dir, out: str | os.PathLike, task: str = "auto", int8: 
                                   outputs=names["outputs"], verification=check, atol=atol, rtol=rtol,
                                   logit_tolerance=limit, external_data=external, command=command)
         if int8:
+            from ..cpu import describe_cpu
             from .quantize import quantize_int8
 
-            quantize_int8(traced / ONNX_FILE, tmp / QUANTIZED_FILE)
+            scheme = resolve_scheme(int8_scheme, chosen.decoder)
+            quantize_int8(traced / ONNX_FILE, tmp / QUANTIZED_FILE, scheme)
             q = _verify(model, tmp, QUANTIZED_FILE, chosen, inputs)
-            logger.info("hf_prune: int8 vs PyTorch: argmax agreement %.4f", q["argmax_agreement"])
+            logger.info("hf_prune: int8 (%s) vs PyTorch: argmax agreement %.4f", scheme, q["argmax_agreement"])
             if not q["argmax_agreement"] >= min_int8_agreement:
                 raise ExportVerificationError(
                     f"the int8 graph agrees with PyTorch's argmax on {q['argmax_agreement']:.1%} of positions "
-                    f"(limit min_int8_agreement={min_int8_agreement:g}); nothing was written to {str(out)!r}")
+                    f"(limit min_int8_agreement={min_int8_agreement:g}, int8_scheme={scheme!r}); nothing was "
+                    f"written to {str(out)!r}")
             report.int8, report.min_int8_agreement, report.quantized_file = q, min_int8_agreement, QUANTIZED_FILE
+            report.int8_scheme, report.verified_on = scheme, describe_cpu()
         shutil.rmtree(traced)
         _save_config(model, tmp, chosen)
         if tokenizer is not None:

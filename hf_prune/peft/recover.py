@@ -23,13 +23,18 @@ def training_windows(texts, tokenizer, seq_len: int) -> torch.Tensor:
 
 
 def train_adapter(peft_model, windows: torch.Tensor, *, steps: int, batch_size: int = 4, learning_rate: float = 2e-4,
-                  seed: int = 0, bf16: bool = False, callbacks=None, output_dir: str | None = None):
+                  seed: int = 0, bf16: bool | str = False, callbacks=None, output_dir: str | None = None):
     """Causal-LM training of `peft_model` on `windows` with a stock `transformers.Trainer` (cosine schedule, AdamW,
-    windows shuffled by the Trainer's sampler). Returns the `Trainer` (its `state` holds the log history)."""
+    windows shuffled by the Trainer's sampler). `bf16`: True, False or "auto", as `hf_prune.cpu.use_bf16` decides
+    (fp32 on a CPU without native bf16). Returns the `Trainer` (its `state` holds the log history; `args.bf16` says
+    which precision ran)."""
     from transformers import Trainer, TrainingArguments, default_data_collator
+
+    from ..cpu import use_bf16
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    bf16 = use_bf16(bf16, "recovery training", peft_model.device)
     train = [{"input_ids": w, "labels": w} for w in windows]
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir or tmp, max_steps=steps, per_device_train_batch_size=batch_size,
@@ -43,7 +48,7 @@ def train_adapter(peft_model, windows: torch.Tensor, *, steps: int, batch_size: 
 
 
 def recover(model, texts, tokenizer, *, steps: int, lora_config=None, seq_len: int = 512, batch_size: int = 4,
-            learning_rate: float = 2e-4, seed: int = 0, bf16: bool = False, eval_texts=None,
+            learning_rate: float = 2e-4, seed: int = 0, bf16: bool | str = False, eval_texts=None,
             eval_windows: int | None = None, eval_seq_len: int | None = None, data_name: str | None = None, callbacks=None,
             output_dir: str | None = None):
     """Masked-LoRA recovery of a pruned model: trains `get_sparse_peft_model(model, lora_config)` for `steps` on
@@ -60,7 +65,10 @@ def recover(model, texts, tokenizer, *, steps: int, lora_config=None, seq_len: i
         tokenizer: the model's tokenizer.
         steps: optimizer steps.
         lora_config (`peft.LoraConfig`, *optional*): default `r=16, lora_alpha=32, target_modules="all-linear"`.
-        bf16: train under bf16 autocast (the weights and the merge stay in their dtype).
+        bf16 (`bool` or `"auto"`): train under bf16 autocast (the weights and the merge stay in their dtype).
+            `"auto"` uses bf16 where the hardware runs it natively. On a CPU without native bf16 (no AVX-512 BF16 /
+            AMX: torch emulates it ~10x slower than fp32) training runs in fp32 either way, with a warning when
+            bf16 was asked for explicitly; `recovery_precision` in the card says which ran.
         eval_texts: held-out texts for perplexity before and after.
         eval_windows: at most this many evaluation windows.
         eval_seq_len: evaluation window length (default `seq_len`).
@@ -99,7 +107,7 @@ def recover(model, texts, tokenizer, *, steps: int, lora_config=None, seq_len: i
     state.metrics.update(
         recovery_data=data_name or f"{len(texts)} texts, {windows.numel()} tokens",
         recovery_steps=done, recovery_tokens=done * batch_size * seq_len, recovery_seq_len=seq_len,
-        recovery_learning_rate=learning_rate,
+        recovery_learning_rate=learning_rate, recovery_precision="bf16" if trainer.args.bf16 else "fp32",
     )
     if losses:
         state.metrics["recovery_train_loss"] = round(losses[-1], 4)
