@@ -4,6 +4,7 @@
     hf-prune info DIR
     hf-prune push DIR REPO_ID
     hf-prune recover DIR --data FILE --steps N --output OUT [--eval FILE] [--bf16]
+    hf-prune distill STUDENT_DIR --teacher TEACHER_DIR --data FILE --steps N --output OUT [--eval FILE] [--bf16]
     hf-prune export-onnx DIR OUT [--task auto|text-classification|fill-mask|text-generation] [--int8] [--opset N]
 """
 
@@ -275,9 +276,49 @@ def _recover_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval", help="held-out text: perplexity before and after recovery, recorded in the card")
     p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
-    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (weights stay in their dtype); on a CPU without native bf16 it "
-                   "runs in fp32 with a warning (bf16 is emulated there, ~10x slower)")
+    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (weights stay in their dtype); on a "
+                   "CPU without native bf16 it runs in fp32 with a warning (bf16 is emulated there, ~10x slower)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
+
+
+def _text_training_inputs(args) -> tuple[list[str], list[str] | None]:
+    """The checks and texts every text-training command (`recover`, `distill`) starts with, before any model loads:
+    a writable --output, --steps >= 1, the --data texts and the optional --eval texts."""
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    texts = read_texts(args.data, "data")
+    eval_texts = read_texts(args.eval, "eval") if args.eval else None
+    return texts, eval_texts
+
+
+def _save_trained(model, tokenizer, args, prefix: str, what: str, saved: str) -> int:
+    """Records the command, prints the perplexity before -> after (with --eval), writes the model (its card records
+    the run) and the tokenizer to --output."""
+    from .export import save_pruned
+    from .state import record_training
+
+    record_training(model, {f"{prefix}_command": "hf-prune " + shlex.join(args.argv)})
+    metrics = get_run_metrics(model)
+    evals = None
+    if args.eval:
+        evals = [dict(task_type="text-generation", dataset_type="text", dataset_name=Path(args.eval).name,
+                      metric_type="perplexity", metric_value=metrics[f"{prefix}_perplexity_after"])]
+        print(f"held-out perplexity: {metrics[f'{prefix}_perplexity_before']:.3f} before {what} -> "
+              f"{metrics[f'{prefix}_perplexity_after']:.3f} after")
+    save_pruned(model, args.output, overwrite=args.overwrite, eval_results=evals)
+    tokenizer.save_pretrained(args.output)
+    print(f"{saved} model saved to {args.output}")
+    return 0
+
+
+def get_run_metrics(model) -> dict:
+    from .state import get_pruning_state, get_training_record
+
+    state = get_pruning_state(model)
+    return state.metrics if state is not None else get_training_record(model)
 
 
 def run_recover(args) -> int:
@@ -285,33 +326,68 @@ def run_recover(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .peft.recover import recover
-    from .state import get_pruning_state
 
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    texts = read_texts(args.data, "--data")
-    eval_texts = read_texts(args.eval, "--eval") if args.eval else None
+    texts, eval_texts = _text_training_inputs(args)
     tokenizer = AutoTokenizer.from_pretrained(args.directory)
     model = AutoModelForCausalLM.from_pretrained(args.directory)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     merged = recover(model, texts, tokenizer, steps=args.steps, lora_config=config, seq_len=args.seq_len,
                      batch_size=args.batch_size, learning_rate=args.learning_rate, bf16=args.bf16,
                      eval_texts=eval_texts, eval_windows=args.eval_windows, data_name=Path(args.data).name)
-    metrics = get_pruning_state(merged).metrics
-    metrics["recovery_command"] = "hf-prune " + shlex.join(args.argv)
-    evals = None
-    if eval_texts is not None:
-        evals = [dict(task_type="text-generation", dataset_type="text", dataset_name=Path(args.eval).name,
-                      metric_type="perplexity", metric_value=metrics["recovery_perplexity_after"])]
-        print(f"held-out perplexity: {metrics['recovery_perplexity_before']:.3f} before recovery -> "
-              f"{metrics['recovery_perplexity_after']:.3f} after")
-    merged.save_pretrained(args.output, overwrite=args.overwrite, eval_results=evals)
-    tokenizer.save_pretrained(args.output)
-    print(f"recovered model saved to {args.output}")
-    return 0
+    return _save_trained(merged, tokenizer, args, "recovery", "recovery", "recovered")
+
+
+def _distill_parser(sub) -> None:
+    p = sub.add_parser("distill", help="train a (smaller) student to match a dense teacher's next-token "
+                                       "distributions (logit distillation) on text")
+    p.add_argument("student", help="the student checkpoint: a plain or structured-pruned causal LM directory")
+    p.add_argument("--teacher", required=True, help="the dense teacher's checkpoint directory (same vocabulary)")
+    p.add_argument("--data", required=True, help="training text: .txt, .jsonl (text field) or a directory of them")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--output", required=True, help="directory for the distilled student")
+    p.add_argument("--eval", help="held-out text: perplexity of teacher and student before and after, in the card")
+    p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per training window (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per device and micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate, cosine schedule (default 1e-4)")
+    p.add_argument("--temperature", type=float, default=None, help="distillation temperature (default 1.0)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="weight of the distillation term; the LM loss gets 1 - alpha (default 1.0: distillation alone)")
+    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (weights stay in their dtype); on a "
+                   "CPU without native bf16 it runs in fp32 with a warning (bf16 is emulated there, ~10x slower)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
+
+
+def run_distill(args) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .training.distill import check_dense_student, distill
+    from .training.distill_config import DistillationConfig
+    from .training.distill_plugin import check_vocab
+
+    # Everything that can be checked is checked before the models are loaded.
+    for flag, path in (("STUDENT_DIR", args.student), ("--teacher", args.teacher)):
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{flag}: no such checkpoint directory: {path!r}")
+    if Path(args.student).resolve() == Path(args.teacher).resolve():
+        raise ValueError(f"STUDENT_DIR and --teacher are the same checkpoint ({args.teacher!r}); distil into a smaller "
+                         "student (e.g. one pruned with hf-prune oneshot --method structured)")
+    config = DistillationConfig(**{k: v for k, v in (("temperature", args.temperature), ("alpha", args.alpha))
+                                   if v is not None})
+    check_vocab(AutoConfig.from_pretrained(args.student).vocab_size, AutoConfig.from_pretrained(args.teacher).vocab_size)
+    texts, eval_texts = _text_training_inputs(args)
+    tokenizer = AutoTokenizer.from_pretrained(args.student)
+    student = AutoModelForCausalLM.from_pretrained(args.student)
+    check_dense_student(student)
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher)
+    print(f"distilling {args.teacher} ({sum(p.numel() for p in teacher.parameters()):,} parameters) into "
+          f"{args.student} ({sum(p.numel() for p in student.parameters()):,})", flush=True)
+    student = distill(student, teacher, texts, tokenizer, steps=args.steps, config=config, seq_len=args.seq_len,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
+                      bf16=args.bf16, eval_texts=eval_texts, eval_windows=args.eval_windows,
+                      data_name=Path(args.data).name, teacher_name=args.teacher)
+    return _save_trained(student, tokenizer, args, "distillation", "distillation", "distilled")
 
 
 def _export_onnx_parser(sub) -> None:
@@ -365,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     _info_parser(sub)
     _push_parser(sub)
     _recover_parser(sub)
+    _distill_parser(sub)
     _export_onnx_parser(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -372,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"oneshot": run_oneshot, "info": run_info, "push": run_push, "recover": run_recover,
-                "export-onnx": run_export_onnx}[args.command](args)
+                "distill": run_distill, "export-onnx": run_export_onnx}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, PushError) as err:
         print(f"hf-prune {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..state import PruningState, get_pruning_state
+from ..state import PruningState, get_pruning_state, get_training_record
 from .codecs import META_SUFFIX
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,8 @@ def save_pruned(
     """Writes a pruned model atomically: compressed safetensors, `config.json`, and the model card.
 
     Args:
-        model: a model pruned by hf_prune (it carries a `PruningState`) or loaded from a compressed export.
+        model: a model pruned by hf_prune (it carries a `PruningState`) or loaded from a compressed export, or a
+            plain model that `hf_prune.distill` trained (saved dense, with its own config and a card of the run).
         save_directory: output directory. If it exists and already holds a model (`config.json` or weight files),
             saving is an error unless `overwrite=True`; other content (your README, tokenizer files, Trainer
             checkpoints) is left in place.
@@ -266,6 +267,8 @@ def save_pruned(
         raise ValueError("hf_prune writes safetensors only; safe_serialization=False is not supported")
     if save_kwargs.pop("push_to_hub", False):
         raise ValueError("Use model.push_to_hub(repo_id) or hf_prune.push_pruned(directory, repo_id) to upload")
+    if get_pruning_state(model) is None and get_training_record(model):
+        dense = True  # a plain model trained by hf_prune (e.g. distilled): its own config, ordinary safetensors
     if not dense:
         check_compressed_save_kwargs(save_kwargs)
     target = check_can_write(save_directory, overwrite)
