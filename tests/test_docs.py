@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import traceback
@@ -52,7 +51,7 @@ def run_blocks(path: Path, blocks, workdir: Path) -> None:
 
 
 def test_mkdocs_build_strict(tmp_path):
-    if shutil.which("mkdocs") is None and not _has_module("mkdocs"):
+    if not (_has_module("mkdocs") and _has_module("mkdocstrings_handlers.python") and _has_module("material")):
         pytest.skip("mkdocs is not installed (pip install -e '.[docs]')")
     proc = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
@@ -196,3 +195,5 @@ def test_python_blocks_that_need_assets_run_on_the_real_assets(tmp_path):
         work = tmp_path / Path(page).stem
         work.mkdir()
         run_blocks(ROOT / page, blocks, work)
+        saved = [name for name in EXPECTED_OUTPUTS[page] if (work / name).is_file()]
+        assert saved, f"{page}'s marked blocks saved none of {EXPECTED_OUTPUTS[page]}"
