@@ -433,7 +433,8 @@ def run_export_onnx(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `hf-prune` argument parser; `hf_prune.cli_docs` generates `docs/cli.md` from it."""
     parser = argparse.ArgumentParser(prog="hf-prune", description="Pruning for the Hugging Face stack")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -443,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     _recover_parser(sub)
     _distill_parser(sub)
     _export_onnx_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in the model card as the command that reproduces the run
