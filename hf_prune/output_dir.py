@@ -150,13 +150,18 @@ class OutputBuild:
         except (FileExistsError, OutputWriteError):
             raise
         except OSError as err:
-            raise OutputWriteError(err.errno, f"writing {str(self.requested)!r} failed: {err}; {self.left_as}") from err
+            raise self._failed(err, err.errno) from err
         except Exception as err:
             if type(err).__name__ != "SafetensorError":  # safetensors' own I/O error (e.g. a full disk)
                 raise
-            raise OutputWriteError(errno.EIO, f"writing {str(self.requested)!r} failed: {err}; {self.left_as}") from err
+            raise self._failed(err, errno.EIO) from err
         finally:
             self.abort()
+
+    def _failed(self, err: Exception, code: int | None) -> OutputWriteError:
+        failure = OutputWriteError(f"writing {str(self.requested)!r} failed: {err}; {self.left_as}")
+        failure.errno = code
+        return failure
 
     def begin(self) -> Path:
         target = self.target
