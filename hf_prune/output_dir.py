@@ -143,10 +143,17 @@ class OutputBuild:
 
     @contextlib.contextmanager
     def building(self) -> Iterator[Path]:
-        """`begin`, then `commit` if the block succeeds; `abort` in every case; build errors as `OutputWriteError`."""
-        try:
+        """`begin`, then `commit` if the block succeeds (see [`guarded`] for errors)."""
+        with self.guarded():
             yield self.begin()
             self.commit()
+
+    @contextlib.contextmanager
+    def guarded(self) -> Iterator[None]:
+        """`abort` on the way out, whatever happens; an `OSError` (or safetensors' I/O error) of the build re-raised
+        as `OutputWriteError` saying what became of the target."""
+        try:
+            yield
         except (FileExistsError, OutputWriteError):
             raise
         except OSError as err:
@@ -189,8 +196,9 @@ class OutputBuild:
         with _locked(target.parent):
             if not self.overwrite and target.is_dir():
                 _refuse_existing(self.requested, self.conflicts(target), self.what)
-            self.left_as = f"{str(self.requested)!r} may be incomplete (the new files were being moved in)"
             if self.inside:
+                self.left_as = (f"{str(self.requested)!r} may be incomplete (the new files were being moved in; "
+                                "it has no config.json until a save completes)")
                 _replace_in_place(build, target, self.keep)
             elif not target.exists() or not any(target.iterdir()):
                 os.rename(build, target)  # atomic; replaces an empty directory
@@ -208,6 +216,7 @@ class OutputBuild:
             return
         aside = target.parent / f"{_temp_prefix(target)}{os.getpid()}-old"
         os.rename(target, aside)  # target briefly absent, never mixed
+        self.left_as = f"the old content of {str(self.requested)!r} is in {str(aside)!r}"
         os.rename(build, target)
         shutil.rmtree(aside, ignore_errors=True)
 

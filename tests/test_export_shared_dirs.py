@@ -47,12 +47,15 @@ def text_file(tmp_path):
 
 
 # ------------------------------------------------------------------- 7: the tokenizer inside the atomic write
-@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "overwrite"])
-def test_cli_tokenizer_enospc_leaves_the_target_as_it_was(model_dir, text_file, tmp_path, capsys, monkeypatch, fresh):
+@pytest.mark.parametrize("fresh, offload", [(True, False), (False, False), (False, True)],
+                         ids=["fresh", "overwrite", "overwrite-offload"])
+def test_cli_tokenizer_enospc_leaves_the_target_as_it_was(model_dir, text_file, tmp_path, capsys, monkeypatch, fresh,
+                                                          offload):
     from transformers import PreTrainedTokenizerBase
 
     out = tmp_path / "out"
-    args = ["oneshot", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output", str(out)]
+    args = ["oneshot", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output", str(out),
+            *(["--offload"] if offload else [])]
     if not fresh:
         assert main(args) == 0
         assert (out / "tokenizer.json").stat().st_size > 0  # the tokenizer is part of the export

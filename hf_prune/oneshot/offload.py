@@ -229,27 +229,29 @@ class OffloadedCheckpoint:
         from ..export.integrity import verify_checksums
         from ..export.save import export_config_for, write_model_config
 
-        prefix = self.blocks.prefix + "."
-        tensors = self.model.state_dict()
-        rest = {k: self.reader.get(k).to(tensors[k].dtype) for k in self.keys
-                if not k.startswith(prefix) and k in self.reader.weight_map}
-        self._writer.add(rest)
-        del rest
-        files = self._writer.close(total_parameters=self.model.num_parameters())
-        qconfig = export_config_for(self.model)
-        self.model.config.quantization_config = qconfig
-        write_model_config(self.model, self._tmp)
-        verify_checksums(files, required=True)
-        readme = self.target / "README.md"
-        keep_readme = (readme.is_file() and not _is_our_card(readme)) or not model_card
-        if not keep_readme:
-            report = CompressionReport()
-            report.entries.update(self.report_entries)
-            build_model_card(self.model, self._tmp, report=report, repo_id=self.output.requested.name).save(self._tmp / "README.md")
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(self._tmp)
-        self.output.keep = export_keeps(keep_readme=keep_readme)
-        self.output.commit()
+        with self.output.guarded():  # a full disk: OutputWriteError, the target left as it was
+            prefix = self.blocks.prefix + "."
+            tensors = self.model.state_dict()
+            rest = {k: self.reader.get(k).to(tensors[k].dtype) for k in self.keys
+                    if not k.startswith(prefix) and k in self.reader.weight_map}
+            self._writer.add(rest)
+            del rest
+            files = self._writer.close(total_parameters=self.model.num_parameters())
+            qconfig = export_config_for(self.model)
+            self.model.config.quantization_config = qconfig
+            write_model_config(self.model, self._tmp)
+            verify_checksums(files, required=True)
+            readme = self.target / "README.md"
+            keep_readme = (readme.is_file() and not _is_our_card(readme)) or not model_card
+            if not keep_readme:
+                report = CompressionReport()
+                report.entries.update(self.report_entries)
+                card = build_model_card(self.model, self._tmp, report=report, repo_id=self.output.requested.name)
+                card.save(self._tmp / "README.md")
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(self._tmp)
+            self.output.keep = export_keeps(keep_readme=keep_readme)
+            self.output.commit()
         self.close()
         return self.output.requested
 
