@@ -120,8 +120,9 @@ def atomic_output_dir(target: str | os.PathLike, *, overwrite: bool,
             none: the target ends up holding exactly the build.
         sources: directories the output must not be, contain or be inside.
 
-    On an error the build is deleted and the target is untouched; an `OSError` of the build is re-raised as
-    [`OutputWriteError`].
+    On an error the build is deleted and the target is untouched (in the read-only-parent mode, an error while the
+    files are moved in leaves a target without `config.json`: see the module docstring); an `OSError` of the build
+    is re-raised as [`OutputWriteError`].
     """
     build = OutputBuild(target, overwrite=overwrite, conflicts=conflicts, keep=keep, sources=sources, what=what)
     with build.building() as path:
