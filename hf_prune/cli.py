@@ -21,7 +21,8 @@ from pathlib import Path
 
 from .config import get_config_class, registered_methods
 from .export import describe_export, format_description, push_pruned
-from .export.hub import PushError
+from .export.hub import DEFAULT_TIMEOUT, PushError, check_timeout
+from .output_dir import check_output
 
 logger = logging.getLogger("hf_prune")
 
@@ -119,6 +120,7 @@ def _oneshot_parser(sub) -> None:
                    help="write ordinary dense safetensors (for runtimes that cannot read the compressed format)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export and its model card to this Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    _timeout_argument(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="device to prune on (default: cuda if available, else cpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -149,8 +151,7 @@ def run_oneshot(args) -> int:
         args.set,
     )
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--output {str(output)!r} exists and is not empty; pass --overwrite to replace it")
+    check_output(output, args.overwrite, sources=[args.model], what="--output")
     if args.push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -158,6 +159,7 @@ def run_oneshot(args) -> int:
             validate_repo_id(args.push_to_hub)
         except HFValidationError as err:
             raise ValueError(f"--push-to-hub {args.push_to_hub!r} is not a valid repo id: {err}") from None
+        check_timeout(args.timeout or None)
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"model path {args.model!r} is not a directory (the Hub is not reached from here)")
     calibration = read_texts(args.calibration, "calibration") if args.calibration else None
@@ -190,8 +192,7 @@ def run_oneshot(args) -> int:
         eval_results = [dict(task_type="text-generation", dataset_type="text", dataset_name=Path(args.eval).name,
                              metric_type="perplexity", metric_value=round(ppl_after, 3))]
     save_pruned(model, output, overwrite=args.overwrite, dense=args.dense, eval_results=eval_results,
-                repo_id=args.push_to_hub)
-    tokenizer.save_pretrained(output)
+                repo_id=args.push_to_hub, tokenizer=tokenizer)  # the tokenizer in the same atomic write
     print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s")
     print(f"  pruned modules:    {len(state.module_sparsity)}, sparsity {overall:.4f}")
     if eval_texts:
@@ -216,8 +217,7 @@ def _run_oneshot_offloaded(args, config, calibration, eval_texts) -> int:
     output = oneshot(args.model, config, calibration=calibration, tokenizer=tokenizer, offload_dir=args.output,
                      overwrite=args.overwrite, device=device, dtype=getattr(torch, args.dtype),
                      command="hf-prune " + shlex.join(args.argv))
-    elapsed = time.perf_counter() - started
-    tokenizer.save_pretrained(output)
+    elapsed = time.perf_counter() - started  # the tokenizer was saved into the export, in the same atomic write
     print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s (offloaded)")
     return _report_saved(output, args)
 
@@ -228,7 +228,8 @@ def _report_saved(output, args) -> int:
     print(f"  saved to:          {output.resolve()} ({desc['file_bytes'] / 1e6:.1f} MB of weights"
           + (f", {desc['file_bytes'] / desc['dense_bytes']:.3f}x dense)" if desc["dense_bytes"] else ")"))
     if args.push_to_hub:
-        info = push_pruned(output, args.push_to_hub, private=args.private or None)
+        info = push_pruned(output, args.push_to_hub, private=args.private or None,
+                           timeout=args.timeout or None)
         print(f"  pushed to:         {getattr(info, 'commit_url', None) or args.push_to_hub}")
     return 0
 
@@ -255,11 +256,18 @@ def _push_parser(sub) -> None:
     p.add_argument("--revision", default=None, help="branch to push to")
     p.add_argument("--commit-message", default=None)
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    _timeout_argument(p)
+
+
+def _timeout_argument(p) -> None:
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds one Hub request may go without progress before the push fails (default "
+                        f"{DEFAULT_TIMEOUT:g}; 0: no limit)")
 
 
 def run_push(args) -> int:
     info = push_pruned(args.directory, args.repo_id, private=args.private or None, revision=args.revision,
-                       commit_message=args.commit_message, create_pr=args.create_pr)
+                       commit_message=args.commit_message, create_pr=args.create_pr, timeout=args.timeout or None)
     print(f"pushed {args.directory} to {getattr(info, 'commit_url', None) or args.repo_id}")
     return 0
 
@@ -281,12 +289,11 @@ def _recover_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
 
 
-def _text_training_inputs(args) -> tuple[list[str], list[str] | None]:
+def _text_training_inputs(args, sources: list[str]) -> tuple[list[str], list[str] | None]:
     """The checks and texts every text-training command (`recover`, `distill`) starts with, before any model loads:
-    a writable --output, --steps >= 1, the --data texts and the optional --eval texts."""
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
+    an --output that is free (or --overwrite) and overlaps none of the `sources` directories, --steps >= 1, the --data
+    texts and the optional --eval texts."""
+    check_output(args.output, args.overwrite, sources=sources, what="--output")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     texts = read_texts(args.data, "data")
@@ -308,8 +315,7 @@ def _save_trained(model, tokenizer, args, prefix: str, what: str, saved: str) ->
                       metric_type="perplexity", metric_value=metrics[f"{prefix}_perplexity_after"])]
         print(f"held-out perplexity: {metrics[f'{prefix}_perplexity_before']:.3f} before {what} -> "
               f"{metrics[f'{prefix}_perplexity_after']:.3f} after")
-    save_pruned(model, args.output, overwrite=args.overwrite, eval_results=evals)
-    tokenizer.save_pretrained(args.output)
+    save_pruned(model, args.output, overwrite=args.overwrite, eval_results=evals, tokenizer=tokenizer)
     print(f"{saved} model saved to {args.output}")
     return 0
 
@@ -327,7 +333,7 @@ def run_recover(args) -> int:
 
     from .peft.recover import recover
 
-    texts, eval_texts = _text_training_inputs(args)
+    texts, eval_texts = _text_training_inputs(args, sources=[args.directory])
     tokenizer = AutoTokenizer.from_pretrained(args.directory)
     model = AutoModelForCausalLM.from_pretrained(args.directory)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
@@ -376,7 +382,7 @@ def run_distill(args) -> int:
     config = DistillationConfig(**{k: v for k, v in (("temperature", args.temperature), ("alpha", args.alpha))
                                    if v is not None})
     check_vocab(AutoConfig.from_pretrained(args.student).vocab_size, AutoConfig.from_pretrained(args.teacher).vocab_size)
-    texts, eval_texts = _text_training_inputs(args)
+    texts, eval_texts = _text_training_inputs(args, sources=[args.student, args.teacher])
     tokenizer = AutoTokenizer.from_pretrained(args.student)
     student = AutoModelForCausalLM.from_pretrained(args.student)
     check_dense_student(student)
@@ -456,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"oneshot": run_oneshot, "info": run_info, "push": run_push, "recover": run_recover,
                 "distill": run_distill, "export-onnx": run_export_onnx}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, PushError) as err:
+    except (ValueError, OSError, TypeError, PushError) as err:  # OSError: also OutputWriteError (a full disk)
         print(f"hf-prune {args.command}: error: {err}", file=sys.stderr)
         return 2
 

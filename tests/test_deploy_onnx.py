@@ -258,7 +258,7 @@ def test_bad_inputs_fail_before_any_work(cofi_dir, llama_dir, tmp_path, monkeypa
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match="already holds .*; pass overwrite=True"):
         export_onnx(llama_dir, existing)
     assert _untouched(existing) == [("keep.txt", b"mine")]
     assert not (tmp_path / "o").exists()
@@ -345,3 +345,43 @@ def test_missing_onnx_names_the_extra():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "needs onnx and onnxruntime" in proc.stdout and "pip install 'hf_prune[deploy]'" in proc.stdout
+
+
+def test_outputs_overlapping_the_source_are_refused_and_modes_follow_the_umask(llama_dir, tmp_path, monkeypatch):
+    import shutil
+    import stat
+
+    import hf_prune.deploy.export as export_module
+
+    models = tmp_path / "models"
+    src = models / "src"
+    shutil.copytree(llama_dir, src)
+    (src / "onnx").mkdir()
+    (src / "onnx" / "model.onnx").write_bytes(b"an earlier export")
+    (models / "sibling").mkdir()
+    (models / "sibling" / "config.json").write_text("{}")
+    link = tmp_path / "link"
+    link.symlink_to(src)
+    before = {str(p): p.read_bytes() for p in models.rglob("*") if p.is_file()}
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the export started before the output was checked")
+
+    monkeypatch.setattr(export_module, "export_graph", no_export)
+    for source, out, relation in [(src, src, "is"), (src, models, "contains"), (src, src / "onnx", "is inside"),
+                                  (src, link, "is"), (link, src, "is"), (link, models, "contains")]:
+        with pytest.raises(ValueError, match=f"{relation} the source .*writing there would replace the source"):
+            export_onnx(source, out, overwrite=True)
+    assert cli_main(["export-onnx", str(src), str(src), "--overwrite"]) == 2
+    assert cli_main(["export-onnx", str(src), str(models), "--overwrite"]) == 2
+    assert {str(p): p.read_bytes() for p in models.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    previous = os.umask(0o027)
+    try:
+        export_onnx(src, tmp_path / "onnx")
+    finally:
+        os.umask(previous)
+    out = tmp_path / "onnx"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750  # not mkdtemp's 0700
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name
