@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -100,6 +101,31 @@ def run(directory: Path, rows: int, emulate: bool) -> dict:
     return {line["file"].removesuffix(".onnx"): line for line in lines}
 
 
+SPEED = """
+import json, sys, time, numpy as np
+from hf_prune_ort import OnnxModel
+d, files, rounds = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+prompt = np.load(d + "/ids.npy")[:1, :32]
+models = {f: OnnxModel.from_pretrained(d, f, threads=1) for f in files}
+best = {f: float("inf") for f in files}
+for _ in range(rounds):  # interleaved rounds, best of each
+    for f, m in models.items():
+        start = time.perf_counter()
+        m.generate(prompt, max_new_tokens=32)
+        best[f] = min(best[f], time.perf_counter() - start)
+print(json.dumps({f: 32 / t for f, t in best.items()}))
+"""
+
+
+def decode_speed(directory: Path, rounds: int) -> dict:
+    """Greedy tokens/s at batch 1 on one thread (32-token prompt, 32 new tokens), fp32 vs each int8 graph."""
+    files = ["model.onnx"] + [f"{s}.onnx" for s in SETTINGS]
+    proc = subprocess.run([sys.executable, "-c", SPEED, str(directory), ",".join(files), str(rounds)],
+                          capture_output=True, text=True, check=True)
+    speeds = json.loads(proc.stdout.splitlines()[-1])
+    return {f.removesuffix(".onnx").replace("model", "fp32"): round(v, 2) for f, v in speeds.items()}
+
+
 def table(report: dict) -> str:
     head = ("| model | setting | native agreement | native max logit diff | emulated AVX2 agreement | "
             "emulated max logit diff |\n|---|---|---|---|---|---|")
@@ -109,7 +135,14 @@ def table(report: dict) -> str:
             n, e = res["native"][s], res.get("emulated", {}).get(s)
             rows.append(f"| {model} | {s} | {n['agreement']:.3f} | {n['max_abs_logit_diff']:.3f} | "
                         + (f"{e['agreement']:.3f} | {e['max_abs_logit_diff']:.3f} |" if e else "- | - |"))
-    return "\n".join([head] + rows)
+    lines = [head] + rows
+    for model, res in report["models"].items():
+        if "decode_tokens_per_s" in res:
+            speeds = res["decode_tokens_per_s"]
+            lines += ["", f"{model}, greedy decoding at batch 1, one thread (tokens/s; load "
+                      f"{res['load_during_timing']}): " + ", ".join(
+                          f"{k} {v:.1f} ({v / speeds['fp32']:.2f}x)" for k, v in speeds.items())]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -119,19 +152,27 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=RESULTS / ".int8_work")
     p.add_argument("--skip-smollm2", action="store_true")
     p.add_argument("--emulated-rows", type=int, default=2, help="SmolLM2 sequences run under emulation")
+    p.add_argument("--speed-rounds", type=int, default=3, help="SmolLM2 decoding rounds (0: no timing; time alone)")
+    p.add_argument("--skip-emulation", action="store_true", help="keep the recorded emulated columns")
     args = p.parse_args()
-    emulate = shutil.which("qemu-x86_64") is not None
-    report = {"date": time.strftime("%Y-%m-%d"), "machine_state": machine_state(),
-              "emulated_cpu": EMULATED_CPU if emulate else None, "models": {}}
+    emulate = shutil.which("qemu-x86_64") is not None and not args.skip_emulation
+    out = RESULTS / "int8_portability.json"
+    previous = json.loads(out.read_text())["models"] if out.is_file() else {}
+    report = {"date": time.strftime("%Y-%m-%d"), "machine_state": machine_state(), "emulated_cpu": EMULATED_CPU,
+              "models": {}}
     for name in ["saturating-tiny-llama"] + ([] if args.skip_smollm2 else ["smollm2-135m"]):
         directory = prepare(name, args.work)
-        res = {"native": run(directory, 8, emulate=False)}
+        res = {k: v for k, v in previous.get(name, {}).items() if k == "emulated"}
+        res["native"] = run(directory, 8, emulate=False)
         if emulate:
             res["emulated"] = run(directory, args.emulated_rows if name == "smollm2-135m" else 8, emulate=True)
+        if name == "smollm2-135m" and args.speed_rounds:
+            res["load_during_timing"] = round(os.getloadavg()[0], 2)
+            res["decode_tokens_per_s"] = decode_speed(directory, args.speed_rounds)
         report["models"][name] = res
         print(table(report), flush=True)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "int8_portability.json").write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / "int8_portability.md").write_text(table(report) + "\n")
 
 
