@@ -33,6 +33,7 @@ import numpy as np
 
 from hf_prune import get_pruning_state, save_pruned  # importing hf_prune registers the checkpoint loader
 from hf_prune.deploy import export_onnx as hf_prune_export_onnx
+from hf_prune.cpu import machine_state
 from hf_prune.methods.cofi import describe_structure
 from hf_prune.methods.cofi.structure import apply_structure
 
@@ -326,7 +327,8 @@ def main(argv=None):
         json.dump({"protocol": proto, "label": args.label or "full", "latency_settings": list(timed),
                    "rounds": args.rounds, "repeats_b1": args.repeats,
                    "command": " ".join(["python", "benchmarks/cofi_minilm.py"] + (argv or sys.argv[1:])),
-                   "rows": rows, "floor_latency_ms": floor, "int8_rows": int8_rows}, fh, indent=2, default=str)
+                   "rows": rows, "floor_latency_ms": floor, "int8_rows": int8_rows,
+                   "machine_state": machine_state()}, fh, indent=2, default=str)
     with open(stem + ".md", "w") as fh:
         fh.write(table + "\n")
     if args.plot:

@@ -47,6 +47,7 @@ def _load_recipe():
 recipe = _load_recipe()
 from structured_baseline import DistillationTrainer, prune_to_shape  # noqa: E402
 
+from hf_prune.cpu import machine_state  # noqa: E402
 from hf_prune.methods.cofi import describe_structure  # noqa: E402
 from hf_prune.methods.cofi.arch import get_adapter  # noqa: E402
 
@@ -286,7 +287,7 @@ def main(argv=None) -> dict:
         "protocol": {k: v for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
         "generation_context": context, "command": "python benchmarks/cofi_smollm2.py " + " ".join(argv),
         "wall_time_s": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "load_average": os.getloadavg(), "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(), "cpu_count": os.cpu_count(), "machine_state": machine_state(),
     }
     md = table(rows, args.batches)
     os.makedirs(os.path.dirname(stem), exist_ok=True)

@@ -54,14 +54,11 @@ PROTOCOL_KEYS = ("new_tokens", "prompts", "threads", "runtimes", "dense", "spars
 
 
 def machine_state() -> dict:
-    """What else the shared machine was doing: load average, cores, available memory."""
-    mem = {}
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            key, value = line.split(":", 1)
-            mem[key] = int(value.split()[0]) // 1024
-    return {"loadavg": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
-            "mem_available_mb": mem.get("MemAvailable"), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    """What else the shared machine was doing (load average, cores, available memory) and its CPU features."""
+    from hf_prune.cpu import machine_state as cpu_state
+
+    state = cpu_state()
+    return dict(state, loadavg=state["load_average"], time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 def prune(output: Path, num_samples: int) -> None:

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from transformers import BertForMaskedLM  # noqa: E402
 
 from hf_prune import DynSparseConfig, attach  # noqa: E402
+from hf_prune.cpu import machine_state  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -215,7 +216,9 @@ def main(argv=None):
                          f"{100 * r['overhead']:+.1f}% | {r['update_s_median']:.4f} |")
         text = "\n".join(table)
         print(text)
-        (RESULTS / f"dynsparse_overhead{suffix}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        state = machine_state()
+        (RESULTS / f"dynsparse_overhead{suffix}.json").write_text(
+            json.dumps([dict(r, machine_state=state) for r in rows], indent=2) + "\n")
         (RESULTS / f"dynsparse_overhead{suffix}.md").write_text(text + "\n")
     if a.part in ("replication", "all"):
         replication(a)

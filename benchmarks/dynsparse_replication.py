@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hf_prune.cpu import machine_state
 from paired_stats import mean_std, paired_difference
 
 logger = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class Replication:
             start = time.perf_counter()
             result = dict(self.train_fn(arm, seed))
             result.update(arm=arm["arm"], seed=seed, run_wall_seconds=time.perf_counter() - start,
-                          load_before=load_before, load_after=os.getloadavg()[0],
+                          load_before=load_before, load_after=os.getloadavg()[0], machine_state=machine_state(),
                           finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             self.runs[run_key(arm, seed)] = result
             self.save()

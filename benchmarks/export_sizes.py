@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from hf_prune.cpu import machine_state
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "export_sizes.json"
 SETTINGS = {"50%": (0.5, "unstructured"), "2:4": (0.5, "2:4"), "70%": (0.7, "unstructured")}
@@ -105,6 +107,7 @@ def main(argv=None) -> dict:
         "model": "SmolLM2-135M", "dtype": "float16", "method": "magnitude", "repeats": args.repeats,
         "machine": {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__},
+        "machine_state": machine_state(),
         "rows": rows,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from hf_prune.cpu import machine_state
 from subprocess_rows import run_in_subprocess  # noqa: E402  (a sibling in benchmarks/, on the path when run as a script)
 
 HERE = Path(__file__).resolve().parent
@@ -164,6 +165,7 @@ def main() -> None:
         "machine": f"{os.cpu_count()} CPU cores, torch threads = {os.environ.get('OMP_NUM_THREADS', 'default')}"
         + (f", device {args.device}" if args.device != "cpu" else ""),
     }
+    report["machine_state"] = machine_state()
     done = {(r["method"], r["setting"]) for r in report["runs"]}
     settings = sorted(args.settings, key=lambda s: RUN_ORDER.index(s) if s in RUN_ORDER else len(RUN_ORDER))
     grid = [("dense", "-")] + [(m, s) for s in settings for m in reversed(args.methods)]

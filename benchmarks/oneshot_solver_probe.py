@@ -16,6 +16,8 @@ import os
 import time
 from pathlib import Path
 
+from hf_prune.cpu import machine_state
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = {
     "sparsegpt": ("sparsegpt", {}),
@@ -93,6 +95,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     report = {"block": args.block, "calibration_windows": [args.calibration_samples, 512],
               "threads": torch.get_num_threads(), "machine": f"{os.cpu_count()} CPU cores (shared)",
+              "machine_state": machine_state(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

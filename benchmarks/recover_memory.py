@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from hf_prune.cpu import machine_state
 from oneshot_smollm2 import _rss_mb  # benchmarks/ is sys.path[0] when run as a script
 
 HERE = Path(__file__).resolve().parent
@@ -29,7 +30,9 @@ def run_one(mode: str, checkpoint: str, seq_len: int, batch_size: int, rank: int
     from transformers import AutoModelForCausalLM
 
     import hf_prune
+    from hf_prune.cpu import use_bf16
 
+    bf16 = use_bf16(bf16, "the recovery memory benchmark's steps", "cpu")  # fp32 where bf16 is emulated (~10x slower)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")
     peft_model = hf_prune.get_sparse_peft_model(model, config) if mode == "masked" else get_peft_model(model, config)
@@ -47,7 +50,8 @@ def run_one(mode: str, checkpoint: str, seq_len: int, batch_size: int, rank: int
         times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "rss_before_step_mb": round(before, 1), "peak_rss_mb": round(peak, 1),
-            "step_peak_growth_mb": round(peak - before, 1), "s_per_step": [round(x, 2) for x in times]}
+            "step_peak_growth_mb": round(peak - before, 1), "s_per_step": [round(x, 2) for x in times],
+            "precision": "bf16" if bf16 else "fp32"}
 
 
 def main() -> None:
@@ -75,7 +79,8 @@ def main() -> None:
             raise SystemExit(proc.stderr[-3000:])
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    args.out.write_text(json.dumps({"setup": vars(args) | {"out": str(args.out)}, "runs": rows}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"setup": vars(args) | {"out": str(args.out)}, "runs": rows,
+                                    "machine_state": machine_state()}, indent=2) + "\n")
     print("| mode | RSS before step MB | peak RSS MB | step peak growth MB | s/step |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['rss_before_step_mb']} | {r['peak_rss_mb']} | {r['step_peak_growth_mb']} | "

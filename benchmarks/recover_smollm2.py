@@ -29,6 +29,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from hf_prune.cpu import machine_state
 from subprocess_rows import run_in_subprocess  # noqa: E402  (a sibling in benchmarks/, on the path when run as a script)
 
 HERE = Path(__file__).resolve().parent
@@ -133,7 +134,7 @@ def run_row(row: str, args) -> dict:
     masks = _masks(model)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=args.target_modules, lora_dropout=0.0)
     budget = TimeBudget(args.max_train_minutes * 60)
-    train = dict(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, bf16=args.bf16,
+    train = dict(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate, bf16="auto" if args.bf16 else False,
                  callbacks=[budget])
     result.update(setting=setting, mode="plain LoRA, merged, re-masked" if row.endswith("-plain") else "masked LoRA")
     if row.endswith("-plain"):
@@ -154,7 +155,7 @@ def run_row(row: str, args) -> dict:
                 modules[name].weight.mul_(mask)
         result["perplexity_recovered"] = round(perplexity(
             merged, eval_texts, tokenizer, seq_len=512, max_windows=args.eval_windows, show_progress=False), 3)
-        steps = trainer.state.global_step
+        steps, precision = trainer.state.global_step, "bf16" if trainer.args.bf16 else "fp32"
     else:
         from hf_prune import get_pruning_state
         from hf_prune.peft.recover import recover
@@ -173,8 +174,8 @@ def run_row(row: str, args) -> dict:
             assert torch.equal(p, q), f"{name} differs after save/from_pretrained"
         result.update(perplexity_pruned=metrics["recovery_perplexity_before"],
                       perplexity_recovered=metrics["recovery_perplexity_after"], mask_unchanged=True, saved_to=str(out))
-        steps = metrics["recovery_steps"]
-    result.update(steps=steps, tokens=steps * args.batch_size * args.seq_len,
+        steps, precision = metrics["recovery_steps"], metrics["recovery_precision"]
+    result.update(steps=steps, precision=precision, machine_state=machine_state(), tokens=steps * args.batch_size * args.seq_len,
                   train_wall_s=round(budget.elapsed, 1), s_per_step=round(budget.elapsed / max(steps, 1), 2),
                   wall_s=round(time.perf_counter() - started, 1), peak_rss_mb=round(_peak_rss_mb(), 1))
     return result
@@ -218,7 +219,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--target-modules", default="all-linear")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (default: bf16 autocast)")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (default: bf16 autocast where the CPU runs it natively, else fp32)")
     parser.add_argument("--max-train-minutes", type=float, default=30.0)
     parser.add_argument("--eval-windows", type=int, default=8, help="held-out 512-token windows (8 = 4,096 tokens)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)

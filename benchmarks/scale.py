@@ -36,10 +36,9 @@ TARGETS = {"load": 1.5, "save": 2.0, "load_rss": 1.3}
 def machine_state() -> dict:
     import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
-    return {"cpus": os.cpu_count(), "cpu_model": model, "load_average": [round(x, 2) for x in os.getloadavg()],
-            "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    from hf_prune.cpu import machine_state as cpu_state
+
+    return {**cpu_state(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "nice": os.nice(0), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__}
 

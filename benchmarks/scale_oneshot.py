@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from hf_prune.cpu import machine_state
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results" / "scale_oneshot.json"
 
@@ -174,6 +176,7 @@ def main(argv=None) -> None:
     parts = list(PARTS) if args.part == "all" else [args.part]
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
     report["machine"] = f"{os.cpu_count()} CPU cores (shared with other jobs), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}"
+    report["machine_state"] = machine_state()
     for part in parts:
         run, table = PARTS[part]
         rows = run(args)

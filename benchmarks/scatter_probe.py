@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hf_prune.cpu import machine_state
 from hf_prune.export.codecs import _scatter_kept
 
 HERE = Path(__file__).resolve().parent
@@ -79,7 +80,7 @@ def main() -> None:
     a.out.write_text(json.dumps({"shape": [a.rows, a.cols], "sparsity": a.sparsity, "repeats": a.repeats,
                                  "best_s": best, "all_s": times, "torch_threads": torch.get_num_threads(),
                                  "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-                                 "load_average": os.getloadavg(),
+                                 "load_average": os.getloadavg(), "machine_state": machine_state(),
                                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}, indent=2) + "\n")
 
 

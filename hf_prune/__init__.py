@@ -14,7 +14,7 @@ from .oneshot import OneShotConfig, oneshot
 from .export import describe_export, push_pruned, save_pruned
 from .methods.cofi import CoFiConfig
 from .methods.dynsparse import DynSparseCallback, DynSparseConfig, attach, sparse_learning_rate
-from .training import TrainingPlugin, register_training_plugin
+from .training import DistillationConfig, TrainingPlugin, register_training_plugin
 from .evaluation import evaluate_lm, perplexity
 
 
@@ -24,6 +24,10 @@ def __getattr__(name):
         from .training.trainer import PruningTrainer
 
         return PruningTrainer
+    if name == "distill":  # lazy like PruningTrainer, which it runs
+        from .training.distill import distill
+
+        return distill
     if name == "get_sparse_peft_model":  # lazy: imports peft only when recovery is used
         from .peft import get_sparse_peft_model
 
@@ -47,6 +51,6 @@ __all__ = [
     "describe_export", "push_pruned", "save_pruned",
     "CoFiConfig",
     "DynSparseCallback", "DynSparseConfig", "attach", "sparse_learning_rate",
-    "PruningTrainer", "TrainingPlugin", "register_training_plugin",
+    "PruningTrainer", "TrainingPlugin", "register_training_plugin", "DistillationConfig", "distill",
     "evaluate_lm", "perplexity",
 ]

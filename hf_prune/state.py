@@ -14,6 +14,7 @@ import torch
 from .config import PruningConfig
 
 _ATTR = "hf_prune_state"
+_TRAINING_ATTR = "hf_prune_training_record"
 
 
 @dataclass
@@ -64,3 +65,19 @@ def set_pruning_state(model: torch.nn.Module, state: PruningState) -> None:
 
 def get_pruning_state(model: torch.nn.Module) -> PruningState | None:
     return getattr(model, _ATTR, None)
+
+
+def record_training(model: torch.nn.Module, metrics: dict[str, Any]) -> None:
+    """Adds a training run's facts (e.g. distillation) to the model's record: its `PruningState.metrics` when it has
+    one (the pruned model card lists them), else a plain record that `save_pruned` writes into the card of a plain,
+    unpruned model (saved dense, with its own config)."""
+    state = get_pruning_state(model)
+    if state is not None:
+        state.metrics.update(metrics)
+    else:
+        model.__dict__.setdefault(_TRAINING_ATTR, {}).update(metrics)
+
+
+def get_training_record(model: torch.nn.Module) -> dict[str, Any]:
+    """The plain record [`record_training`] keeps on a model without `PruningState` (empty when none)."""
+    return dict(model.__dict__.get(_TRAINING_ATTR, {}))

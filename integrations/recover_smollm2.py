@@ -67,7 +67,7 @@ def main() -> None:
 
     started = time.perf_counter()
     merged = recover(model, calibration, tokenizer, steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size,
-                     learning_rate=args.learning_rate, bf16=True, eval_texts=held_out, eval_windows=args.eval_windows,
+                     learning_rate=args.learning_rate, bf16="auto", eval_texts=held_out, eval_windows=args.eval_windows,
                      eval_seq_len=512, lora_config=LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                                                               target_modules="all-linear"),
                      data_name="wikipedia_split() calibration articles (80; the 26 held-out ones never seen)")

@@ -89,3 +89,21 @@ def hub():
 
     with HubServer(max_lifetime_s=180) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The shipped SmolLM2-135M, loaded once for every slow test: `path`, `tokenizer`, the dense fp32 `model` (eval
+    mode; a test that changes it works on `copy.deepcopy(smollm2.model)`), and the Wikipedia `calibration` /
+    `held_out` articles (disjoint)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_prune.assets import smollm2_path, wikipedia_split
+
+    path = smollm2_path()
+    calibration, held_out = wikipedia_split()
+    return SimpleNamespace(path=path, tokenizer=AutoTokenizer.from_pretrained(path),
+                           model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
+                           calibration=calibration, held_out=held_out)

@@ -4,7 +4,7 @@ It implements what `huggingface_hub` (2.4) needs to upload with `create_repo` / 
 and to download with `hf_hub_download` (hence `from_pretrained(repo_id)` and `ModelCard.load`), with `HF_ENDPOINT`
 pointing at it:
 
-- `POST /api/repos/create`                                    -> `{"url": ...}` (409 if it exists)
+- `POST /api/repos/create`                                    -> `{"url": ...}` (409 with the `url` if it exists)
 - `POST /api/models/{repo}/preupload/{revision}`              -> every file "regular" (inline base64 in the commit)
 - `POST /api/models/{repo}/commit/{revision}` (NDJSON)        -> header, file, deletedFile lines; `{"commitOid"...}`
 - `HEAD|GET /{repo}/resolve/{revision}/{path}`                -> the file, with `X-Repo-Commit`, `ETag`, size
@@ -224,8 +224,10 @@ class _Handler(BaseHTTPRequestHandler):
                 repo_id = "/".join(p for p in (payload.get("organization"), payload["name"]) if p)
                 if "/" not in repo_id:
                     repo_id = f"user/{repo_id}"
-                if repo_id in self.hub.repos:
-                    return self._error(409, "RepoExists", "You already created this model repo")
+                if repo_id in self.hub.repos:  # as the Hub: 409 with the url (create_repo(exist_ok=True) reads it)
+                    message = "You already created this model repo"
+                    return self._send(409, json.dumps({"error": message, "url": f"{self.hub.endpoint}/{repo_id}"}).encode(),
+                                      {"X-Error-Code": "RepoExists", "X-Error-Message": message})
                 self.hub.repos[repo_id] = _Repo()
                 return self._json(200, {"url": f"{self.hub.endpoint}/{repo_id}", "name": repo_id})
             if parts == ["api", "validate-yaml"]:

@@ -149,7 +149,7 @@ def test_tied_embedding_is_stored_once_and_int8_still_quantizes_the_head(llama_d
     assert abs(saved - 128 * 64 * 4) < 512  # one 32 KB matrix less (less the Transpose node's few bytes)
     assert not (tmp_path / "tied" / ".traced").exists() and ".traced" not in report.files
     quantized = [n.op_type for n in onnx.load(str(tmp_path / "tied" / "model_quantized.onnx")).graph.node]
-    assert quantized.count("MatMulInteger") == 2 * 7 + 1  # the LM head too
+    assert quantized.count("MatMulNBits") == 2 * 7 + 1  # the LM head too (decoders: blockwise int8)
     onnx_model = OnnxModel.from_pretrained(tmp_path / "tied")
     ids = _ids(128, 2, 6)
     expected = tied.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
@@ -164,9 +164,9 @@ def test_int8_from_the_cli_agrees_on_most_predictions(llama_dir, tmp_path, capsy
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(out / "model_quantized.onnx")).graph.node]
-    assert ops.count("MatMulInteger") == 2 * 7 + 1  # every Linear (7 per layer, the LM head); attention stays fp32
+    assert ops.count("MatMulNBits") == 2 * 7 + 1  # every Linear (7 per layer, the LM head); attention stays fp32
     assert (out / "model_quantized.onnx").stat().st_size < 0.7 * (out / "model.onnx").stat().st_size
-    assert "quantize_dynamic" in (out / "README.md").read_text()
+    assert "blockwise int8" in printed and "MatMulNBitsQuantizer" in (out / "README.md").read_text()
     model = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     int8 = OnnxModel.from_pretrained(out, "model_quantized.onnx")
     ids = _ids(128, 4, 16, seed=5)
@@ -258,7 +258,7 @@ def test_bad_inputs_fail_before_any_work(cofi_dir, llama_dir, tmp_path, monkeypa
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="exists and is not empty; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match="already holds .*; pass overwrite=True"):
         export_onnx(llama_dir, existing)
     assert _untouched(existing) == [("keep.txt", b"mine")]
     assert not (tmp_path / "o").exists()
@@ -345,3 +345,43 @@ def test_missing_onnx_names_the_extra():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "needs onnx and onnxruntime" in proc.stdout and "pip install 'hf_prune[deploy]'" in proc.stdout
+
+
+def test_outputs_overlapping_the_source_are_refused_and_modes_follow_the_umask(llama_dir, tmp_path, monkeypatch):
+    import shutil
+    import stat
+
+    import hf_prune.deploy.export as export_module
+
+    models = tmp_path / "models"
+    src = models / "src"
+    shutil.copytree(llama_dir, src)
+    (src / "onnx").mkdir()
+    (src / "onnx" / "model.onnx").write_bytes(b"an earlier export")
+    (models / "sibling").mkdir()
+    (models / "sibling" / "config.json").write_text("{}")
+    link = tmp_path / "link"
+    link.symlink_to(src)
+    before = {str(p): p.read_bytes() for p in models.rglob("*") if p.is_file()}
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the export started before the output was checked")
+
+    monkeypatch.setattr(export_module, "export_graph", no_export)
+    for source, out, relation in [(src, src, "is"), (src, models, "contains"), (src, src / "onnx", "is inside"),
+                                  (src, link, "is"), (link, src, "is"), (link, models, "contains")]:
+        with pytest.raises(ValueError, match=f"{relation} the source .*writing there would replace the source"):
+            export_onnx(source, out, overwrite=True)
+    assert cli_main(["export-onnx", str(src), str(src), "--overwrite"]) == 2
+    assert cli_main(["export-onnx", str(src), str(models), "--overwrite"]) == 2
+    assert {str(p): p.read_bytes() for p in models.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    previous = os.umask(0o027)
+    try:
+        export_onnx(src, tmp_path / "onnx")
+    finally:
+        os.umask(previous)
+    out = tmp_path / "onnx"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750  # not mkdtemp's 0700
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path.name

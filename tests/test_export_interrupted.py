@@ -23,7 +23,7 @@ CHILD = r"""
 import builtins, json, os, shutil, signal, sys, time
 import torch
 torch.set_num_threads(1)
-import hf_prune.export.save as save
+import hf_prune.output_dir as save
 import hf_prune.export.shards as shards
 from export_utils import prune, tiny_model
 

@@ -3,7 +3,6 @@
 import copy
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 
@@ -14,19 +13,12 @@ BOUND_ADMM_50 = 2.0
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from hf_prune.assets import smollm2_path, wikipedia_split
+def smollm2_windows(smollm2):
     from hf_prune.oneshot.calibration import calibration_windows, tokenize_texts
 
-    path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    calibration, evaluation = wikipedia_split()
-    calib = calibration_windows(calibration, tokenizer, num_samples=16, seq_len=256, seed=0)
-    eval_ids = tokenize_texts(evaluation, tokenizer)[: 8 * 512]
-    return model, calib, eval_ids
+    calib = calibration_windows(smollm2.calibration, smollm2.tokenizer, num_samples=16, seq_len=256, seed=0)
+    eval_ids = tokenize_texts(smollm2.held_out, smollm2.tokenizer)[: 8 * 512]
+    return smollm2.model, calib, eval_ids
 
 
 def test_wikipedia_split_is_disjoint_and_large_enough():
@@ -40,11 +32,11 @@ def test_wikipedia_split_is_disjoint_and_large_enough():
     assert sum(map(len, evaluation)) > 16_000 * 3  # comfortably over 16k tokens at ~4 characters per token
 
 
-def test_admm_50_keeps_perplexity_close_and_beats_magnitude(smollm2):
+def test_admm_50_keeps_perplexity_close_and_beats_magnitude(smollm2_windows):
     from hf_prune import ADMMConfig, MagnitudeConfig, get_pruning_state, oneshot
     from hf_prune.evaluation import perplexity
 
-    dense, calib, eval_ids = smollm2
+    dense, calib, eval_ids = smollm2_windows
     ppl = {"dense": perplexity(dense, input_ids=eval_ids, seq_len=512, show_progress=False)}
     for name, config in {
         "admm": ADMMConfig(sparsity=0.5, num_calibration_samples=16, max_seq_length=256),

@@ -6,7 +6,6 @@ import copy
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from transformers import PreTrainedModel
 
 from hf_prune_ort import ONNX_FILE, QUANTIZED_FILE, OnnxModel
 
+from ..output_dir import OutputBuild
 from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, export_graph, share_tied_weights
 from .opsets import check_opset
 from .tasks import TASKS, Task, resolve_task
@@ -45,6 +45,8 @@ class OnnxExportReport:
     logit_tolerance: float | None = None
     int8: dict | None = None
     min_int8_agreement: float | None = None
+    int8_scheme: str | None = None
+    verified_on: str | None = None
     onnx_file: str = ONNX_FILE
     quantized_file: str | None = None
     external_data: str | None = None
@@ -58,14 +60,6 @@ class OnnxExportReport:
     @property
     def ort_class(self) -> str:
         return TASKS[self.task].ort_class
-
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output {str(out)!r} exists and is not empty; pass overwrite=True (--overwrite) to "
-                              "replace it")
 
 
 def _load_source(model_or_dir, task: str):
@@ -114,23 +108,9 @@ def _verify(model, path: Path, file_name: str, task: Task, inputs) -> dict:
     return compare(model, onnx, task, inputs)
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Renames `tmp` to `out`; an existing `out` is renamed aside first and removed after, so at every moment the
-    path holds either the old export or the complete new one."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.hf_prune-old-", dir=out.parent))
-    os.rename(out, old / out.name)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def export_onnx(model_or_dir, out: str | os.PathLike, task: str = "auto", int8: bool = False, opset: int | None = None,
                 overwrite: bool = False, *, tokenizer=None, atol: float = 1e-4, rtol: float = 1e-5,
-                min_int8_agreement: float = 0.9,
+                min_int8_agreement: float = 0.9, int8_scheme: str = "auto",
                 command: str | None = None) -> OnnxExportReport:
     """Exports a (pruned) model to ONNX Runtime, checked against PyTorch before anything is written.
 
@@ -142,10 +122,16 @@ def export_onnx(model_or_dir, out: str | os.PathLike, task: str = "auto", int8: 
             an "ONNX export" section).
         task: `"auto"` (from the architecture), `"text-classification"`, `"fill-mask"` or `"text-generation"`
             (exported with the KV cache: `past_key_values.{i}.key/value` in, `present.{i}.key/value` out).
-        int8: also write `model_quantized.onnx`, dynamic int8 weight quantization of the checked graph
-            (`onnxruntime.quantization.quantize_dynamic`).
+        int8: also write `model_quantized.onnx`, int8 weight quantization of the checked graph, in settings that
+            are right on every CPU ONNX Runtime supports (see `int8_scheme`).
+        int8_scheme: `"auto"` (default: `"blockwise"` for text generation, `"dynamic"` otherwise), `"dynamic"`
+            (int8 per-channel weights with `reduce_range`, i.e. 7-bit, activations quantized at run time:
+            `MatMulInteger`; the fast path for encoders) or `"blockwise"` (8-bit weights with a scale per block of 32
+            inputs: `MatMulNBits`; decoders' activation outliers defeat per-tensor activation quantization). Why each,
+            in `hf_prune.deploy.quantize`.
         opset: ONNX opset (default 17); it must be one the exporter writes and ONNX Runtime runs.
-        overwrite: replace an existing non-empty `out`.
+        overwrite: replace an existing non-empty `out` (its whole content). An `out` that is, contains or is inside
+            the source directory is refused (symlinks resolved), with or without `overwrite`.
         tokenizer: the tokenizer to save and to build the check inputs with (default: the directory's, if any).
         atol, rtol: the fp32 graph's max abs logit difference from PyTorch must be at most
             `atol + rtol * max|logit|` (the largest PyTorch logit over the checked positions). fp32 rounding error
@@ -166,60 +152,65 @@ def export_onnx(model_or_dir, out: str | os.PathLike, task: str = "auto", int8: 
     for name, value in (("atol", atol), ("rtol", rtol)):
         if not (isinstance(value, (int, float)) and value >= 0):
             raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    _check_output(out, overwrite)
+    source_dir = None if isinstance(model_or_dir, torch.nn.Module) else model_or_dir
+    output = OutputBuild(out, overwrite=overwrite, sources=[source_dir])  # refused here, before any work
     opset = check_opset(DEFAULT_OPSET if opset is None else opset)
+    from .quantize import resolve_scheme
+
+    resolve_scheme(int8_scheme, decoder=False)  # a bad name is refused before any work
     model, dir_tokenizer, source, chosen = _load_source(model_or_dir, task)
     tokenizer = tokenizer if tokenizer is not None else dir_tokenizer
     if next(model.parameters()).dtype != torch.float32:
         model = copy.deepcopy(model).float()  # never change the caller's model
     was_training = model.training
     model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.hf_prune-onnx-tmp-", dir=out.parent))
     try:
-        logger.info("hf_prune: exporting %s to ONNX (task %s, opset %d)", type(model).__name__, chosen.name, opset)
-        traced = tmp / ".traced"  # the exporter's graph; int8 quantizes it (a MatMul fed by a Transpose is not quantized)
-        traced.mkdir()
-        names = export_graph(model, chosen, traced / ONNX_FILE, opset)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        external = EXTERNAL_DATA_FILE if weight_bytes > EXTERNAL_DATA_BYTES else None
-        shared = share_tied_weights(traced / ONNX_FILE, tmp / ONNX_FILE, external)
-        if shared:
-            logger.info("hf_prune: %d tied weight(s) stored once in the ONNX graph: %s", len(shared), ", ".join(shared))
-        inputs = sample_inputs(model, tokenizer, chosen)
-        check = _verify(model, tmp, ONNX_FILE, chosen, inputs)
-        limit = logit_tolerance(atol, rtol, check["max_abs_logit"])
-        logger.info("hf_prune: ONNX vs PyTorch: max abs logit diff %.2e (limit %.2e)", check["max_abs_logit_diff"],
-                    limit)
-        if not check["max_abs_logit_diff"] <= limit:
-            raise ExportVerificationError(
-                f"the ONNX graph's logits differ from PyTorch's by {check['max_abs_logit_diff']:.2e} (limit "
-                f"{limit:.2e} = atol {atol:g} + rtol {rtol:g} x max |logit| {check['max_abs_logit']:.3g}); nothing "
-                f"was written to {str(out)!r}")
-        report = OnnxExportReport(path=out, task=chosen.name, opset=opset, inputs=names["inputs"],
-                                  outputs=names["outputs"], verification=check, atol=atol, rtol=rtol,
-                                  logit_tolerance=limit, external_data=external, command=command)
-        if int8:
-            from .quantize import quantize_int8
-
-            quantize_int8(traced / ONNX_FILE, tmp / QUANTIZED_FILE)
-            q = _verify(model, tmp, QUANTIZED_FILE, chosen, inputs)
-            logger.info("hf_prune: int8 vs PyTorch: argmax agreement %.4f", q["argmax_agreement"])
-            if not q["argmax_agreement"] >= min_int8_agreement:
+        with output.building() as tmp:
+            logger.info("hf_prune: exporting %s to ONNX (task %s, opset %d)", type(model).__name__, chosen.name, opset)
+            traced = tmp / ".traced"  # the exporter's graph; int8 quantizes it (a MatMul fed by a Transpose is not quantized)
+            traced.mkdir()
+            names = export_graph(model, chosen, traced / ONNX_FILE, opset)
+            weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            external = EXTERNAL_DATA_FILE if weight_bytes > EXTERNAL_DATA_BYTES else None
+            shared = share_tied_weights(traced / ONNX_FILE, tmp / ONNX_FILE, external)
+            if shared:
+                logger.info("hf_prune: %d tied weight(s) stored once in the ONNX graph: %s", len(shared), ", ".join(shared))
+            inputs = sample_inputs(model, tokenizer, chosen)
+            check = _verify(model, tmp, ONNX_FILE, chosen, inputs)
+            limit = logit_tolerance(atol, rtol, check["max_abs_logit"])
+            logger.info("hf_prune: ONNX vs PyTorch: max abs logit diff %.2e (limit %.2e)", check["max_abs_logit_diff"],
+                        limit)
+            if not check["max_abs_logit_diff"] <= limit:
                 raise ExportVerificationError(
-                    f"the int8 graph agrees with PyTorch's argmax on {q['argmax_agreement']:.1%} of positions "
-                    f"(limit min_int8_agreement={min_int8_agreement:g}); nothing was written to {str(out)!r}")
-            report.int8, report.min_int8_agreement, report.quantized_file = q, min_int8_agreement, QUANTIZED_FILE
-        shutil.rmtree(traced)
-        _save_config(model, tmp, chosen)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        from .card import build_card
+                    f"the ONNX graph's logits differ from PyTorch's by {check['max_abs_logit_diff']:.2e} (limit "
+                    f"{limit:.2e} = atol {atol:g} + rtol {rtol:g} x max |logit| {check['max_abs_logit']:.3g}); nothing "
+                    f"was written to {str(out)!r}")
+            report = OnnxExportReport(path=out, task=chosen.name, opset=opset, inputs=names["inputs"],
+                                      outputs=names["outputs"], verification=check, atol=atol, rtol=rtol,
+                                      logit_tolerance=limit, external_data=external, command=command)
+            if int8:
+                from ..cpu import describe_cpu
+                from .quantize import quantize_int8
 
-        build_card(model, source, report).save(tmp / "README.md")
-        report.files = sorted(p.name for p in tmp.iterdir())
-        _move_into_place(tmp, out)
+                scheme = resolve_scheme(int8_scheme, chosen.decoder)
+                quantize_int8(traced / ONNX_FILE, tmp / QUANTIZED_FILE, scheme)
+                q = _verify(model, tmp, QUANTIZED_FILE, chosen, inputs)
+                logger.info("hf_prune: int8 (%s) vs PyTorch: argmax agreement %.4f", scheme, q["argmax_agreement"])
+                if not q["argmax_agreement"] >= min_int8_agreement:
+                    raise ExportVerificationError(
+                        f"the int8 graph agrees with PyTorch's argmax on {q['argmax_agreement']:.1%} of positions "
+                        f"(limit min_int8_agreement={min_int8_agreement:g}, int8_scheme={scheme!r}); nothing was "
+                        f"written to {str(out)!r}")
+                report.int8, report.min_int8_agreement, report.quantized_file = q, min_int8_agreement, QUANTIZED_FILE
+                report.int8_scheme, report.verified_on = scheme, describe_cpu()
+            shutil.rmtree(traced)
+            _save_config(model, tmp, chosen)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            from .card import build_card
+
+            build_card(model, source, report).save(tmp / "README.md")
+            report.files = sorted(p.name for p in tmp.iterdir())
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         model.train(was_training)
     return report

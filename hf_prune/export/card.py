@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..state import get_pruning_state
+from ..state import get_pruning_state, get_training_record
 from .summary import INTERNAL_METRICS, is_speed_metric
 
 TEMPLATE_NAME = "pruned_model_card.md.j2"
+TRAINED_TEMPLATE_NAME = "trained_model_card.md.j2"
 CARD_MARKER = "hf_prune:model-card"
 
 _LAYOUT_TEXT = {
@@ -26,13 +27,13 @@ _LAYOUT_TEXT = {
 }
 
 
-def template_path() -> Path:
+def template_path(name: str = TEMPLATE_NAME) -> Path:
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "model_cards" / TEMPLATE_NAME, here.parents[1] / "model_cards" / TEMPLATE_NAME):
+    for candidate in (here.parent / "model_cards" / name, here.parents[1] / "model_cards" / name):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"hf_prune model card template {TEMPLATE_NAME!r} not found next to the package or in the repository's "
+        f"hf_prune model card template {name!r} not found next to the package or in the repository's "
         "model_cards/; reinstall hf_prune"
     )
 
@@ -176,6 +177,8 @@ def build_model_card(
 ) -> ModelCard:
     """Renders the card of `model` (its `PruningState`); file sizes are read from `directory` when given."""
     state = get_pruning_state(model)
+    if state is None and get_training_record(model):
+        return build_trained_card(model, directory, eval_results=eval_results, repo_id=repo_id, tags=tags)
     if state is None:
         raise ValueError("build_model_card needs a model carrying an hf_prune PruningState")
     method = state.config.method or type(state.config).__name__
@@ -238,4 +241,42 @@ def build_model_card(
         structure=structure,
         params_before=f"{structure['params_before']:,}" if structure and structure["params_before"] else None,
         command=state.command,
+    )
+
+
+_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                 "vocab_size")
+
+
+def build_trained_card(model, directory=None, *, eval_results=None, repo_id: str | None = None,
+                       tags: list[str] | None = None) -> ModelCard:
+    """The card of a plain (unpruned) model that hf_prune trained, e.g. a smaller student distilled from a teacher:
+    its shape, parameters, the run's record ([`record_training`]) and how to load it with plain transformers."""
+    record = get_training_record(model)
+    teacher = record.get("distillation_teacher")
+    evals = _eval_results(eval_results)
+    base = getattr(model.config, "_name_or_path", None) or None
+    card_tags = ["hf_prune"] + (["distillation"] if teacher else [])
+    card_tags += [t for t in tags or [] if t not in card_tags]
+    card_data = ModelCardData(base_model=base, library_name="transformers", tags=card_tags, eval_results=evals or None,
+                              model_name=(repo_id or (Path(directory).name if directory else None) or "model") if evals else None)
+    size = sum(p.stat().st_size for p in Path(directory).glob("*.safetensors")) if directory is not None else None
+    config = model.config
+    shape = [(k, getattr(config, k)) for k in _SHAPE_FIELDS if getattr(config, k, None) is not None]
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path(TRAINED_TEMPLATE_NAME)),
+        marker=CARD_MARKER,
+        title=f"{Path(base).name if base else 'Model'}" + (f" distilled from {Path(str(teacher)).name}" if teacher else ""),
+        teacher=teacher,
+        params_total=f"{sum(p.numel() for p in model.parameters()):,}",
+        teacher_params=f"{record['distillation_teacher_params']:,}" if record.get("distillation_teacher_params") else None,
+        size=_size(size) if size else None,
+        model_type=getattr(config, "model_type", None),
+        shape=shape,
+        auto_class=_auto_class(model),
+        repo_id=repo_id or (str(directory) if directory else "path/to/model"),
+        metrics=[(k, v) for k, v in record.items() if k not in ("command", "distillation_command")],
+        eval_results=evals,
+        command=record.get("distillation_command") or record.get("command"),
     )

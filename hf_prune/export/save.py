@@ -11,22 +11,19 @@ methods that pickle, so `pickle`, `copy.deepcopy` and `torch.save(model)` copies
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import glob
 import inspect
 import logging
 import os
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..state import PruningState, get_pruning_state
+from ..output_dir import atomic_output_dir, check_output
+from ..state import PruningState, get_pruning_state, get_training_record
 from .codecs import META_SUFFIX
+from .hub import DEFAULT_TIMEOUT
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +185,14 @@ def compressed_state_dict(model, qconfig=None):
 
 
 # ------------------------------------------------------------------------------------------------ atomic save
+def _is_model_file(name: str) -> bool:
+    return name in _EXPORT_FILES or name.endswith(_MODEL_FILE_SUFFIXES)
+
+
 def _holds_model(directory: Path) -> list[str]:
-    return sorted(
-        p.name for p in directory.iterdir() if p.name in _EXPORT_FILES or p.name.endswith(_MODEL_FILE_SUFFIXES)
-    )
+    """What makes `directory` hold a model (`conflicts` of the save protocol), named in the "exists" error."""
+    names = sorted(p.name for p in directory.iterdir() if _is_model_file(p.name))
+    return [f"a model ({', '.join(names)})"] if names else []
 
 
 def _is_our_card(path: Path) -> bool:
@@ -204,18 +205,9 @@ def _is_our_card(path: Path) -> bool:
 
 
 def check_can_write(save_directory: str | os.PathLike, overwrite: bool) -> Path:
-    """The target directory of an export, refused (before any work) if it is a file or already holds a model."""
-    target = Path(save_directory)
-    if target.exists() and not target.is_dir():
-        raise NotADirectoryError(f"save_directory {str(target)!r} exists and is not a directory")
-    if target.is_dir() and not overwrite:
-        existing = _holds_model(target)
-        if existing:
-            raise FileExistsError(
-                f"{str(target)!r} already holds a model ({', '.join(existing)}); pass overwrite=True to replace it "
-                "or choose another directory"
-            )
-    return target
+    """The resolved target directory of an export (a symlink is followed), refused before any work if it is a file,
+    a dangling link, or already holds a model (without `overwrite`)."""
+    return check_output(save_directory, overwrite, conflicts=_holds_model, what="save_directory")
 
 
 def save_pruned(
@@ -229,16 +221,18 @@ def save_pruned(
     eval_results: list | None = None,
     repo_id: str | None = None,
     tags: list[str] | None = None,
+    tokenizer=None,
     is_main_process: bool = True,
     **save_kwargs,
 ) -> Path:
-    """Writes a pruned model atomically: compressed safetensors, `config.json`, and the model card.
+    """Writes a pruned model atomically: compressed safetensors, `config.json`, the model card (and the tokenizer).
 
     Args:
-        model: a model pruned by hf_prune (it carries a `PruningState`) or loaded from a compressed export.
-        save_directory: output directory. If it exists and already holds a model (`config.json` or weight files),
-            saving is an error unless `overwrite=True`; other content (your README, tokenizer files, Trainer
-            checkpoints) is left in place.
+        model: a model pruned by hf_prune (it carries a `PruningState`) or loaded from a compressed export, or a
+            plain model that `hf_prune.distill` trained (saved dense, with its own config and a card of the run).
+        save_directory: output directory (a symlink to a directory is saved into, the link kept). If it exists and
+            already holds a model (`config.json` or weight files), saving is an error unless `overwrite=True`;
+            other content (your README, tokenizer files, Trainer checkpoints) is left in place.
         overwrite: replace an existing model in `save_directory`.
         dense: write ordinary dense safetensors (zeros included) without `quantization_config`, for runtimes that
             cannot read the compressed format. The card is still written.
@@ -248,17 +242,17 @@ def save_pruned(
             their arguments (`task_type`, `dataset_type`, `dataset_name`, `metric_type`, `metric_value`, ...).
         repo_id: the Hub repository the card's usage snippet names (default: the directory name).
         tags: extra tags for the card.
+        tokenizer: a tokenizer (or processor) to save with the model, in the same atomic write.
         is_main_process: only the main process writes (as in `save_pretrained`).
         save_kwargs: `max_shard_size` (bytes or `"200MB"`; default: transformers' `save_pretrained` default):
             bigger exports are written as `model-0000i-of-0000N.safetensors` shards with the standard
             `model.safetensors.index.json`, each compressed weight in the same shard as its companions. With
             `dense=True`, any argument of transformers' `save_pretrained`.
 
-    The files are written to a hidden temporary directory next to `save_directory`, verified, and then swapped in
-    whole: at any moment (a crash or `kill -9` included) `save_directory` holds the complete old export, the complete
-    new one, or nothing, never a mix. Hidden temporary directories that an interrupted save of the same target left
-    behind are removed by the next save. Files and directories get the usual permissions (umask), as with
-    transformers.
+    Everything is written to a hidden build directory, verified, and then moved into place by the save protocol of
+    `hf_prune.output_dir` (the guarantees, including a target under a read-only parent, are listed there): the
+    target holds the complete old export, the complete new one, or nothing, never a mix; a full disk raises
+    `OutputWriteError` and leaves the target as it was. Files and directories get the usual permissions (umask).
     """
     if not is_main_process:
         return Path(save_directory)
@@ -266,16 +260,17 @@ def save_pruned(
         raise ValueError("hf_prune writes safetensors only; safe_serialization=False is not supported")
     if save_kwargs.pop("push_to_hub", False):
         raise ValueError("Use model.push_to_hub(repo_id) or hf_prune.push_pruned(directory, repo_id) to upload")
+    if get_pruning_state(model) is None and get_training_record(model):
+        dense = True  # a plain model trained by hf_prune (e.g. distilled): its own config, ordinary safetensors
     if not dense:
         check_compressed_save_kwargs(save_kwargs)
     target = check_can_write(save_directory, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(target)}{os.getpid()}-", dir=target.parent))
-    try:
+    user_readme = target / _README
+    keep_user_readme = user_readme.is_file() and not _is_our_card(user_readme) and not replace_readme
+    keep = export_keeps(keep_readme=keep_user_readme or not model_card)
+    with atomic_output_dir(save_directory, overwrite=overwrite, conflicts=_holds_model, keep=keep,
+                           what="save_directory") as tmp:
         report = _write_export(model, tmp, dense=dense, save_kwargs=save_kwargs)
-        user_readme = target / _README
-        keep_user_readme = user_readme.is_file() and not _is_our_card(user_readme) and not replace_readme
         if model_card:
             if keep_user_readme:
                 logger.warning(
@@ -286,14 +281,22 @@ def save_pruned(
 
                 card = build_model_card(
                     model, tmp, report=report, eval_results=eval_results, dense=dense,
-                    repo_id=repo_id or target.name, tags=tags,
+                    repo_id=repo_id or Path(save_directory).name, tags=tags,
                 )
                 card.save(tmp / _README)
-        _apply_umask(tmp)
-        _move_into_place(tmp, target, keep_readme=keep_user_readme or not model_card)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(save_directory)
+
+
+def export_keeps(*, keep_readme: bool):
+    """Which entries of an existing directory a model export leaves in place: everything but the old export's
+    files (and the old README unless `keep_readme`)."""
+
+    def keep(entry: Path) -> bool:
+        return not _is_model_file(entry.name) and (keep_readme or entry.name != _README)
+
+    return keep
 
 
 def _write_export(model, directory: Path, *, dense: bool, save_kwargs: dict):
@@ -405,134 +408,12 @@ def _revert_weight_conversion(model, state_dict: dict) -> dict:
     return revert_weight_conversion(model, state_dict)
 
 
-def _move_into_place(tmp: Path, target: Path, *, keep_readme: bool) -> None:
-    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
-        if target.exists():
-            target.rmdir()
-        os.rename(tmp, target)  # atomic on POSIX: the directory appears complete or not at all
-        return
-    # Non-empty directory: the new directory gets the user's other files too (hard links: no copy of Trainer
-    # checkpoints), then the two directories are swapped, so the old export stays whole until the new one is in.
-    new_names = sorted(p.name for p in tmp.iterdir())
-    replaced = set(_holds_model(target)) | set(new_names)
-    if not keep_readme:
-        replaced.add(_README)
-    for entry in target.iterdir():
-        if entry.name not in replaced:
-            _link_into(entry, tmp / entry.name)
-    if _exchange(tmp, target):  # target now holds the new export, tmp the old one
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    aside = target.parent / f"{_temp_prefix(target)}{os.getpid()}-old"
-    try:
-        os.rename(target, aside)
-    except OSError:  # e.g. target is a mount point: fall back to replacing the files in place
-        _replace_files(tmp, target, new_names, keep_readme=keep_readme)
-        return
-    os.rename(tmp, target)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _replace_files(tmp: Path, target: Path, new_names: list[str], *, keep_readme: bool) -> None:
-    """In-place replacement where the directory itself cannot be renamed (the only case that is not atomic): the
-    old export is taken down first (config.json first, so it stops looking complete), then the new files move in
-    with config.json last."""
-    for name in ["config.json", *(n for n in _holds_model(target) if n != "config.json")]:
-        (target / name).unlink(missing_ok=True)
-    if not keep_readme:
-        (target / _README).unlink(missing_ok=True)
-    for name in [n for n in new_names if n != "config.json"] + ["config.json"]:
-        os.replace(tmp / name, target / name)
-
-
-def _link_into(src: Path, dst: Path) -> None:
-    """Hard-links `src` (a file or a whole tree) at `dst`; copies where the filesystem has no hard links."""
-    if src.is_dir() and not src.is_symlink():
-        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
-    else:
-        _link_or_copy(src, dst)
-
-
-def _link_or_copy(src, dst) -> None:
-    try:
-        if os.path.islink(src):
-            os.symlink(os.readlink(src), dst)
-        else:
-            os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swaps two directories (Linux `renameat2(RENAME_EXCHANGE)`); `False` where that is unavailable.
-
-    Neither `os` nor any library exposes the exchange, so it is called through ctypes; everywhere else the caller
-    falls back to two renames (the target is briefly absent, never mixed).
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EXDEV, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-# --------------------------------------------------------------------------------------- interrupted saves
-def _temp_prefix(target: Path) -> str:
-    return f".{target.name}.hf_prune-tmp-"
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    """Deletes what an interrupted save of `target` left beside it: `.NAME.hf_prune-tmp-<pid>-*` directories of
-    processes that no longer run (names without a pid come from older hf_prune versions, also stale)."""
-    prefix = _temp_prefix(target)
-    for path in target.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = path.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
-            continue  # another process is saving to the same target right now
-        logger.info("hf_prune: removing %s, left by an interrupted save", path)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _apply_umask(directory: Path) -> None:
-    """The modes a plain `open()` would give (safetensors writes its files 0600)."""
-    mask = _umask()
-    os.chmod(directory, 0o777 & ~mask)
-    for path in directory.rglob("*"):
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 # --------------------------------------------------------------------------------- per-instance entry points
 def _save_pretrained(self, save_directory, *, overwrite: bool = False, dense: bool = False, **kwargs):
     """`save_pretrained` of a pruned model: see [`save_pruned`] (same arguments)."""
     if kwargs.pop("push_to_hub", False):
         repo_id = kwargs.pop("repo_id", Path(save_directory).name)
-        hub_kwargs = {k: kwargs.pop(k) for k in ("token", "private", "commit_message", "create_pr", "revision") if k in kwargs}
+        hub_kwargs = {k: kwargs.pop(k) for k in ("token", "private", "commit_message", "create_pr", "revision", "timeout") if k in kwargs}
         path = save_pruned(self, save_directory, overwrite=overwrite, dense=dense, **kwargs)
         from .hub import push_pruned
 
@@ -563,11 +444,14 @@ def _push_to_hub(
     tags: list[str] | None = None,
     eval_results: list | None = None,
     dense: bool = False,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ):
     """Uploads the compressed export and the hf_prune model card (the same files `save_pretrained` writes; sharded
-    with the standard index when bigger than `max_shard_size`, transformers' default when `None`)."""
-    from .hub import push_pruned
+    with the standard index when bigger than `max_shard_size`, transformers' default when `None`). `timeout`: seconds
+    one request may go without progress before the push fails with `PushError` (`None`: no limit)."""
+    from .hub import PushError, check_timeout, push_pruned
 
+    check_timeout(timeout)
     with tempfile.TemporaryDirectory(prefix="hf_prune-push-") as tmp:
         path = save_pruned(
             self,
@@ -578,16 +462,26 @@ def _push_to_hub(
             tags=tags,
             **({} if max_shard_size is None else {"max_shard_size": max_shard_size}),
         )
-        return push_pruned(
-            path,
-            repo_id,
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
-        )
+        try:
+            return push_pruned(
+                path,
+                repo_id,
+                commit_message=commit_message,
+                commit_description=commit_description,
+                private=private,
+                token=token,
+                revision=revision,
+                create_pr=create_pr,
+                timeout=timeout,
+            )
+        except PushError as err:  # its message names the temporary export, which is deleted on the way out
+            raise PushError(
+                f"Pushing to {err.repo_id!r} failed while {err.step}: {err.cause}. The export was built in a "
+                "temporary directory, now deleted; the model in memory is unchanged: retry "
+                f"model.push_to_hub({repo_id!r}), or save it with model.save_pretrained(DIR) and push that with "
+                f"hf_prune.push_pruned(DIR, {repo_id!r}) (a retry is safe: the repository is created only if missing).",
+                step=err.step, repo_id=err.repo_id, cause=err.cause,
+            ) from err.__cause__
 
 
 __all__ = [

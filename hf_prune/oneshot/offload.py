@@ -13,22 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..export.save import (
-    _apply_umask,
-    _is_our_card,
-    _move_into_place,
-    _remove_stale_temporaries,
-    _temp_prefix,
-    check_can_write,
-)
+from ..export.save import _holds_model, _is_our_card, export_keeps
+from ..output_dir import OutputBuild
 from ..export.shards import INDEX_NAME as INDEX_FILE
 from .blocks import Blocks, find_blocks
 
@@ -118,12 +109,15 @@ class OffloadedCheckpoint:
 
     def __init__(
         self, path, output, *, overwrite: bool, dtype: torch.dtype, device: torch.device, layout: str,
-        max_shard_size: int | str | None = None,
+        max_shard_size: int | str | None = None, tokenizer=None,
     ):
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model path {str(path)!r} is not a directory (offloaded pruning reads a local checkpoint)")
-        self.target = check_can_write(output, overwrite)
+        self.output = OutputBuild(output, overwrite=overwrite, conflicts=_holds_model, sources=[path],
+                                   what="offload_dir")
+        self.target = self.output.target  # symlinks resolved
+        self.tokenizer = tokenizer  # saved into the export with the weights (same atomic write)
         self.reader = CheckpointReader(path)
         self.model = empty_model_from_checkpoint(path, dtype)
         self.blocks: Blocks = find_blocks(self.model)
@@ -206,9 +200,7 @@ class OffloadedCheckpoint:
         from ..export.shards import ShardWriter
         from ..version import __version__
 
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(self.target)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(self.target)}{os.getpid()}-", dir=self.target.parent))
+        self._tmp = self.output.begin()
         self._names = {f"{name}.weight" for name in module_names}  # the weights to try compressing
         format_name = HfPruneExportConfig().format
         self._writer = ShardWriter(self._tmp, max_shard_size=self.max_shard_size,
@@ -237,32 +229,35 @@ class OffloadedCheckpoint:
         from ..export.integrity import verify_checksums
         from ..export.save import export_config_for, write_model_config
 
-        prefix = self.blocks.prefix + "."
-        tensors = self.model.state_dict()
-        rest = {k: self.reader.get(k).to(tensors[k].dtype) for k in self.keys
-                if not k.startswith(prefix) and k in self.reader.weight_map}
-        self._writer.add(rest)
-        del rest
-        files = self._writer.close(total_parameters=self.model.num_parameters())
-        qconfig = export_config_for(self.model)
-        self.model.config.quantization_config = qconfig
-        write_model_config(self.model, self._tmp)
-        verify_checksums(files, required=True)
-        readme = self.target / "README.md"
-        keep_readme = (readme.is_file() and not _is_our_card(readme)) or not model_card
-        if not keep_readme:
-            report = CompressionReport()
-            report.entries.update(self.report_entries)
-            build_model_card(self.model, self._tmp, report=report, repo_id=self.target.name).save(self._tmp / "README.md")
-        _apply_umask(self._tmp)
-        _move_into_place(self._tmp, self.target, keep_readme=keep_readme)
+        with self.output.guarded():  # a full disk: OutputWriteError, the target left as it was
+            prefix = self.blocks.prefix + "."
+            tensors = self.model.state_dict()
+            rest = {k: self.reader.get(k).to(tensors[k].dtype) for k in self.keys
+                    if not k.startswith(prefix) and k in self.reader.weight_map}
+            self._writer.add(rest)
+            del rest
+            files = self._writer.close(total_parameters=self.model.num_parameters())
+            qconfig = export_config_for(self.model)
+            self.model.config.quantization_config = qconfig
+            write_model_config(self.model, self._tmp)
+            verify_checksums(files, required=True)
+            readme = self.target / "README.md"
+            keep_readme = (readme.is_file() and not _is_our_card(readme)) or not model_card
+            if not keep_readme:
+                report = CompressionReport()
+                report.entries.update(self.report_entries)
+                card = build_model_card(self.model, self._tmp, report=report, repo_id=self.output.requested.name)
+                card.save(self._tmp / "README.md")
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(self._tmp)
+            self.output.keep = export_keeps(keep_readme=keep_readme)
+            self.output.commit()
         self.close()
-        return self.target
+        return self.output.requested
 
     def close(self) -> None:
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        self.output.abort()
+        self._tmp = None
 
 
 def release_free_memory() -> None:

@@ -61,7 +61,8 @@ def oneshot(
             it is written, compressed, as its own shard of the export in `offload_dir` and dropped. Only one block,
             the calibration activations and one block's statistics are resident. `offload_dir` ends up holding the
             same export as `model.save_pretrained(offload_dir)` after an in-memory run (sharded, one shard per
-            block), written atomically. OWL is not available offloaded (it needs every block before pruning).
+            block), written atomically, with `tokenizer` saved beside it. OWL is not available offloaded (it needs
+            every block before pruning).
         overwrite: with `offload_dir`, replace a model already there (refused otherwise, before any work).
         dtype: with `offload_dir`, the dtype the blocks are loaded, computed and saved in (as `from_pretrained`'s
             `dtype`).
@@ -86,7 +87,7 @@ def oneshot(
             raise ValueError(f"{owner}.owl needs every block's outputs before pruning; it is not available with offload_dir")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         store = OffloadedCheckpoint(model, offload_dir, overwrite=overwrite, dtype=dtype, device=device,
-                                    layout=config.pattern)
+                                    layout=config.pattern, tokenizer=tokenizer)
         model = store.model
     elif not isinstance(model, nn.Module):
         raise TypeError(

@@ -7,43 +7,37 @@ import tempfile
 
 import torch
 
+from ..training.text_data import (  # noqa: F401  (training_windows: re-exported, benchmarks import it from here)
+    check_steps,
+    eval_token_ids,
+    lm_examples,
+    run_record,
+    text_training_args,
+    training_windows,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def training_windows(texts, tokenizer, seq_len: int) -> torch.Tensor:
-    """Non-overlapping `seq_len`-token windows of the concatenated `texts` (the trailing partial one dropped)."""
-    from ..oneshot.calibration import tokenize_texts
-
-    ids = tokenize_texts(texts, tokenizer)
-    n = ids.numel() // seq_len
-    if n == 0:
-        raise ValueError(f"training text has {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)
-
-
 def train_adapter(peft_model, windows: torch.Tensor, *, steps: int, batch_size: int = 4, learning_rate: float = 2e-4,
-                  seed: int = 0, bf16: bool = False, callbacks=None, output_dir: str | None = None):
+                  seed: int = 0, bf16: bool | str = False, callbacks=None, output_dir: str | None = None):
     """Causal-LM training of `peft_model` on `windows` with a stock `transformers.Trainer` (cosine schedule, AdamW,
-    windows shuffled by the Trainer's sampler). Returns the `Trainer` (its `state` holds the log history)."""
-    from transformers import Trainer, TrainingArguments, default_data_collator
+    windows shuffled by the Trainer's sampler). `bf16`: True, False or "auto", as `hf_prune.cpu.use_bf16` decides
+    (fp32 on a CPU without native bf16). Returns the `Trainer` (its `state` holds the log history; `args.bf16` says
+    which precision ran)."""
+    from transformers import Trainer, default_data_collator
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    train = [{"input_ids": w, "labels": w} for w in windows]
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir or tmp, max_steps=steps, per_device_train_batch_size=batch_size,
-                                 learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
-                                 logging_steps=max(1, steps // 20), save_strategy="no", report_to=[], seed=seed,
-                                 bf16=bf16, use_cpu=bf16 and not torch.cuda.is_available(), weight_decay=0.0)
-        trainer = Trainer(model=peft_model, args=args, train_dataset=train, data_collator=default_data_collator,
-                          callbacks=callbacks)
+        args = text_training_args(output_dir or tmp, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                                  seed=seed, bf16=bf16, purpose="recovery training", device=peft_model.device)
+        trainer = Trainer(model=peft_model, args=args, train_dataset=lm_examples(windows),
+                          data_collator=default_data_collator, callbacks=callbacks)
         trainer.train()
     return trainer
 
 
 def recover(model, texts, tokenizer, *, steps: int, lora_config=None, seq_len: int = 512, batch_size: int = 4,
-            learning_rate: float = 2e-4, seed: int = 0, bf16: bool = False, eval_texts=None,
+            learning_rate: float = 2e-4, seed: int = 0, bf16: bool | str = False, eval_texts=None,
             eval_windows: int | None = None, eval_seq_len: int | None = None, data_name: str | None = None, callbacks=None,
             output_dir: str | None = None):
     """Masked-LoRA recovery of a pruned model: trains `get_sparse_peft_model(model, lora_config)` for `steps` on
@@ -60,7 +54,10 @@ def recover(model, texts, tokenizer, *, steps: int, lora_config=None, seq_len: i
         tokenizer: the model's tokenizer.
         steps: optimizer steps.
         lora_config (`peft.LoraConfig`, *optional*): default `r=16, lora_alpha=32, target_modules="all-linear"`.
-        bf16: train under bf16 autocast (the weights and the merge stay in their dtype).
+        bf16 (`bool` or `"auto"`): train under bf16 autocast (the weights and the merge stay in their dtype).
+            `"auto"` uses bf16 where the hardware runs it natively. On a CPU without native bf16 (no AVX-512 BF16 /
+            AMX: torch emulates it ~10x slower than fp32) training runs in fp32 either way, with a warning when
+            bf16 was asked for explicitly; `recovery_precision` in the card says which ran.
         eval_texts: held-out texts for perplexity before and after.
         eval_windows: at most this many evaluation windows.
         eval_seq_len: evaluation window length (default `seq_len`).
@@ -73,16 +70,10 @@ def recover(model, texts, tokenizer, *, steps: int, lora_config=None, seq_len: i
     from ..state import get_pruning_state
     from .model import get_sparse_peft_model
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    check_steps(steps)
     windows = training_windows(texts, tokenizer, seq_len)
-    eval_ids, eval_seq_len = None, eval_seq_len or seq_len
-    if eval_texts is not None:
-        from ..oneshot.calibration import tokenize_texts
-
-        eval_ids = tokenize_texts(eval_texts, tokenizer)
-        if eval_ids.numel() < eval_seq_len:
-            raise ValueError(f"evaluation text has {eval_ids.numel()} tokens, fewer than one window of {eval_seq_len}")
+    eval_seq_len = eval_seq_len or seq_len
+    eval_ids = eval_token_ids(eval_texts, tokenizer, eval_seq_len)
     lora_config = lora_config or LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     peft_model = get_sparse_peft_model(model, lora_config)  # checks every input before any work
     ppl_before = None
@@ -93,16 +84,9 @@ def recover(model, texts, tokenizer, *, steps: int, lora_config=None, seq_len: i
     trainer = train_adapter(peft_model, windows, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                             seed=seed, bf16=bf16, callbacks=callbacks, output_dir=output_dir)
     merged = peft_model.merge_and_unload()
-    done = trainer.state.global_step
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     state = get_pruning_state(merged)
-    state.metrics.update(
-        recovery_data=data_name or f"{len(texts)} texts, {windows.numel()} tokens",
-        recovery_steps=done, recovery_tokens=done * batch_size * seq_len, recovery_seq_len=seq_len,
-        recovery_learning_rate=learning_rate,
-    )
-    if losses:
-        state.metrics["recovery_train_loss"] = round(losses[-1], 4)
+    state.metrics.update(run_record("recovery", trainer, texts=texts, windows=windows, data_name=data_name,
+                                    learning_rate=learning_rate))
     if eval_ids is not None:
         ppl_after = perplexity(merged, input_ids=eval_ids, seq_len=eval_seq_len, max_windows=eval_windows)
         logger.info("held-out perplexity after recovery: %.3f", ppl_after)

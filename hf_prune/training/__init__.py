@@ -1,3 +1,4 @@
+from .distill_config import DistillationConfig
 from .plugin import TrainingPlugin, get_training_plugin_class, register_training_plugin
 
 
@@ -10,4 +11,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["PruningTrainer", "TrainingPlugin", "get_training_plugin_class", "register_training_plugin"]
+__all__ = ["DistillationConfig", "PruningTrainer", "TrainingPlugin", "get_training_plugin_class", "register_training_plugin"]

@@ -81,6 +81,22 @@ class TrainingPlugin:
         return model
 
 
+def is_peft_model(model) -> bool:
+    from transformers.utils import is_peft_available
+
+    if not is_peft_available():
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def merged_if_peft(model):
+    """A peft model merged into its base (`merge_and_unload`), any other model as it is: what plugins without their
+    own export return (e.g. masked-LoRA recovery keeps its mask through the merge)."""
+    return model.merge_and_unload() if is_peft_model(model) else model
+
+
 def register_training_plugin(config_cls: type[PruningConfig]):
     """Class decorator: `@register_training_plugin(MyConfig)` on a `TrainingPlugin` subclass."""
 

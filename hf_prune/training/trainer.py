@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer
 
 from ..config import PruningConfig
-from .plugin import TrainingPlugin, get_training_plugin_class
+from .distill_config import DistillationConfig
+from .distill_plugin import DistillationPlugin, check_teacher
+from .plugin import TrainingPlugin, get_training_plugin_class, is_peft_model, merged_if_peft
 
 PLUGIN_STATE_TENSORS = "hf_prune_plugin_state.safetensors"
 PLUGIN_STATE_JSON = "hf_prune_plugin_state.json"
@@ -32,9 +34,14 @@ class PruningTrainer(Trainer):
         pruning_config ([`PruningConfig`] or `None`): a training-time method's config (e.g. [`CoFiConfig`]), or
             `None` for no pruning method: the trainer is then a stock `Trainer` that keeps an hf_prune model's
             sparsity, e.g. masked-LoRA recovery of a pruned model (`hf_prune.get_sparse_peft_model`), where
-            `export_pruned_model()` returns the merged model with the same mask.
-        teacher_model (`torch.nn.Module`, *optional*): dense teacher for methods that distil (run in eval mode,
-            without gradients, on the training device).
+            `export_pruned_model()` returns the merged model with the same mask; with a `teacher_model` it distils
+            the teacher's next-token distribution into the model (logit distillation, [`DistillationConfig`]).
+        teacher_model (`torch.nn.Module`, *optional*): dense teacher, for `pruning_config=None` or a method that
+            distils (frozen: eval mode, no gradients, moved to the training device). It must not be the model itself
+            nor share its parameters; for logit distillation its vocabulary must equal the model's.
+        distillation_config ([`DistillationConfig`], *optional*): temperature, LM-loss mix and the optional
+            hidden-state loss of `pruning_config=None` with a teacher (default `DistillationConfig()`: logit KL alone
+            at T = 1). A method that distils (CoFi) takes these settings in its own config instead.
         *args, **kwargs: everything [`~transformers.Trainer`] accepts.
 
     Example:
@@ -44,20 +51,39 @@ class PruningTrainer(Trainer):
                              pruning_config=CoFiConfig(target_sparsity=0.6), train_dataset=train)
     trainer.train()
     small = trainer.export_pruned_model()
+
+    # logit distillation of a (smaller) student from the dense teacher, no pruning method
+    trainer = PruningTrainer(model=small, teacher_model=teacher, args=TrainingArguments("out"), train_dataset=train,
+                             pruning_config=None, distillation_config=DistillationConfig(temperature=1.0))
+    trainer.train()   # logs `kd_loss` (and `lm_loss` when the batches have labels)
     ```
     """
 
-    def __init__(self, model=None, args=None, *trainer_args, pruning_config: PruningConfig | None, teacher_model=None, **kwargs):
+    def __init__(self, model=None, args=None, *trainer_args, pruning_config: PruningConfig | None, teacher_model=None,
+                 distillation_config: DistillationConfig | None = None, **kwargs):
         if pruning_config is not None and not isinstance(pruning_config, PruningConfig):
             raise TypeError(f"pruning_config must be a PruningConfig or None, got {type(pruning_config).__name__}")
         if model is None:
             raise ValueError("PruningTrainer needs `model` (model_init is not supported: the method modifies the model)")
+        if distillation_config is not None and not isinstance(distillation_config, DistillationConfig):
+            raise TypeError(f"distillation_config must be a DistillationConfig, got {type(distillation_config).__name__}")
+        if teacher_model is not None:
+            check_teacher(model, teacher_model)
+        plugin_config = pruning_config
         if pruning_config is None:
             if teacher_model is not None:
-                raise ValueError("teacher_model was given with pruning_config=None; distillation needs a method that distils")
-            plugin_cls = _NoMethod
+                plugin_cls, plugin_config = DistillationPlugin, distillation_config or DistillationConfig()
+            elif distillation_config is not None:
+                raise ValueError("distillation_config was given without a teacher_model to distil from")
+            else:
+                plugin_cls = _NoMethod
         else:
-            if _is_peft_model(model):
+            if distillation_config is not None:
+                raise ValueError(
+                    f"distillation_config applies to pruning_config=None; method {pruning_config.method!r} sets its "
+                    f"distillation (temperature, weights) in {type(pruning_config).__name__}"
+                )
+            if is_peft_model(model):
                 raise ValueError(
                     f"PruningTrainer got a peft model with pruning_config={type(pruning_config).__name__}: a "
                     "training-time method cannot prune through LoRA adapters. For masked-LoRA recovery of a pruned "
@@ -68,7 +94,7 @@ class PruningTrainer(Trainer):
                 raise ValueError(f"teacher_model was given, but method {pruning_config.method!r} does not distil")
         self.pruning_config = pruning_config
         self.teacher_model = teacher_model
-        self.pruning_plugin: TrainingPlugin = plugin_cls(pruning_config, model, teacher_model=teacher_model)
+        self.pruning_plugin: TrainingPlugin = plugin_cls(plugin_config, model, teacher_model=teacher_model)
         self._unsynced = _keep_out_of_ddp(model, self.pruning_plugin.unsynced_module_names())
         self._unsynced_broadcast = False
         # Trainer sets `model.config.use_cache` to `args.use_cache` (default False); the export gets the model's own
@@ -128,12 +154,15 @@ class PruningTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training or self.pruning_config is None:
+        if not model.training or isinstance(self.pruning_plugin, _NoMethod):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         extra = self.pruning_plugin.forward_kwargs()
-        loss, outputs = super().compute_loss(
-            model, {**inputs, **extra}, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        if "labels" in inputs or self.teacher_model is None:
+            loss, outputs = super().compute_loss(
+                model, {**inputs, **extra}, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        else:  # distillation alone needs no labels; `Trainer.compute_loss` would demand a loss from the model
+            loss, outputs = None, model(**inputs, **extra)
         kwargs = {}
         if self.teacher_model is not None:
             teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
@@ -161,11 +190,14 @@ class PruningTrainer(Trainer):
         parts.update({k: v for k, v in logs.items() if k.startswith(("loss", "lambda"))})
         bad = {k: v for k, v in parts.items() if v is not None and not math.isfinite(v)}
         raise FloatingPointError(
-            f"hf_prune: training stopped at step {self.state.global_step + 1}: the {self.pruning_config.method} loss is "
+            f"hf_prune: training stopped at step {self.state.global_step + 1}: the {self._method_name()} loss is "
             f"not finite ({float(loss.detach()) if loss is not None else None}); non-finite parts: "
             f"{', '.join(f'{k}={v}' for k, v in bad.items()) or 'none of the logged parts (the combination overflowed)'}. "
             "Nothing was exported. Lower the learning rates, or check the inputs and the model for NaN."
         )
+
+    def _method_name(self) -> str:
+        return self.pruning_config.method if self.pruning_config is not None else "distillation"
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._pruning_logs and "loss" in logs:  # training logs: add the method's averages since the last log
@@ -208,23 +240,12 @@ def extra_term_scale(trainer: Trainer, num_items_in_batch) -> float:
     return 1.0 / trainer.current_gradient_accumulation_steps if scaled else 1.0
 
 
-def _is_peft_model(model) -> bool:
-    from transformers.utils import is_peft_available
-
-    if not is_peft_available():
-        return False
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
 class _NoMethod(TrainingPlugin):
-    """The plugin of `pruning_config=None`: every hook is the base class's no-op; `export` merges a peft model."""
+    """The plugin of `pruning_config=None` without a teacher: every hook is the base class's no-op; `export` merges a
+    peft model."""
 
     def export(self, model):
-        if _is_peft_model(model):
-            return model.merge_and_unload()
-        return model
+        return merged_if_peft(model)
 
 
 def _keep_out_of_ddp(model: torch.nn.Module, module_names: list[str]) -> list[torch.Tensor]:

@@ -32,6 +32,7 @@ class ADMMConfig(OneShotConfig):
             mask-selection iterations in bfloat16 (several times faster on CPUs with AMX or AVX-512 BF16, and on
             GPUs); the iterations after the mask is fixed stay float32, so the result is the float32 iterate for its
             mask. Perplexity matches float32 within noise (see the README benchmark); results are not bit-equal.
+            On a CPU without native bf16 (emulated there, ~10x slower) it runs in float32, with a warning.
     """
 
     iterations: int = 20

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...cpu import use_bf16
 from ...oneshot.masks import gradual_nm_mask, nm_mask, prune_lowest
 from ...oneshot.solver import LayerSolver, LayerStats, LayerTask, register_solver
 from .config import ADMMConfig
@@ -91,14 +92,16 @@ class ADMMSolver(LayerSolver):
         """T ADMM iterations. With S = (Ĝ_δ + ρI)⁻¹ the V-step (ŴĜ_δ + ρ(Z - U))S is ŴĜ_δS + ρ(Z - U)S, and
         ŴĜ_δS = Ŵ - ρŴS, so each iteration is one fused `addmm` plus four elementwise passes into reused buffers.
         With `matmul_precision="bfloat16"` the product of the mask-selection iterations runs in bfloat16 (ADMM is a
-        fixed-point iteration: the later float32 iterations remove what rounding perturbed)."""
+        fixed-point iteration: the later float32 iterations remove what rounding perturbed); on a CPU without native
+        bf16, where it would be ~10x slower, it runs in float32 with a warning (`hf_prune.cpu.use_bf16`)."""
         cfg: ADMMConfig = self.config
         rho = cfg.rho
         target = torch.addmm(weight_hat, weight_hat, system_inv, alpha=-rho)  # ŴĜ_δS
         mask = task.mask if cfg.mask_mode == "fixed" else None
         keep = None if mask is None else mask.to(weight_hat.dtype)
         fast_until = 0
-        if cfg.matmul_precision == "bfloat16" and cfg.mask_mode == "gradual":
+        if cfg.matmul_precision == "bfloat16" and cfg.mask_mode == "gradual" and use_bf16(
+                True, "ADMM's matmul_precision='bfloat16'", weight_hat.device):
             fast_until = min(cfg.mask_iterations, cfg.iterations - 1)
             system_inv_bf16 = (system_inv * rho).to(torch.bfloat16)
         v = weight_hat.clone()
