@@ -127,10 +127,10 @@ def _o_proj_error(dense, small, groups: list[int]) -> float:
     with torch.no_grad():
         dense(input_ids=_calibration())
     handle.remove()
-    x = torch.cat(xs)
+    x = torch.cat(xs).detach()
     cols = torch.tensor([g * 16 + j for g in groups for j in range(16)])  # 2 query heads of dim 8 per group
-    target = x @ o.weight.T
-    got = x[:, cols] @ small.model.layers[0].self_attn.o_proj.weight.T
+    target = x @ o.weight.detach().T
+    got = x[:, cols] @ small.model.layers[0].self_attn.o_proj.weight.detach().T
     return float((target - got).square().sum() / target.square().sum())
 
 
@@ -246,3 +246,31 @@ def test_unsupported_architecture_is_refused():
     with pytest.raises(ValueError, match=r"masks= and offload_dir= are not available with StructuredConfig"):
         oneshot(tiny_llama(0), StructuredConfig(target_layers=1), calibration=_calibration(), masks={})
     assert get_adapter(tiny_llama(0)).dims.num_layers == 4
+
+
+def test_cli_structured_oneshot_saves_a_plain_smaller_checkpoint(model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from hf_prune.cli import main
+
+    from conftest import random_texts
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(random_texts(8, seed=0)))
+    out = tmp_path / "out"
+    code = main(["oneshot", str(model_dir), "--method", "structured", "--calibration", str(calib), "--eval", str(calib),
+                 "--seq-len", "64", "--num-samples", "8", "--output", str(out), "--set", "target_layers=1",
+                 "--set", "target_intermediate_size=32", "--set", "target_kv_heads=1"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "non-embedding parameters removed" in printed and "perplexity:" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_key_value_heads"], config["num_attention_heads"],
+            config["intermediate_size"], config["hidden_size"]) == (1, 1, 2, 32, 64)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.model.layers[0].mlp.down_proj.weight.shape == (64, 32)
+    card = (out / "README.md").read_text()
+    assert "hf-prune oneshot" in card and "structured" in card
+    assert main(["oneshot", str(model_dir), "--method", "structured", "--pattern", "2:4", "--output",
+                 str(tmp_path / "o2"), "--calibration", str(calib)]) == 2
+    assert "--pattern is for sparse one-shot methods" in capsys.readouterr().err
