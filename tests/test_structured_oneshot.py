@@ -171,6 +171,9 @@ def test_uniform_export_loads_without_hf_prune_and_generates_the_same(tmp_path, 
     assert res["generated"] == expected.tolist()
     config = json.loads((path / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["intermediate_size"]) == (3, 24, 20)
+    card = (path / "README.md").read_text()
+    assert "loads with transformers alone, without hf_prune" in card and "import hf_prune" not in card
+    assert "| 0 | 4 / 8 | 20 / 48 |" in card  # kept of the model before pruning
 
 
 def test_onnx_export_of_the_result_matches(tmp_path):
