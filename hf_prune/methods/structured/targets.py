@@ -9,6 +9,7 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from ..cofi.arch import _LLAMA_FAMILY, LlamaFamilyAdapter
+from ..cofi.targets import check_arch_fits
 from .config import StructuredConfig
 
 
@@ -51,25 +52,7 @@ def resolve_target(config: StructuredConfig, ad: LlamaFamilyAdapter) -> TargetSh
     full = full_shape(d)
     if config.target_sparsity is not None:
         return _from_sparsity(float(config.target_sparsity), d, full)
-    arch = config.target_architecture()
-    limits = {"layers": (d.num_layers, "num_hidden_layers"), "heads": (d.num_heads, "num_attention_heads"),
-              "kv_heads": (d.head_units, "num_key_value_heads"),
-              "intermediate_size": (d.intermediate_size, "intermediate_size"),
-              "hidden_size": (d.hidden_size, "hidden_size")}
-    for name, value in arch.items():
-        limit, field = limits[name]
-        if value > limit:
-            raise ValueError(f"StructuredConfig.target_{name}={value} is larger than the model ({field}={limit})")
-    if "heads" in arch:
-        g = d.group_size
-        if arch["heads"] % g:
-            raise ValueError(
-                f"StructuredConfig.target_heads={arch['heads']} does not divide into the model's KV groups: each of "
-                f"its {d.head_units} KV heads serves {g} query heads (num_attention_heads={d.num_heads} / "
-                f"num_key_value_heads={d.head_units}) and a KV head is pruned with its query heads; allowed: "
-                f"{list(range(g, d.num_heads + 1, g))} (or give target_kv_heads)"
-            )
-        arch["kv_heads"] = arch.pop("heads") // g
+    arch = check_arch_fits("StructuredConfig", config.target_architecture(), d)
     shape = TargetShape(**{n: int(arch.get(n, getattr(full, n))) for n in full.__dataclass_fields__})
     check_plain_config(ad, shape)
     return shape
