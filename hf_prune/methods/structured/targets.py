@@ -51,9 +51,10 @@ def resolve_target(config: StructuredConfig, ad: LlamaFamilyAdapter) -> TargetSh
     d = ad.dims
     full = full_shape(d)
     if config.target_sparsity is not None:
-        return _from_sparsity(float(config.target_sparsity), d, full)
-    arch = check_arch_fits("StructuredConfig", config.target_architecture(), d)
-    shape = TargetShape(**{n: int(arch.get(n, getattr(full, n))) for n in full.__dataclass_fields__})
+        shape = _from_sparsity(float(config.target_sparsity), d, full)
+    else:
+        arch = check_arch_fits("StructuredConfig", config.target_architecture(), d)
+        shape = TargetShape(**{n: int(arch.get(n, getattr(full, n))) for n in full.__dataclass_fields__})
     check_plain_config(ad, shape)
     return shape
 
