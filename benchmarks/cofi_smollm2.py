@@ -50,6 +50,7 @@ from structured_baseline import DistillationTrainer, prune_to_shape  # noqa: E40
 from hf_prune.cpu import machine_state  # noqa: E402
 from hf_prune.methods.cofi import describe_structure  # noqa: E402
 from hf_prune.methods.cofi.arch import get_adapter  # noqa: E402
+from hf_prune.methods.structured.flops import flops_per_token  # noqa: E402
 
 QUICK = ["--train-windows", "8", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "4",
          "--eval-windows", "2", "--eval-seq-len", "64", "--save-steps", "0", "--logging-steps", "1",
@@ -138,26 +139,6 @@ def run_admm(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- measurements
-def linear_weights(model) -> tuple[int, int]:
-    """(weights of the decoder layers' linears, of the LM head)."""
-    ad = get_adapter(model)
-    layers = sum(lin.weight.numel() for i in range(ad.dims.num_layers) if ad.kept_heads(i)
-                 for lin in (*ad.qkv(i), ad.attn_out(i)))
-    layers += sum(lin.weight.numel() for i in range(ad.dims.num_layers) if ad.kept_neurons(i)
-                  for lin in (*ad.ffn_in(i), ad.ffn_down(i)))
-    return layers, ad.lm_head().weight.numel()
-
-
-def flops_per_token(model, context: int) -> int:
-    """Dense FLOPs of one generated token at `context` cached positions: 2 per linear weight (LM head included) and
-    the attention's 2 * 2 * heads * head_dim * context (scores and weighted sum) per kept attention sublayer. Zero
-    weights count: dense kernels compute them."""
-    ad = get_adapter(model)
-    layers, head = linear_weights(model)
-    attn = sum(4 * ad.kept_heads(i) * ad.dims.head_dim * context for i in range(ad.dims.num_layers))
-    return 2 * (layers + head) + attn
-
-
 def _torch_generate(model, ids: torch.Tensor, new: int) -> None:
     model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                    pad_token_id=0, use_cache=True)  # every model with its KV cache, whatever its config says

@@ -13,6 +13,7 @@ from .oneshot import OneShotConfig, oneshot
 # checkpoints) and exposes the save / push / info functions.
 from .export import describe_export, push_pruned, save_pruned
 from .methods.cofi import CoFiConfig
+from .methods.structured import StructuredConfig
 from .methods.dynsparse import DynSparseCallback, DynSparseConfig, attach, sparse_learning_rate
 from .training import DistillationConfig, TrainingPlugin, register_training_plugin
 from .evaluation import evaluate_lm, perplexity
@@ -49,7 +50,7 @@ __all__ = [
     "PruningState", "get_pruning_state", "set_pruning_state",
     "OneShotConfig", "oneshot", "ADMMConfig", "MagnitudeConfig", "SparseGPTConfig", "WandaConfig",
     "describe_export", "push_pruned", "save_pruned",
-    "CoFiConfig",
+    "CoFiConfig", "StructuredConfig",
     "DynSparseCallback", "DynSparseConfig", "attach", "sparse_learning_rate",
     "PruningTrainer", "TrainingPlugin", "register_training_plugin", "DistillationConfig", "distill",
     "evaluate_lm", "perplexity",

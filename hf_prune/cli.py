@@ -1,6 +1,7 @@
 """`hf-prune` command line.
 
     hf-prune oneshot PATH --method admm --sparsity 0.6 --calibration FILE --output DIR [--push-to-hub REPO]
+    hf-prune oneshot PATH --method structured --set target_layers=N --set target_intermediate_size=M ... (or --sparsity S)
     hf-prune info DIR
     hf-prune push DIR REPO_ID
     hf-prune recover DIR --data FILE --steps N --output OUT [--eval FILE] [--bf16]
@@ -105,10 +106,14 @@ def config_from_args(config_cls, flags: dict[str, tuple[str, object]], sets: lis
 
 
 def _oneshot_parser(sub) -> None:
-    p = sub.add_parser("oneshot", help="prune an LLM in one shot from calibration text (ADMM, Wanda, SparseGPT, magnitude)")
+    p = sub.add_parser("oneshot", help="prune an LLM in one shot from calibration text (ADMM, Wanda, SparseGPT, "
+                                       "magnitude; structured width / depth pruning)")
     p.add_argument("model", help="path of a transformers checkpoint directory")
-    p.add_argument("--method", default="admm", help="one-shot method: admm (default), wanda, sparsegpt, magnitude")
-    p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in (0, 1); implied by --pattern N:M")
+    p.add_argument("--method", default="admm",
+                   help="one-shot method: admm (default), wanda, sparsegpt, magnitude, or structured (a physically "
+                        "smaller model: --set target_layers=... --set target_intermediate_size=... or --sparsity)")
+    p.add_argument("--sparsity", type=float, help="fraction of weights to zero, in (0, 1); implied by --pattern N:M; "
+                                                  "structured: fraction of the non-embedding parameters to remove")
     p.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M, e.g. 2:4")
     p.add_argument("--calibration", help="calibration text: .txt, .jsonl (text field) or a directory of them")
     p.add_argument("--num-samples", type=int, default=None, help="calibration windows (default 128)")
@@ -137,20 +142,31 @@ def run_oneshot(args) -> int:
 
     from .evaluation import perplexity
     from .export import save_pruned
+    from .methods.structured import StructuredConfig
     from .oneshot import OneShotConfig, oneshot
     from .state import get_pruning_state
 
     # Everything that can be checked is checked before the model is loaded.
     config_cls = get_config_class(args.method)
-    if not issubclass(config_cls, OneShotConfig):
-        one_shot = [m for m in registered_methods() if issubclass(get_config_class(m), OneShotConfig)]
+    structured = issubclass(config_cls, StructuredConfig)
+    if not (structured or issubclass(config_cls, OneShotConfig)):
+        one_shot = [m for m in registered_methods()
+                    if issubclass(get_config_class(m), (OneShotConfig, StructuredConfig))]
         raise ValueError(f"--method {args.method!r} is not a one-shot method; choose from {one_shot}")
-    config = config_from_args(
-        config_cls,
-        {"sparsity": ("--sparsity", args.sparsity), "pattern": ("--pattern", args.pattern),
-         "num_calibration_samples": ("--num-samples", args.num_samples), "max_seq_length": ("--seq-len", args.seq_len)},
-        args.set,
-    )
+    common = {"num_calibration_samples": ("--num-samples", args.num_samples),
+              "max_seq_length": ("--seq-len", args.seq_len)}
+    if structured:
+        # the physically smaller model: --sparsity is the fraction of non-embedding parameters removed
+        if args.pattern is not None:
+            raise ValueError("--pattern is for sparse one-shot methods; --method structured removes whole units")
+        if args.offload:
+            raise ValueError("--offload is for sparse one-shot methods; --method structured needs the model in memory")
+        config = config_from_args(config_cls, {"target_sparsity": ("--sparsity", args.sparsity), **common}, args.set)
+    else:
+        config = config_from_args(
+            config_cls, {"sparsity": ("--sparsity", args.sparsity), "pattern": ("--pattern", args.pattern), **common},
+            args.set,
+        )
     output = Path(args.output)
     check_output(output, args.overwrite, sources=[args.model], what="--output")
     if args.push_to_hub:
@@ -179,7 +195,7 @@ def run_oneshot(args) -> int:
         ppl_before = perplexity(model, eval_texts, tokenizer, seq_len=config.max_seq_length, max_windows=args.eval_windows)
         print(f"perplexity before pruning: {ppl_before:.2f}", flush=True)
     started = time.perf_counter()
-    oneshot(model, config, calibration=calibration, tokenizer=tokenizer)
+    model = oneshot(model, config, calibration=calibration, tokenizer=tokenizer)  # structured: a new, smaller model
     elapsed = time.perf_counter() - started
     state = get_pruning_state(model)
     if eval_texts:
@@ -187,15 +203,22 @@ def run_oneshot(args) -> int:
         state.metrics.update(perplexity_before=round(ppl_before, 3), perplexity_after=round(ppl_after, 3))
     state.base_model = state.base_model or args.model
     state.command = "hf-prune " + shlex.join(args.argv)
-    overall = state.overall_sparsity
+    overall = state.metrics["sparsity"] if structured else state.overall_sparsity
     eval_results = None
     if eval_texts:
         eval_results = [dict(task_type="text-generation", dataset_type="text", dataset_name=Path(args.eval).name,
                              metric_type="perplexity", metric_value=round(ppl_after, 3))]
     save_pruned(model, output, overwrite=args.overwrite, dense=args.dense, eval_results=eval_results,
                 repo_id=args.push_to_hub, tokenizer=tokenizer)  # the tokenizer in the same atomic write
-    print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s")
-    print(f"  pruned modules:    {len(state.module_sparsity)}, sparsity {overall:.4f}")
+    if structured:
+        m = state.metrics
+        print(f"\nstructured pruning done in {elapsed:.1f}s: {m['target_architecture']}")
+        print(f"  non-embedding parameters removed: {overall:.4f} ({m['prunable_params_before']:,} -> "
+              f"{m['prunable_params_after']:,}); FLOPs/token {m['flops_per_token_before']:,} -> "
+              f"{m['flops_per_token_after']:,}")
+    else:
+        print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s")
+        print(f"  pruned modules:    {len(state.module_sparsity)}, sparsity {overall:.4f}")
     if eval_texts:
         print(f"  perplexity:        {ppl_before:.2f} -> {ppl_after:.2f}")
     return _report_saved(output, args)

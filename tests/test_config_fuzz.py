@@ -13,7 +13,15 @@ import pytest
 import torch
 
 import hf_prune
-from hf_prune import ADMMConfig, CoFiConfig, DynSparseConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig
+from hf_prune import (
+    ADMMConfig,
+    CoFiConfig,
+    DynSparseConfig,
+    MagnitudeConfig,
+    SparseGPTConfig,
+    StructuredConfig,
+    WandaConfig,
+)
 
 # The smallest valid arguments of each shipped method (everything else defaults).
 VALID = {
@@ -23,6 +31,7 @@ VALID = {
     MagnitudeConfig: dict(sparsity=0.5),
     CoFiConfig: dict(target_sparsity=0.6),
     DynSparseConfig: dict(sparsity=0.9),
+    StructuredConfig: dict(target_layers=2),
 }
 
 

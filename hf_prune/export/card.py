@@ -114,7 +114,9 @@ def _structure_summary(metrics: dict) -> dict | None:
     structure = metrics.get("structure")
     if not isinstance(structure, dict) or "layers" not in structure:
         return None
-    original = structure.get("original", {})
+    # a plain structure's "original" is its own (smaller) config; the structured one-shot records the model before
+    before = metrics.get("structure_before")
+    original = (before if isinstance(before, dict) else structure).get("original", {})
     kept = metrics.get("kept_neurons_per_layer") or [None] * len(structure["layers"])
 
     def ffn(width: int, n: int | None) -> str:  # CoFiConfig.multiple_of pads a kept FFN with zero neurons
@@ -127,7 +129,7 @@ def _structure_summary(metrics: dict) -> dict | None:
         for i, (layer, n) in enumerate(zip(structure["layers"], kept))
     ]
     return {"rows": rows, "hidden": structure.get("hidden_size"), "hidden_before": original.get("hidden_size"),
-            "params_before": metrics.get("params_before")}
+            "params_before": metrics.get("params_before"), "plain": bool(structure.get("plain"))}
 
 
 def _model_stats(model, module_sparsity: dict[str, float], report=None) -> dict:
@@ -230,6 +232,7 @@ def build_model_card(
         size_after=_size(size_after),
         size_ratio=f"{size_after / size_before:.2f}×" if size_after and size_before else "n/a",
         dense_export=dense,
+        plain_export=bool(structure and structure["plain"]),
         speed=speed,
         auto_class=_auto_class(model),
         repo_id=repo_id or (str(directory) if directory else "path/to/export"),

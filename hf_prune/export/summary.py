@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 # Metrics that describe the export's structure, not a result (the card renders them as their own tables).
-INTERNAL_METRICS = ("export_format", "structure", "kept_head_indices")
+INTERNAL_METRICS = ("export_format", "structure", "kept_head_indices", "structure_before", "kept_kv_groups",
+                    "kept_layer_indices", "layer_influence", "reconstruction_error", "target_architecture")
 _SPEED_WORDS = ("speed", "latency", "throughput", "tokens_per")
 _QUALITY_WORDS = ("perplexity", "accuracy", "exact_match", "bleu", "rouge")  # matched anywhere in the name
 _QUALITY_TOKENS = {"ppl", "acc", "loss", "f1", "eval"}  # matched as whole `_`-separated parts

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import PruningConfig
 from ..state import PruningState, set_pruning_state
 from .blocks import capture_block_inputs, find_blocks, linear_weight_view, set_linear_weight
 from .calibration import calibration_windows
@@ -27,11 +29,26 @@ from .solver import LayerSolver, LayerStats, LayerTask, build_solver
 
 logger = logging.getLogger(__name__)
 
+_RUNNERS: dict[type, Callable] = {}
+
+
+def register_oneshot_runner(config_cls: type):
+    """Binds a whole-model one-shot procedure to its config class: `oneshot(model, config, ...)` then calls
+    `runner(model, config, calibration, tokenizer, show_progress=..., device=..., command=...)` and returns what it
+    returns. For methods that change the model's shapes (structured pruning) rather than prune layer by layer
+    through a `LayerSolver`; they reuse the runner's pieces (`blocks`, `passes`, `calibration`)."""
+
+    def decorator(runner: Callable) -> Callable:
+        _RUNNERS[config_cls] = runner
+        return runner
+
+    return decorator
+
 
 @torch.no_grad()
 def oneshot(
     model: nn.Module,
-    config: OneShotConfig,
+    config: OneShotConfig | PruningConfig,
     calibration=None,
     tokenizer=None,
     *,
@@ -48,7 +65,8 @@ def oneshot(
     Args:
         model: a `transformers` model (LLaMA family, GPT-2, OPT or BERT-style), on the device to compute on; with
             `offload_dir`, the path of its local safetensors checkpoint directory instead.
-        config: an `ADMMConfig`, `WandaConfig`, `SparseGPTConfig` or `MagnitudeConfig` (or a registered subclass).
+        config: an `ADMMConfig`, `WandaConfig`, `SparseGPTConfig`, `MagnitudeConfig` or `StructuredConfig` (or a
+            registered subclass).
         calibration: a list of strings, a `datasets.Dataset` with a `text` or `input_ids` column, or token ids
             (2-D tensor or list of lists). Not needed for magnitude pruning.
         tokenizer: needed when `calibration` is text.
@@ -70,10 +88,21 @@ def oneshot(
 
     Returns:
         The same model, its linear layers exactly sparse, with a `PruningState` attached; with `offload_dir`, the
-        export's path (nothing of the model stays in memory: load it with `from_pretrained(path)`).
+        export's path (nothing of the model stays in memory: load it with `from_pretrained(path)`). With a
+        `StructuredConfig`: a **new**, physically smaller model of the same class (the model passed in is left
+        unchanged; `masks` and `offload_dir` are not available).
     """
+    runner = next((_RUNNERS[c] for c in type(config).__mro__ if c in _RUNNERS), None)
+    if runner is not None:
+        if masks is not None or offload_dir is not None:
+            raise ValueError(f"oneshot(): masks= and offload_dir= are not available with {type(config).__name__}")
+        return runner(model, config, calibration, tokenizer, show_progress=show_progress, device=device,
+                      command=command)
     if not isinstance(config, OneShotConfig):
-        raise TypeError(f"oneshot() takes a one-shot config (ADMMConfig, WandaConfig, ...), got {type(config).__name__}")
+        raise TypeError(
+            f"oneshot() takes a one-shot config (ADMMConfig, WandaConfig, SparseGPTConfig, MagnitudeConfig, "
+            f"StructuredConfig), got {type(config).__name__}"
+        )
     owner = type(config).__name__
     config.validate()  # again: lists may have been changed in place since construction
     store = None

@@ -38,6 +38,19 @@ def resolve_arch_targets(config, adapter) -> dict[str, int]:
             f"{type(adapter.model).__name__}: use target_sparsity (and target_attention_layers / target_ffn_layers)"
         )
     d: EncoderDims = adapter.dims
+    arch = check_arch_fits("CoFiConfig", arch, d)
+    full = {"layers": d.num_layers, "kv_heads": d.head_units, "intermediate_size": d.intermediate_size,
+            "hidden_size": d.hidden_size}
+    enabled = {"layers": config.prune_layers, "kv_heads": config.prune_heads,
+               "intermediate_size": config.prune_neurons, "hidden_size": config.prune_hidden}
+    return {n: int(arch.get(n, full[n])) for n in full if enabled[n]}
+
+
+def check_arch_fits(owner: str, arch: dict[str, int], d: EncoderDims) -> dict[str, int]:
+    """`arch` (target-architecture fields that are set) checked against the model's dimensions `d`, with
+    `heads` turned into `kv_heads` (a KV head is pruned with its query heads). Raises `ValueError` naming
+    `owner.target_<field>` for a count the model cannot have."""
+    arch = dict(arch)
     limits = {"layers": (d.num_layers, "num_hidden_layers"), "heads": (d.num_heads, "num_attention_heads"),
               "kv_heads": (d.head_units, "num_key_value_heads"),
               "intermediate_size": (d.intermediate_size, "intermediate_size"),
@@ -45,22 +58,18 @@ def resolve_arch_targets(config, adapter) -> dict[str, int]:
     for name, value in arch.items():
         limit, field = limits[name]
         if value > limit:
-            raise ValueError(f"CoFiConfig.target_{name}={value} is larger than the model ({field}={limit})")
+            raise ValueError(f"{owner}.target_{name}={value} is larger than the model ({field}={limit})")
     if "heads" in arch:
         g = d.group_size
         if arch["heads"] % g:
             raise ValueError(
-                f"CoFiConfig.target_heads={arch['heads']} does not divide into the model's KV groups: each of its "
+                f"{owner}.target_heads={arch['heads']} does not divide into the model's KV groups: each of its "
                 f"{d.head_units} KV heads serves {g} query heads (num_attention_heads={d.num_heads} / "
                 f"num_key_value_heads={d.head_units}) and a KV head is pruned with its query heads; allowed: "
                 f"{list(range(g, d.num_heads + 1, g))} (or give target_kv_heads)"
             )
         arch["kv_heads"] = arch.pop("heads") // g
-    full = {"layers": d.num_layers, "kv_heads": d.head_units, "intermediate_size": d.intermediate_size,
-            "hidden_size": d.hidden_size}
-    enabled = {"layers": config.prune_layers, "kv_heads": config.prune_heads,
-               "intermediate_size": config.prune_neurons, "hidden_size": config.prune_hidden}
-    return {n: int(arch.get(n, full[n])) for n in full if enabled[n]}
+    return arch
 
 
 def full_counts(dims: EncoderDims) -> dict[str, int]:
