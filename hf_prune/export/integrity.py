@@ -68,9 +68,18 @@ def _changed(path, found, expected) -> ExportChangedError:
 
 
 def check_export_id(f: SafetensorsFile, expected: str | None) -> None:
-    """Raises `ExportChangedError` when `f` does not carry the export id `expected` (None: not checked)."""
-    if expected is not None and f.metadata.get(EXPORT_ID_META) != expected:
-        raise _changed(f.path, f.metadata.get(EXPORT_ID_META), expected)
+    """Raises `ExportChangedError` when `f` carries another export id than `expected` (None: not checked), and
+    `CorruptCheckpointError` when it carries none (it was rewritten by another tool)."""
+    if expected is None:
+        return
+    found = f.metadata.get(EXPORT_ID_META)
+    if found is None:
+        raise CorruptCheckpointError(
+            f"hf_prune: {f.path} has no {EXPORT_ID_META!r} in its metadata, which format version 3 requires: the file "
+            "was replaced or rewritten by another tool. Re-export it."
+        )
+    if found != expected:
+        raise _changed(f.path, found, expected)
 
 
 def file_checksums(f: SafetensorsFile, *, required: bool) -> dict[str, str] | None:
@@ -91,8 +100,8 @@ def file_checksums(f: SafetensorsFile, *, required: bool) -> dict[str, str] | No
 def verify_file(f: SafetensorsFile, *, required: bool, export_id: str | None = None) -> dict[str, str]:
     """Checks the export id of `f`, then hashes every tensor of `f` against its checksum record, from the file's
     one mapping. Returns the record (empty when the file has none and none is required)."""
-    check_export_id(f, export_id)
     expected = file_checksums(f, required=required)
+    check_export_id(f, export_id)
     if expected is None:
         return {}
     mismatched, missing = [], []
@@ -165,7 +174,12 @@ def write_manifest(directory: str | os.PathLike, files: list[str | os.PathLike],
 
 
 def read_manifest(directory: Path, export_id: str) -> dict[str, dict[str, str]]:
-    """`{file name: {key: digest}}` from the manifest of `directory`, checked (types, containment, export id)."""
+    """`{file name: {key: digest}}` from the manifest of `directory`, checked (types, containment, export id).
+
+    transformers downloads only the files the index names: in a Hub cache snapshot the manifest is fetched for the
+    same revision."""
+    if not (directory / MANIFEST_NAME).exists() and directory.parent.name == "snapshots":
+        _fetch_into_snapshot(directory)
     path = contained_file(directory, MANIFEST_NAME, source=directory)
     data = read_json_object(path, max_depth=3)
     files = data.get("files")
@@ -176,6 +190,22 @@ def read_manifest(directory: Path, export_id: str) -> dict[str, dict[str, str]]:
     if data.get("export_id") != export_id:
         raise _changed(path, data.get("export_id"), export_id)
     return files
+
+
+def _fetch_into_snapshot(snapshot: Path) -> None:
+    """Downloads the manifest into a Hub cache snapshot (`<cache>/models--org--name/snapshots/<commit>`)."""
+    repo_dir = snapshot.parent.parent
+    kind, _, name = repo_dir.name.partition("--")
+    if kind not in ("models", "datasets", "spaces") or not name:
+        return
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        hf_hub_download(name.replace("--", "/"), MANIFEST_NAME, revision=snapshot.name, cache_dir=repo_dir.parent,
+                        repo_type=kind[:-1])
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        return  # reported as missing by the caller
 
 
 def check_manifest(manifest: dict[str, dict[str, str]], found: dict[str, dict[str, str]], directory: Path) -> None:
