@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -223,6 +225,18 @@ class HfPruneQuantizer(HfQuantizer):
     # -------------------------------------------------------------------------------------------- loading
     def validate_environment(self, *args, **kwargs):
         return None
+
+    def update_attn_implementation(self, config):
+        # The one hook transformers calls with the config (which knows the local directory) *before* it resolves the
+        # index's file names: every entry goes through the containment check here, so `from_pretrained` names a
+        # hostile entry (".", a list, a number, a symlink out) as `info` and `load_compressed_state_dict` do, instead
+        # of failing inside transformers with a raw `IsADirectoryError` / `TypeError`.
+        directory = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+        if isinstance(directory, str) and os.path.isdir(directory):
+            from .checkpoint import weight_files
+
+            weight_files(Path(directory))
+        return super().update_attn_implementation(config)
 
     def update_dtype(self, dtype):
         return dtype
