@@ -341,6 +341,7 @@ def test_a_load_during_overwrites_returns_one_export_or_says_it_changed(tmp_path
     assert saver.wait(timeout=60) == 0
     assert loader.returncode == 0, loader.stdout[-2000:] + loader.stderr[-2000:]
     counts = ast.literal_eval(loader.stdout.split("COUNTS", 1)[1].strip())
+    print("saves", done.read_text(), "loads", counts)
     assert int(done.read_text()) >= 4, "the saver overwrote the export too few times to test anything"
     assert counts["a"] + counts["b"] + counts["changed"] >= 4, counts
     assert counts["a"] + counts["b"] >= 1, counts

@@ -10,6 +10,7 @@ model's config declares (so a 100-byte tensor cannot ask for gigabytes).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 
 from .codecs import MAX_META, META_SUFFIX, CorruptCheckpointError, codec_for_suffix
 from .formats import split_key
-from .integrity import check_manifest, read_manifest, verify_file
+from .integrity import ExportChangedError, check_manifest, read_manifest, verify_file
 from .reading import DTYPES, FLOAT_DTYPES, SafetensorsFile, contained_file, read_json_object, short
 
 logger = logging.getLogger(__name__)
@@ -96,10 +97,34 @@ def locate_export(path: str | os.PathLike) -> ExportFiles:
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     config, qc, version = read_config(directory)
-    files = weight_files(directory) if path.is_dir() else [path]
     export_id = qc.get("export_id") if qc and version >= 3 else None
-    manifest = read_manifest(directory, export_id) if export_id else None
+    with changes_reported(directory, export_id):
+        files = weight_files(directory) if path.is_dir() else [path]
+        manifest = read_manifest(directory, export_id) if export_id else None
     return ExportFiles(directory, files, config, qc, version, export_id, manifest, single_file=not path.is_dir())
+
+
+@contextlib.contextmanager
+def changes_reported(directory: Path, export_id: str | None):
+    """Turns an error met while reading into `ExportChangedError` when config.json now carries another export id
+    than the one read at the start: a file that vanished or disagrees because another process saved over the
+    export is reported as such, not as corruption."""
+    try:
+        yield
+    except (CorruptCheckpointError, OSError) as err:
+        if export_id is None or isinstance(err, ExportChangedError):
+            raise
+        try:
+            qc = read_json_object(directory / "config.json").get("quantization_config")
+            current = qc.get("export_id") if isinstance(qc, dict) else None
+        except (CorruptCheckpointError, OSError):
+            current = None
+        if current != export_id:
+            raise ExportChangedError(
+                f"hf_prune: the export in {directory} changed while it was read (export id {export_id} when reading "
+                f"started, {short(current)} now): another process saved over it. Load it again. ({err})"
+            ) from err
+        raise
 
 
 def checkpoint_export(files: list[str | os.PathLike], qconfig, name_or_path: str | None) -> ExportFiles:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import check_files, check_groups, declared_shapes, locate_export, open_files
+from .checkpoint import changes_reported, check_files, check_groups, declared_shapes, locate_export, open_files
 from .codecs import META_SUFFIX, CorruptCheckpointError
 from .formats import decompress_state_dict, split_key
 from .reading import DTYPES, SafetensorsFile, read_json_object, read_safetensors_header
@@ -37,13 +37,14 @@ def load_compressed_state_dict(path: str | os.PathLike) -> dict[str, torch.Tenso
     Runs the checks `from_pretrained` runs (`checkpoint.py`), then reads every tensor from the same open file it
     verified, so a save over the directory meanwhile gives one export or an error saying it changed."""
     export = locate_export(path)
-    opened = open_files(export.files)
-    try:
-        check_files(export, opened, shapes=declared_shapes(export))
-        tensors = {key: f.tensor(key) for f in opened for key in f.keys()}
-    finally:
-        for f in opened:
-            f.close()
+    with changes_reported(export.directory, export.export_id):
+        opened = open_files(export.files)
+        try:
+            check_files(export, opened, shapes=declared_shapes(export))
+            tensors = {key: f.tensor(key) for f in opened for key in f.keys()}
+        finally:
+            for f in opened:
+                f.close()
     return decompress_state_dict(tensors)
 
 
@@ -99,8 +100,9 @@ def describe_export(directory: str | os.PathLike, *, verify: bool = True) -> dic
         desc["module_sparsity"] = natural_sorted(_typed(pruning, "module_sparsity", dict, {}))
         desc["files"] = {p.name: p.stat().st_size for p in export.files}
         desc["file_bytes"] = sum(desc["files"].values())
-        opened = open_files(export.files)
-        checked = check_files(export, opened, verify=verify, shapes=declared_shapes(export))
+        with changes_reported(export.directory, export.export_id):
+            opened = open_files(export.files)
+            checked = check_files(export, opened, verify=verify, shapes=declared_shapes(export))
         if verify:
             desc["checksums_verified"] = checked
         _measure(opened, desc, verify)

@@ -255,7 +255,7 @@ class HfPruneQuantizer(HfQuantizer):
         files = [f for f in kwargs.get("checkpoint_files") or [] if str(f).endswith(".safetensors")]
         self._export = None
         if files:
-            from .checkpoint import check_files, checkpoint_export, open_files
+            from .checkpoint import changes_reported, check_files, checkpoint_export, open_files
             from .schema import check_quantization_config
 
             # Fail before loading, with the file and tensor named, rather than inside the loader's report (or, for
@@ -264,13 +264,14 @@ class HfPruneQuantizer(HfQuantizer):
             qc = self.quantization_config
             check_quantization_config(qc.to_dict(), "config.json", max_version=FORMAT_VERSION)
             export = checkpoint_export(files, qc, getattr(model.config, "_name_or_path", None))
-            opened = open_files(export.files)
-            try:
-                shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-                check_files(export, opened, shapes=shapes)
-            finally:
-                for f in opened:
-                    f.close()
+            with changes_reported(export.directory, export.export_id):
+                opened = open_files(export.files)
+                try:
+                    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+                    check_files(export, opened, shapes=shapes)
+                finally:
+                    for f in opened:
+                        f.close()
             self._export = export
 
     def postprocess_model(self, model, **kwargs):
