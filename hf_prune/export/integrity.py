@@ -4,8 +4,10 @@ popcount, in an N:M index, in kept values, in a dense norm) is found before anyt
 Format version 2 stores, in every safetensors file's metadata, `hf_prune_checksums`: a JSON object
 `{tensor key: xxh3_64 hex digest of the tensor's bytes}` for the tensors the file holds (each shard its own, as
 `shards.ShardWriter` writes them; older exports repeat the whole export's object in every shard, which verifies too). The loader (`HfPruneQuantizer.preprocess_model`),
-`load_compressed_state_dict` and `hf-prune info` all call [`verify_checksums`]. Version-1 checkpoints have no
-checksums and are still read (structure checks only).
+`load_compressed_state_dict` and `hf-prune info` all verify them (`checkpoint.check_files`). Version-1 checkpoints
+have no checksums and are still read (structure checks only). Format version 3 adds an export id (config.json, every
+file's metadata, the manifest) and `hf_prune_manifest.json`, the complete tensor list with checksums over every file,
+so a lost shard or tensor, or files of two exports (a save over a directory being read), are named.
 
 safetensors has no checksum of its own, so this small layer is ours. xxh3_64 (the `xxhash` package, already a
 dependency of `datasets`) hashes at memory speed, so the check costs little next to reading the file; it detects
