@@ -165,3 +165,10 @@ def rewrite_with_checksums(path, tensors: dict) -> None:
         metadata = dict(f.metadata() or {})
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={**metadata, **checksum_metadata(tensors)})
+    manifest = Path(path).parent / "hf_prune_manifest.json"
+    if manifest.is_file():  # format version 3: the manifest lists the file's new checksums too
+        import json
+
+        data = json.loads(manifest.read_text())
+        data["files"][Path(path).name] = json.loads(checksum_metadata(tensors)["hf_prune_checksums"])
+        manifest.write_text(json.dumps(data))

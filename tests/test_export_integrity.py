@@ -94,7 +94,7 @@ def test_clean_export_verifies_every_tensor(tmp_path, capsys):
     assert set(recorded) == keys and len(keys) > 20
     assert set(verify_checksums([out / "model.safetensors"], required=True)) == keys
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"]["format_version"] == FORMAT_VERSION == 2
+    assert config["quantization_config"]["format_version"] == FORMAT_VERSION == 3
     assert main(["info", str(out)]) == 0
     assert f"Files verified: yes ({len(keys)} tensor checksums match)" in capsys.readouterr().out
 
@@ -118,9 +118,9 @@ def test_version_1_still_loads_and_info_says_structure_only(tmp_path, capsys):
     assert all(torch.equal(expected[k], v) for k, v in loaded.state_dict().items())
     assert main(["info", str(out)]) == 0
     assert "Files verified: yes (structure only: this checkpoint has no checksums)" in capsys.readouterr().out
-    # and a re-save writes version 2 with checksums
+    # and a re-save writes the current version with checksums
     loaded.save_pretrained(tmp_path / "resaved")
-    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]["format_version"] == 2
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["quantization_config"]["format_version"] == 3
     verify_checksums([tmp_path / "resaved" / "model.safetensors"], required=True)
 
 
@@ -129,16 +129,16 @@ def test_version_2_without_checksums_is_refused(tmp_path):
 
     out = _export(tmp_path, "unstructured")
     save_file(load_file(out / "model.safetensors"), out / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(CorruptCheckpointError, match=r"has no 'hf_prune_checksums' in its metadata, which format version 2"):
+    with pytest.raises(CorruptCheckpointError, match=r"has no 'hf_prune_checksums' in its metadata, which format version >= 2"):
         AutoModelForCausalLM.from_pretrained(out)
     assert describe_export(out)["verified"] is False
 
 
 @pytest.mark.parametrize("version, message", [
-    (99, r"uses hf_prune export format version 99; this hf_prune .* reads versions <= 2"),
-    (0, r"format_version must be an integer 1..2, got 0"),
-    ("2", r"format_version must be an integer 1..2, got '2'"),
-    (True, r"format_version must be an integer 1..2, got True"),
+    (99, r"uses hf_prune export format version 99; this hf_prune .* reads versions <= 3"),
+    (0, r"format_version must be an integer 1..3, got 0"),
+    ("2", r"format_version must be an integer 1..3, got '2'"),
+    (True, r"format_version must be an integer 1..3, got True"),
 ])
 def test_info_refuses_exactly_what_the_loader_refuses(tmp_path, capsys, version, message):
     from transformers import AutoModelForCausalLM

@@ -100,7 +100,8 @@ def test_wrong_bitmask_length_gives_clear_error(tmp_path):
     rewrite_with_checksums(out / "model.safetensors", tensors)  # a consistent but wrong writer, not bit rot
     from transformers import AutoModelForCausalLM
 
-    with pytest.raises(CorruptCheckpointError, match=r"'model.layers.0.mlp.up_proj.weight'.*bitmask index has shape"):
+    with pytest.raises(CorruptCheckpointError, match=r"model.safetensors: corrupted compressed weight 'model.layers.0.mlp.up_proj.weight': bitmask must be uint8 "
+                       r"of shape \(256, 16\), got torch.uint8 \(255, 16\)"):
         AutoModelForCausalLM.from_pretrained(out)
     with pytest.raises(CorruptCheckpointError):
         load_compressed_state_dict(out)

@@ -59,6 +59,13 @@ class TensorCodec:
     def decode(self, values: torch.Tensor, index: torch.Tensor, meta: list[int], name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_stored(self, meta: list[int], values_shape: tuple, index_dtype: torch.dtype, index_shape: tuple,
+                     name: str) -> tuple[int, int]:
+        """Validates the meta fully and the stored shapes and dtypes against it, without reading any data, and returns
+        the dense `(rows, cols)`. The pre-load check and `decode` both call it, so nothing is allocated before the
+        sizes are known to be consistent."""
+        raise NotImplementedError
+
     def _pack(self, values: torch.Tensor, index: torch.Tensor, meta: list[int], nonzero: int = -1) -> Encoded:
         return Encoded(
             self.name,
@@ -202,6 +209,25 @@ def _check(cond: bool, name: str, message: str) -> None:
         raise CorruptCheckpointError(f"hf_prune: corrupted compressed weight {name!r}: {message}")
 
 
+#: Largest dense dimension a meta may declare (torch and numpy index with int64; real weights are far smaller).
+MAX_DIM = 2**31 - 1
+#: Most entries a meta may hold (the codecs use 2 to 5).
+MAX_META = 8
+
+
+def _check_meta(meta: list[int], names: tuple[str, ...], name: str) -> None:
+    _check(len(meta) == len(names), name, f"meta must be [{', '.join(names)}], got {_short(meta)}")
+    _check(all(type(v) is int for v in meta), name, f"meta must hold integers, got {_short(meta)}")
+    rows, cols = meta[:2]
+    _check(1 <= rows <= MAX_DIM and 1 <= cols <= MAX_DIM, name,
+           f"meta declares a dense shape [{rows}, {cols}]; each dimension must be in [1, {MAX_DIM}]")
+
+
+def _short(value) -> str:
+    text = repr(value[:8]) + (f" ... ({len(value)} entries)" if len(value) > 8 else "") if isinstance(value, list) else repr(value)
+    return text[:200]
+
+
 def _on_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors)
 
@@ -220,14 +246,20 @@ class BitmaskCodec(TensorCodec):
         packed = torch.from_numpy(np.packbits(mask, axis=1, bitorder="little"))
         return self._pack(values, packed, [*weight.shape], nonzero=values.numel())
 
-    def decode(self, values, index, meta, name):
-        _check(len(meta) == 2, name, f"meta must be [rows, cols], got {meta}")
+    def check_stored(self, meta, values_shape, index_dtype, index_shape, name):
+        _check_meta(meta, ("rows", "cols"), name)
         rows, cols = meta
         _check(
-            index.dtype == torch.uint8 and tuple(index.shape) == (rows, -(-cols // 8)),
+            index_dtype == torch.uint8 and tuple(index_shape) == (rows, -(-cols // 8)),
             name,
-            f"bitmask must be uint8 of shape {(rows, -(-cols // 8))}, got {index.dtype} {tuple(index.shape)}",
+            f"bitmask must be uint8 of shape {(rows, -(-cols // 8))}, got {index_dtype} {tuple(index_shape)}",
         )
+        _check(len(values_shape) == 1 and values_shape[0] <= rows * cols, name,
+               f"values must be 1-D with at most {rows * cols} entries, got shape {tuple(values_shape)}")
+        return rows, cols
+
+    def decode(self, values, index, meta, name):
+        rows, cols = self.check_stored(meta, tuple(values.shape), index.dtype, tuple(index.shape), name)
         if not _on_cpu(values, index):
             mask = unpack_bits(index, cols)
             nnz = int(mask.sum())
@@ -372,21 +404,30 @@ class NMCodec(TensorCodec):
             packed += padded[..., k] * dtype(n_combos**k)
         return packed
 
-    def decode(self, values, index, meta, name):
-        _check(len(meta) == 5, name, f"meta must be [rows, cols, N, M, dim], got {meta}")
+    def check_stored(self, meta, values_shape, index_dtype, index_shape, name):
+        _check_meta(meta, ("rows", "cols", "N", "M", "dim"), name)
         rows, cols, n, m, dim = meta
-        _check(0 < n < m <= 16 and dim in (0, 1), name, f"invalid N:M parameters N={n} M={m} dim={dim}")
+        _check(0 < n < m <= 16 and dim in (0, 1), name,
+               f"invalid N:M parameters N={n} M={m} dim={dim} (0 < N < M <= 16, dim 0 or 1)")
         r, c = (rows, cols) if dim == 1 else (cols, rows)
         _check(c % m == 0, name, f"size {c} along dim {dim} is not a multiple of M={m}")
         g = c // m
+        dtype, per = _nm_storage(len(_combinations_list(n, m)))
+        _check(
+            index_dtype == dtype and tuple(index_shape) == (r, -(-g // per)),
+            name,
+            f"N:M index must be {dtype} of shape {(r, -(-g // per))}, got {index_dtype} {tuple(index_shape)}",
+        )
+        _check(tuple(values_shape) == (r, g * n), name, f"values must have shape {(r, g * n)}, got {tuple(values_shape)}")
+        return rows, cols
+
+    def decode(self, values, index, meta, name):
+        self.check_stored(meta, tuple(values.shape), index.dtype, tuple(index.shape), name)
+        rows, cols, n, m, dim = meta
+        r, c = (rows, cols) if dim == 1 else (cols, rows)
+        g = c // m
         n_combos = len(_combinations_list(n, m))
         dtype, per = _nm_storage(n_combos)
-        _check(
-            index.dtype == dtype and tuple(index.shape) == (r, -(-g // per)),
-            name,
-            f"N:M index must be {dtype} of shape {(r, -(-g // per))}, got {index.dtype} {tuple(index.shape)}",
-        )
-        _check(tuple(values.shape) == (r, g * n), name, f"values must have shape {(r, g * n)}, got {tuple(values.shape)}")
         top = 0 if index.numel() == 0 else int(index.max() if not _on_cpu(index) else index.numpy().max())
         _check(top < n_combos**per, name, "N:M index out of range")
         if not _on_cpu(values, index):
@@ -438,16 +479,24 @@ class BlockCodec(TensorCodec):
         packed = torch.from_numpy(np.packbits(keep, axis=1, bitorder="little"))
         return self._pack(values, packed, [rows, cols, br, bc], nonzero=int(np.count_nonzero(nonzero)))
 
-    def decode(self, values, index, meta, name):
-        _check(len(meta) == 4, name, f"meta must be [rows, cols, R, C], got {meta}")
+    def check_stored(self, meta, values_shape, index_dtype, index_shape, name):
+        _check_meta(meta, ("rows", "cols", "R", "C"), name)
         rows, cols, br, bc = meta
         _check(br > 0 and bc > 0 and rows % br == 0 and cols % bc == 0, name, f"block {br}x{bc} does not tile {rows}x{cols}")
         gr, gc = rows // br, cols // bc
         _check(
-            index.dtype == torch.uint8 and tuple(index.shape) == (gr, -(-gc // 8)),
+            index_dtype == torch.uint8 and tuple(index_shape) == (gr, -(-gc // 8)),
             name,
-            f"block mask must be uint8 of shape {(gr, -(-gc // 8))}, got {index.dtype} {tuple(index.shape)}",
+            f"block mask must be uint8 of shape {(gr, -(-gc // 8))}, got {index_dtype} {tuple(index_shape)}",
         )
+        _check(len(values_shape) == 3 and tuple(values_shape[1:]) == (br, bc) and values_shape[0] <= gr * gc, name,
+               f"values must be [kept blocks <= {gr * gc}, {br}, {bc}], got shape {tuple(values_shape)}")
+        return rows, cols
+
+    def decode(self, values, index, meta, name):
+        self.check_stored(meta, tuple(values.shape), index.dtype, tuple(index.shape), name)
+        rows, cols, br, bc = meta
+        gr, gc = rows // br, cols // bc
         keep = unpack_bits(index, gc)
         n_kept = int(keep.sum())
         _check(tuple(values.shape) == (n_kept, br, bc), name, f"block mask marks {n_kept} blocks, values have shape {tuple(values.shape)}")
@@ -475,5 +524,6 @@ def decode(name: str, group: dict[str, torch.Tensor]) -> torch.Tensor:
     _check("" in group, name, "the values tensor is missing")
     _check(META_SUFFIX in group, name, f"the {META_SUFFIX} tensor is missing")
     meta = group[META_SUFFIX]
-    _check(meta.dim() == 1 and meta.dtype == torch.int64, name, f"meta must be a 1-D int64 tensor, got {meta.dtype} {tuple(meta.shape)}")
+    _check(meta.dim() == 1 and meta.dtype == torch.int64 and meta.numel() <= MAX_META, name,
+           f"meta must be a 1-D int64 tensor of at most {MAX_META} entries, got {meta.dtype} {tuple(meta.shape)}")
     return codec.decode(group[""], group[index_keys[0]], [int(v) for v in meta.tolist()], name)

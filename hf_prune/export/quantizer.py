@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,8 +43,9 @@ from .formats import get_export_format
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "hf_prune"
-#: 2: every safetensors file carries per-tensor checksums (`integrity.py`). 1: no checksums, still read.
-FORMAT_VERSION = 2
+#: 3: an export id in config.json and every file, and a manifest of every tensor (`integrity.py`). 2: per-tensor
+#: checksums in every safetensors file. 1: no checksums. All three are read.
+FORMAT_VERSION = 3
 
 
 class HfPruneExportConfig(QuantizationConfigMixin):
@@ -54,7 +57,8 @@ class HfPruneExportConfig(QuantizationConfigMixin):
         format_config: format-specific JSON (e.g. per-layer shapes of a structured model).
         pruning: the [`PruningState`] as JSON (`config`, `layout`, `module_sparsity`, `metrics`, `base_model`,
             `command`), so that a loaded model re-saves with the same model card.
-        format_version: on-disk format version (1 or 2); a newer one than this hf_prune reads is an error.
+        format_version: on-disk format version (1 to 3); a newer one than this hf_prune reads is an error.
+        export_id: random id of one save (format version 3), also in every file's metadata and the manifest.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class HfPruneExportConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         hf_prune_version: str | None = None,
         quant_method: str = QUANT_METHOD,
+        export_id: str | None = None,
         **kwargs: Any,
     ):
         if quant_method != QUANT_METHOD:
@@ -80,6 +85,13 @@ class HfPruneExportConfig(QuantizationConfigMixin):
                 f"This checkpoint uses hf_prune export format version {format_version!r}; this hf_prune "
                 f"({__version__}) reads versions <= {FORMAT_VERSION}. Upgrade hf_prune."
             )
+        from .schema import check_quantization_config
+
+        check_quantization_config(
+            {"format": format, "layout": layout, "format_config": format_config, "pruning": pruning,
+             "format_version": format_version, "hf_prune_version": hf_prune_version, "export_id": export_id},
+            "config.json", max_version=FORMAT_VERSION, loading=False,
+        )
         if kwargs:
             logger.warning("Ignoring unknown keys in the hf_prune quantization_config: %s", sorted(kwargs))
         self.quant_method = QUANT_METHOD
@@ -89,6 +101,7 @@ class HfPruneExportConfig(QuantizationConfigMixin):
         self.pruning = pruning
         self.format_version = format_version
         self.hf_prune_version = hf_prune_version or __version__
+        self.export_id = export_id
 
     def pruned_modules(self) -> list[str]:
         return list(((self.pruning or {}).get("module_sparsity") or {}).keys())
@@ -98,13 +111,21 @@ class HfPruneExportConfig(QuantizationConfigMixin):
         return self.format_version >= 2
 
 
-def check_export_config(data: dict) -> HfPruneExportConfig:
+def check_export_config(data: dict, source="config.json") -> HfPruneExportConfig:
     """What the loader accepts, so that `hf-prune info` refuses exactly what `from_pretrained` refuses: the
-    `quantization_config` dict builds (quant method, format version) and names a registered export format."""
-    if not isinstance(data, dict):
-        raise ValueError(f"hf_prune quantization_config must be a JSON object, got {type(data).__name__}")
-    qconfig = HfPruneExportConfig.from_dict(dict(data))
-    get_export_format(qconfig.format)
+    `quantization_config` passes the schema (`schema.py`), builds (quant method, format version) and names a
+    registered export format. Errors name `source` and the field."""
+    from .codecs import CorruptCheckpointError
+    from .schema import check_quantization_config
+
+    check_quantization_config(data, source, max_version=FORMAT_VERSION)
+    try:
+        qconfig = HfPruneExportConfig.from_dict(dict(data))
+        get_export_format(qconfig.format)
+    except CorruptCheckpointError:
+        raise
+    except ValueError as err:
+        raise CorruptCheckpointError(f"{source}: {err}") from None
     return qconfig
 
 
@@ -205,6 +226,18 @@ class HfPruneQuantizer(HfQuantizer):
     def validate_environment(self, *args, **kwargs):
         return None
 
+    def update_attn_implementation(self, config):
+        # The one hook transformers calls with the config (which knows the local directory) *before* it resolves the
+        # index's file names: every entry goes through the containment check here, so `from_pretrained` names a
+        # hostile entry (".", a list, a number, a symlink out) as `info` and `load_compressed_state_dict` do, instead
+        # of failing inside transformers with a raw `IsADirectoryError` / `TypeError`.
+        directory = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+        if isinstance(directory, str) and os.path.isdir(directory):
+            from .checkpoint import weight_files
+
+            weight_files(Path(directory))
+        return super().update_attn_implementation(config)
+
     def update_dtype(self, dtype):
         return dtype
 
@@ -218,20 +251,43 @@ class HfPruneQuantizer(HfQuantizer):
     def preprocess_model(self, model, dtype=None, **kwargs):
         # Deliberately not the base implementation: it marks the model `is_quantized`, which makes `.half()` raise
         # and `Trainer` refuse to fine-tune. The loaded model is an ordinary dense model.
+        self.export_format.prepare_model(model, self.quantization_config)
         files = [f for f in kwargs.get("checkpoint_files") or [] if str(f).endswith(".safetensors")]
+        self._export = None
         if files:
-            from .info import check_compressed_headers
-            from .integrity import verify_checksums
+            from .checkpoint import changes_reported, check_files, checkpoint_export, open_files
+            from .schema import check_quantization_config
 
             # Fail before loading, with the file and tensor named, rather than inside the loader's report (or, for
-            # corruption that keeps the structure, not at all).
-            check_compressed_headers(files)
-            verify_checksums(files, required=self.quantization_config.has_checksums)
-        self.export_format.prepare_model(model, self.quantization_config)
+            # corruption that keeps the structure, not at all): the same checks as `hf-prune info`, with the dense
+            # shapes of the model just built bounding every decoded size.
+            qc = self.quantization_config
+            check_quantization_config(qc.to_dict(), "config.json", max_version=FORMAT_VERSION)
+            export = checkpoint_export(files, qc, getattr(model.config, "_name_or_path", None))
+            with changes_reported(export.directory, export.export_id):
+                opened = open_files(export.files)
+                try:
+                    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+                    check_files(export, opened, shapes=shapes)
+                finally:
+                    for f in opened:
+                        f.close()
+            self._export = export
 
     def postprocess_model(self, model, **kwargs):
         from .save import enable_compressed_save
 
+        export = getattr(self, "_export", None)
+        if export is not None and export.export_id is not None:
+            # transformers opened the files again to load them: if they still carry the export id of config.json,
+            # no other save replaced the export in between (ids are never reused), so every tensor came from it.
+            from .integrity import check_export_id
+            from .reading import SafetensorsFile
+
+            for file in export.files:
+                with SafetensorsFile(file) as f:
+                    check_export_id(f, export.export_id)
+            self._export = None
         model.config.quantization_config = self.quantization_config
         conversions = getattr(model, "_weight_conversions", None) or []
         model._weight_conversions = [
@@ -251,6 +307,9 @@ class HfPruneQuantizer(HfQuantizer):
         from .integrity import checksum_metadata
 
         state_dict, self.last_report = compressed_state_dict(model, self.quantization_config)
+        # transformers' own writer (a direct `PreTrainedModel.save_pretrained(model, ...)`) writes no manifest and
+        # no export id: what it writes is format version 2.
+        self.quantization_config.format_version, self.quantization_config.export_id = 2, None
         metadata = {"hf_prune_format": self.quantization_config.format, "hf_prune_version": __version__}
         return state_dict, {**metadata, **checksum_metadata(state_dict)}
 

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 # Files an export writes; their presence means "this directory already holds a model".
 _MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
-_EXPORT_FILES = ("config.json", "generation_config.json")
+_EXPORT_FILES = ("config.json", "generation_config.json", "hf_prune_manifest.json")
 _README = "README.md"
 
 
@@ -362,10 +362,15 @@ def write_compressed_export(model, directory: Path, qconfig=None, *, max_shard_s
     from transformers.modeling_utils import unwrap_model
 
     from ..version import __version__
+    from .quantizer import FORMAT_VERSION
     from .shards import ShardWriter, default_max_shard_size
+
+    from .integrity import new_export_id
 
     check_compressed_save_kwargs({"max_shard_size": max_shard_size, **others})
     qconfig = qconfig or export_config_for(model)
+    # Format version 3: one fresh id for config.json, every shard and the manifest, checked on load.
+    qconfig.format_version, qconfig.export_id = FORMAT_VERSION, new_export_id()
     model_to_save = unwrap_model(model)
     write_model_config(model_to_save, directory)
     state_dict, report = compressed_state_dict(model_to_save, qconfig)
@@ -377,6 +382,7 @@ def write_compressed_export(model, directory: Path, qconfig=None, *, max_shard_s
         directory,
         max_shard_size=default_max_shard_size() if max_shard_size is None else max_shard_size,
         metadata={"hf_prune_format": qconfig.format, "hf_prune_version": __version__},
+        export_id=qconfig.export_id,
     )
     writer.add(state_dict)
     del state_dict
@@ -384,10 +390,14 @@ def write_compressed_export(model, directory: Path, qconfig=None, *, max_shard_s
     return files, report
 
 
-def write_model_config(model, directory: Path) -> None:
+def write_model_config(model, directory: Path, *, export_id: str | None = None) -> None:
     """`config.json` (with the `quantization_config` the model carries), `generation_config.json` and remote code,
-    as transformers' `save_pretrained` writes them: what a streamed export writes beside its shards."""
+    as transformers' `save_pretrained` writes them: what a streamed export writes beside its shards (pass the
+    `ShardWriter`'s `export_id`, which config.json must carry)."""
     from transformers.dynamic_module_utils import custom_object_save
+
+    if export_id is not None:
+        model.config.quantization_config.export_id = export_id
 
     model.config.dtype = str(model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__.removeprefix("FSDP")]

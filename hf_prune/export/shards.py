@@ -19,7 +19,7 @@ for block_tensors in finished_blocks:                 # {key: tensor} of one blo
     writer.add(compressed)
 writer.add(other_tensors)                              # embeddings, norms, ...
 files = writer.close(total_parameters=n_params)        # renames to model-0000i-of-0000N, writes the index
-hf_prune.export.save.write_model_config(model, directory)  # config.json with its quantization_config
+hf_prune.export.save.write_model_config(model, directory, export_id=writer.export_id)  # config.json
 ```
 (checksums and the index cover what was added; `verify_checksums(files, required=True)` reads it all back.)
 """
@@ -38,8 +38,8 @@ from huggingface_hub.serialization._base import (
 from safetensors.torch import save_file
 
 from .formats import split_key
-from .info import read_safetensors_header
-from .integrity import checksum_metadata
+from .integrity import EXPORT_ID_META, checksum_metadata, new_export_id, write_manifest
+from .reading import read_safetensors_header
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -93,16 +93,19 @@ class ShardWriter:
         max_shard_size: bytes or a size string (`"200MB"`); default: transformers' `save_pretrained` default. A
             group bigger than this gets a shard of its own (as in transformers).
         metadata: extra safetensors metadata for every file (string values).
+        export_id: the export id (format version 3) written in every file and the manifest; a fresh one by default.
+            config.json must carry the same (`write_model_config(model, directory, export_id=writer.export_id)`).
 
     Call [`add`] with `{key: tensor}` dicts (compressed or dense; a group may not be split across two calls), then
     [`close`]. Until `close`, files carry provisional names (`model-00001.safetensors`, ...).
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_shard_size: int | str | None = None,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, export_id: str | None = None):
         self.directory = Path(directory)
         self.max_bytes = shard_size_bytes(max_shard_size)
-        self.metadata = dict(metadata or {})
+        self.export_id = export_id or new_export_id()
+        self.metadata = {**(metadata or {}), EXPORT_ID_META: self.export_id}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
@@ -143,7 +146,8 @@ class ShardWriter:
         self._written.append((path, list(group)))
 
     def close(self, *, total_parameters: int | None = None) -> list[Path]:
-        """Writes what is pending, gives the files their final names and writes the index (when sharded)."""
+        """Writes what is pending, gives the files their final names, writes the index (when sharded) and the
+        manifest (`hf_prune_manifest.json`: every file's tensors and checksums)."""
         self.flush()
         self.closed = True
         if not self._written:
@@ -152,6 +156,7 @@ class ShardWriter:
         if n == 1:
             final = self.directory / WEIGHTS_NAME
             os.replace(self._written[0][0], final)
+            write_manifest(self.directory, [final], self.export_id)
             return [final]
         files, weight_map = [], {}
         for i, (path, keys) in enumerate(self._written, 1):
@@ -160,6 +165,7 @@ class ShardWriter:
             files.append(final)
             weight_map.update({k: final.name for k in keys})
         write_index(self.directory, weight_map, total_size=self.total_size, total_parameters=total_parameters)
+        write_manifest(self.directory, files, self.export_id)
         return files
 
 
@@ -177,16 +183,18 @@ def write_index(directory: str | os.PathLike, weight_map: dict[str, str], *, tot
 
 def index_from_files(directory: str | os.PathLike, files: list[str | os.PathLike] | None = None, *,
                      total_parameters: int | None = None) -> Path:
-    """(Re)writes the index from the shards on disk (all `model-*-of-*.safetensors` by default): merges shards
-    written by separate writers or processes into one checkpoint. Refuses a key held by two files, or a group split
-    across files."""
+    """(Re)writes the index and the manifest from the shards on disk (all `model-*-of-*.safetensors` by default):
+    merges shards written by separate writers or processes into one checkpoint (give the writers the same
+    `export_id`). Refuses a key held by two files, a group split across files, or shards of different exports."""
     directory = Path(directory)
     paths = [Path(f) for f in files] if files is not None else sorted(directory.glob("model-*-of-*.safetensors"))
     weight_map: dict[str, str] = {}
     group_file: dict[str, str] = {}
     total = 0
+    ids = set()
     for path in paths:
         header, _ = read_safetensors_header(path)
+        ids.add((header.get("__metadata__") or {}).get(EXPORT_ID_META))
         for key, info in header.items():
             if key == "__metadata__":
                 continue
@@ -197,4 +205,9 @@ def index_from_files(directory: str | os.PathLike, files: list[str | os.PathLike
                 raise ValueError(f"compressed weight {base!r} is split across {group_file[base]} and {path.name}")
             weight_map[key] = path.name
             total += info["data_offsets"][1] - info["data_offsets"][0]
-    return write_index(directory, weight_map, total_size=total, total_parameters=total_parameters)
+    if len(ids) != 1 or None in ids:
+        raise ValueError(f"the shards carry different export ids ({sorted(map(str, ids))}): give every ShardWriter of one "
+                         "export the same export_id")
+    index = write_index(directory, weight_map, total_size=total, total_parameters=total_parameters)
+    write_manifest(directory, paths, ids.pop())
+    return index

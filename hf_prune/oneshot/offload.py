@@ -11,7 +11,6 @@ written, the whole directory is verified (checksums) and swapped into place atom
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -41,13 +40,12 @@ class CheckpointReader:
     """
 
     def __init__(self, path: Path):
-        from ..export.info import read_safetensors_header
+        from ..export.checkpoint import weight_files
+        from ..export.reading import read_safetensors_header
 
         index = path / INDEX_FILE
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        elif (path / "model.safetensors").is_file():
-            files = ["model.safetensors"]
+        if index.is_file() or (path / "model.safetensors").is_file():
+            files = [str(p.relative_to(path)) for p in weight_files(path)]  # each resolved inside `path`
         else:
             raise FileNotFoundError(
                 f"offloaded pruning reads safetensors checkpoints: {str(path)!r} has neither model.safetensors nor "
@@ -239,7 +237,7 @@ class OffloadedCheckpoint:
             files = self._writer.close(total_parameters=self.model.num_parameters())
             qconfig = export_config_for(self.model)
             self.model.config.quantization_config = qconfig
-            write_model_config(self.model, self._tmp)
+            write_model_config(self.model, self._tmp, export_id=self._writer.export_id)
             verify_checksums(files, required=True)
             readme = self.target / "README.md"
             keep_readme = (readme.is_file() and not _is_our_card(readme)) or not model_card
