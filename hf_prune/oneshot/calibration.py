@@ -9,21 +9,29 @@ from collections.abc import Sequence
 
 import torch
 
+from ..text_files import CHUNK_CHARS, TextFiles, text_pieces
+
 logger = logging.getLogger(__name__)
 
 
 #: the windows are drawn from the first `POOL_FACTOR * num_samples * seq_len` tokens of the text (all of it when
 #: shorter), so memory and time stay bounded whatever the size of the calibration text
 POOL_FACTOR = 8
+#: characters per tokenizer call: a fast tokenizer holds a few hundred bytes per token while encoding (offsets,
+#: word ids, ...), so this bounds its peak memory to tens of MB
+TOKENIZE_CHARS = 1 << 18
+#: smallest piece handed to the tokenizer when only a few tokens are needed
+MIN_CHUNK_CHARS = 1 << 16
 
 
 def tokenize_texts(texts, tokenizer, separator: str = "\n\n", max_tokens: int | None = None) -> torch.Tensor:
     """Concatenated token ids of `texts` (one 1-D tensor), joined by `separator`, without special tokens.
 
     `texts` is a sequence of strings or a [`~hf_prune.text_files.TextFiles`]. The text is tokenised in pieces of
-    about `CHUNK_CHARS` characters (cut before a whitespace run where there is one), so the tokenizer's working memory
-    stays bounded; text up to that size is tokenised in one call, exactly as a whole. With `max_tokens`, reading
-    stops as soon as that many tokens are collected and the result is cut to `max_tokens`.
+    at most `TOKENIZE_CHARS` (256 Ki) characters (cut before a whitespace run where there is one), so the tokenizer's
+    working memory stays bounded; text up to that size is tokenised in one call, exactly as a whole. With
+    `max_tokens`, reading stops as soon as that many tokens are collected and the result is cut to `max_tokens`;
+    pieces are then `16 * max_tokens` characters (at least 64 Ki), so a small need reads and tokenises little.
     """
     if tokenizer is None:
         raise ValueError("calibration is given as text, so `tokenizer=` is required")
@@ -31,7 +39,8 @@ def tokenize_texts(texts, tokenizer, separator: str = "\n\n", max_tokens: int | 
         texts = [texts]
     chunks: list[torch.Tensor] = []
     count = 0
-    for piece in _tokenizer_inputs(texts, separator):
+    chunk_chars = TOKENIZE_CHARS if max_tokens is None else min(TOKENIZE_CHARS, max(MIN_CHUNK_CHARS, 16 * max_tokens))
+    for piece in _tokenizer_inputs(texts, separator, chunk_chars):
         ids = tokenizer(piece, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         chunks.append(torch.tensor(ids, dtype=torch.long))
         count += len(ids)
@@ -43,9 +52,9 @@ def tokenize_texts(texts, tokenizer, separator: str = "\n\n", max_tokens: int | 
     return ids if max_tokens is None else ids[:max_tokens]
 
 
-def _tokenizer_inputs(texts, separator: str):
-    """Strings of at most about `CHUNK_CHARS` characters whose concatenation is `separator.join(non-blank texts)`."""
-    from ..text_files import CHUNK_CHARS, TextFiles, text_pieces
+def _tokenizer_inputs(texts, separator: str, chunk_chars: int):
+    """Strings of at most `chunk_chars` characters whose concatenation is `separator.join(non-blank texts)` (but for
+    whitespace-only pieces)."""
 
     if not isinstance(texts, TextFiles):
         texts = (t for t in texts if t and not t.isspace())
@@ -55,8 +64,8 @@ def _tokenizer_inputs(texts, separator: str):
             buffer += separator
         buffer += piece
         started = True
-        while len(buffer) >= CHUNK_CHARS:
-            cut = _cut_point(buffer, CHUNK_CHARS)
+        while len(buffer) >= chunk_chars:
+            cut = _cut_point(buffer, chunk_chars)
             head, buffer = buffer[:cut], buffer[cut:]
             if head and not head.isspace():
                 yield head
@@ -129,8 +138,6 @@ def _windows(calibration, tokenizer, num_samples: int, seq_len: int, seed: int, 
             raise ValueError(f"calibration Dataset has columns {columns}; expected a 'text' or 'input_ids' column")
     if isinstance(calibration, str):
         calibration = [calibration]
-    from ..text_files import TextFiles
-
     if isinstance(calibration, TextFiles):
         return _text_windows(calibration, tokenizer, num_samples, seq_len, seed, owner)
 
