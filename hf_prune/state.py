@@ -101,6 +101,16 @@ def training_method(model: torch.nn.Module) -> str | None:
     return getattr(getattr(model, "module", model), _TRAINING_ATTR, None)
 
 
+def refuse_mid_training(model: torch.nn.Module, what: str, advice: str, allow: tuple[str, ...] = ()) -> None:
+    """Raises when a training-time method (other than those in `allow`) is pruning `model` now."""
+    method = training_method(model)
+    if method is not None and method not in allow:
+        raise ValueError(
+            f"{what} got a model in the middle of {method} training-time pruning (its gates or masks are attached "
+            f"and would undo or fight it). {advice}"
+        )
+
+
 def adapter_layer_names(model: torch.nn.Module) -> list[str]:
     """Names of the peft adapter layers (LoRA and the other tuners) inside `model`; empty without peft imported."""
     import sys

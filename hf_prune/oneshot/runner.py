@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..state import PruningState, get_pruning_state, refuse_adapter_model, set_pruning_state, training_method
+from ..state import PruningState, get_pruning_state, refuse_adapter_model, refuse_mid_training, set_pruning_state
 from .blocks import capture_block_inputs, find_blocks, linear_weight_view, set_linear_weight
 from .calibration import calibration_windows
 from .config import OneShotConfig
@@ -179,13 +179,8 @@ def check_can_prune(model: nn.Module, allow_repruning: bool) -> PruningState | N
     """Refuses, before any work, a model `oneshot` must not prune (see `oneshot`'s Raises); returns the model's
     earlier `PruningState` when re-pruning it is allowed."""
     refuse_adapter_model(model, "oneshot()")
-    method = training_method(model)
-    if method is not None:
-        raise ValueError(
-            f"oneshot() got a model in the middle of {method} training-time pruning (its gates or masks are attached "
-            "and would undo or fight a one-shot pruning). Finish that run first (trainer.export_pruned_model(), or "
-            "pruner.finalize() for hf_prune.attach) and prune the exported model"
-        )
+    refuse_mid_training(model, "oneshot()", "Finish that run first (trainer.export_pruned_model(), or "
+                        "pruner.finalize() for hf_prune.attach) and prune the exported model")
     previous = get_pruning_state(model)
     if previous is None:
         return None

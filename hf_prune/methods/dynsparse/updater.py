@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...state import PruningState, mark_training, refuse_adapter_model, training_method
+from ...state import PruningState, mark_training, refuse_adapter_model, refuse_mid_training
 from .config import DynSparseConfig
 from .masks import BlockMask, non_embedding_linears, select_sparse_modules
 from .schedule import UpdateSchedule
@@ -57,12 +57,8 @@ class DynSparseUpdater:
             raise TypeError(f"DynSparseUpdater needs a DynSparseConfig, got {type(config).__name__}")
         config.validate()  # again: lists may have been changed in place since construction
         refuse_adapter_model(model, "DynSparse")
-        other = training_method(model)
-        if other not in (None, "DynSparse"):
-            raise ValueError(
-                f"DynSparse got a model in the middle of {other} training-time pruning (its gates are attached); "
-                "one training-time method at a time: start DynSparse from a model without them"
-            )
+        refuse_mid_training(model, "DynSparse", "One training-time method at a time: start DynSparse from a model "
+                            "without them", allow=("DynSparse",))
         self.model = model
         self.config = config
         self.generator = torch.Generator().manual_seed(config.seed)
