@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shlex
 import sys
 import time
@@ -25,41 +24,42 @@ from .config import get_config_class, registered_methods
 from .export import describe_export, format_description, push_pruned
 from .export.hub import DEFAULT_TIMEOUT, PushError, check_timeout
 from .output_dir import check_output
+from .text_files import TextFiles, read_texts  # noqa: F401  (read_texts: public helper, kept importable from here)
 
 logger = logging.getLogger("hf_prune")
 
 
-def read_texts(path: str | os.PathLike, what: str) -> list[str]:
-    """Texts from a `.txt` file (the whole file), a `.jsonl` file (`text` field per line) or a directory of them."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl"))
-        if not files:
-            raise ValueError(f"--{what} directory {str(path)!r} holds no .txt or .jsonl files")
-        return [t for f in files for t in read_texts(f, what)]
-    if not path.is_file():
-        raise FileNotFoundError(f"--{what}: no such file or directory: {str(path)!r}")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"--{what} {str(path)!r} is not UTF-8 text ({err})") from None
-    if path.suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"--{what} {str(path)!r} line {number}: not valid JSON ({err.msg}, column {err.colno})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"--{what} {str(path)!r} line {number}: expected a JSON object with a 'text' string")
-            texts.append(record["text"])
-    else:
-        texts = [content]
-    if not any(t.strip() for t in texts):
-        raise ValueError(f"--{what} {str(path)!r} holds no text")
-    return texts
+# Files one of which `AutoTokenizer.from_pretrained` needs to find a tokenizer in a directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+
+
+def load_tokenizer(model_path: str, tokenizer_path: str | None, needed_for: str | None):
+    """The tokenizer from `--tokenizer` or else from the model directory.
+
+    Args:
+        needed_for: why a tokenizer is needed (e.g. "to tokenise --calibration text"), or None when the run needs
+            none (it is still loaded, and saved with the export, when the directory has one).
+
+    Returns `None` when no tokenizer is needed and the directory has none; raises, naming the directory, the files
+    looked for and `--tokenizer`, when one is needed and there is none (before the model is loaded).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer_path or model_path)
+    flag = "--tokenizer" if tokenizer_path else "model directory"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{flag} {str(path)!r} is not a directory (the Hub is not reached from here)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        if needed_for is None:
+            logger.warning("%s has no tokenizer; the export is written without one", path)
+            return None
+        raise ValueError(
+            f"{flag} {str(path)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}), and one is needed "
+            f"{needed_for}: pass --tokenizer PATH, a directory holding the model's tokenizer (e.g. the original "
+            "model's), or save it into the model directory (tokenizer.save_pretrained(DIR))"
+        )
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _parse_set(values: list[str]) -> dict:
@@ -119,7 +119,12 @@ def _oneshot_parser(sub) -> None:
     p.add_argument("--num-samples", type=int, default=None, help="calibration windows (default 128)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per calibration window (default 512)")
     p.add_argument("--eval", help="held-out text for perplexity before and after pruning (same formats)")
-    p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help="at most this many evaluation windows (only their tokens are read from --eval)")
+    p.add_argument("--tokenizer", default=None,
+                   help="directory of the tokenizer (default: the model directory); needed for --calibration/--eval")
+    p.add_argument("--allow-repruning", action="store_true",
+                   help="prune a model that hf_prune already pruned; both runs are recorded (refused otherwise)")
     p.add_argument("--output", required=True, help="directory to write the pruned model to")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output directory")
     p.add_argument("--dense", action="store_true",
@@ -138,7 +143,7 @@ def _oneshot_parser(sub) -> None:
 
 def run_oneshot(args) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .evaluation import perplexity
     from .export import save_pruned
@@ -179,23 +184,33 @@ def run_oneshot(args) -> int:
         check_timeout(args.timeout or None)
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"model path {args.model!r} is not a directory (the Hub is not reached from here)")
-    calibration = read_texts(args.calibration, "calibration") if args.calibration else None
+    if args.eval_windows is not None and args.eval_windows < 1:
+        raise ValueError(f"--eval-windows must be >= 1, got {args.eval_windows}")
+    calibration = _text_files(args.calibration, "calibration") if args.calibration else None
     if calibration is None and config.uses_calibration:
         raise ValueError(f"--method {args.method} needs --calibration text")
-    eval_texts = read_texts(args.eval, "eval") if args.eval else None
+    eval_texts = _text_files(args.eval, "eval") if args.eval else None
+    if calibration is not None and not config.uses_calibration:
+        logger.warning("--method %s uses no calibration text; --calibration is ignored", args.method)
+        calibration = None
+    needed_for = " and ".join(
+        [f"to tokenise the --calibration text (--method {args.method})"] * (calibration is not None)
+        + ["to tokenise the --eval text"] * (eval_texts is not None)
+    ) or None
+    tokenizer = load_tokenizer(args.model, args.tokenizer, needed_for)
     if args.offload:
-        return _run_oneshot_offloaded(args, config, calibration, eval_texts)
+        return _run_oneshot_offloaded(args, config, calibration, eval_texts, tokenizer)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"Loading {args.model} ({args.dtype}) on {device}", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device)
     ppl_before = ppl_after = None
     if eval_texts:
         ppl_before = perplexity(model, eval_texts, tokenizer, seq_len=config.max_seq_length, max_windows=args.eval_windows)
         print(f"perplexity before pruning: {ppl_before:.2f}", flush=True)
     started = time.perf_counter()
-    model = oneshot(model, config, calibration=calibration, tokenizer=tokenizer)  # structured: a new, smaller model
+    model = oneshot(model, config, calibration=calibration, tokenizer=tokenizer,  # structured: a new, smaller model
+                    allow_repruning=args.allow_repruning)
     elapsed = time.perf_counter() - started
     state = get_pruning_state(model)
     if eval_texts:
@@ -224,9 +239,15 @@ def run_oneshot(args) -> int:
     return _report_saved(output, args)
 
 
-def _run_oneshot_offloaded(args, config, calibration, eval_texts) -> int:
+def _text_files(path: str, what: str) -> TextFiles:
+    """`--calibration` / `--eval` files, read lazily (only what the run needs), checked up front."""
+    source = TextFiles(path, what)
+    source.check()
+    return source
+
+
+def _run_oneshot_offloaded(args, config, calibration, eval_texts, tokenizer) -> int:
     import torch
-    from transformers import AutoTokenizer
 
     from .oneshot import oneshot
 
@@ -236,7 +257,6 @@ def _run_oneshot_offloaded(args, config, calibration, eval_texts) -> int:
         raise ValueError("--dense cannot be combined with --offload, which writes the compressed export")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"Pruning {args.model} block by block ({args.dtype}) on {device}, writing {args.output}", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     started = time.perf_counter()
     output = oneshot(args.model, config, calibration=calibration, tokenizer=tokenizer, offload_dir=args.output,
                      overwrite=args.overwrite, device=device, dtype=getattr(torch, args.dtype),
@@ -310,6 +330,7 @@ def _recover_parser(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="at most this many evaluation windows")
     p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (weights stay in their dtype); on a "
                    "CPU without native bf16 it runs in fp32 with a warning (bf16 is emulated there, ~10x slower)")
+    p.add_argument("--tokenizer", default=None, help="directory of the tokenizer (default: the checkpoint directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
 
 
@@ -353,12 +374,12 @@ def get_run_metrics(model) -> dict:
 
 def run_recover(args) -> int:
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .peft.recover import recover
 
     texts, eval_texts = _text_training_inputs(args, sources=[args.directory])
-    tokenizer = AutoTokenizer.from_pretrained(args.directory)
+    tokenizer = load_tokenizer(args.directory, args.tokenizer, "to tokenise the --data text")
     model = AutoModelForCausalLM.from_pretrained(args.directory)
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
     merged = recover(model, texts, tokenizer, steps=args.steps, lora_config=config, seq_len=args.seq_len,

@@ -30,6 +30,11 @@ class PruningState:
         metrics: measured facts about the run (wall time, perplexity before/after, ...), for the model card.
         base_model: name or path of the model before pruning, when known.
         command: code or shell command that reproduces the run, when known.
+        history: the earlier pruning runs of a model pruned more than once (`oneshot(..., allow_repruning=True)`),
+            oldest first, each `{"config", "layout", "sparsity", "metrics", "command"}` as it was recorded after
+            that run (`sparsity`: the overall sparsity of its pruned modules then). `config`, `layout` and
+            `metrics` above are the last run's; `module_sparsity` is measured on the final weights, every run's
+            modules included. Empty for a model pruned once.
     """
 
     config: PruningConfig
@@ -39,6 +44,17 @@ class PruningState:
     metrics: dict[str, Any] = field(default_factory=dict)
     base_model: str | None = None
     command: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def run_record(self) -> dict[str, Any]:
+        """This run as an entry of a later run's `history`."""
+        return {
+            "config": self.config.to_dict(),
+            "layout": self.layout,
+            "sparsity": round(self.overall_sparsity, 6),
+            "metrics": dict(self.metrics),
+            "command": self.command,
+        }
 
     @property
     def overall_sparsity(self) -> float:
@@ -81,3 +97,60 @@ def record_training(model: torch.nn.Module, metrics: dict[str, Any]) -> None:
 def get_training_record(model: torch.nn.Module) -> dict[str, Any]:
     """The plain record [`record_training`] keeps on a model without `PruningState` (empty when none)."""
     return dict(model.__dict__.get(_TRAINING_ATTR, {}))
+
+
+# A model in the middle of training-time pruning (CoFi gates attached, DynSparse masks bound) carries the method's
+# name here, so that nothing else prunes or re-masks it meanwhile.
+_TRAINING_METHOD_ATTR = "hf_prune_training_method"
+
+
+def mark_training(model: torch.nn.Module, method: str | None) -> None:
+    """Records that `method` is pruning `model` during training now (None: no longer)."""
+    model = getattr(model, "module", model)  # DDP
+    if method is None:
+        model.__dict__.pop(_TRAINING_METHOD_ATTR, None)
+    else:
+        setattr(model, _TRAINING_METHOD_ATTR, method)
+
+
+def training_method(model: torch.nn.Module) -> str | None:
+    """The training-time method pruning `model` now, if any."""
+    return getattr(getattr(model, "module", model), _TRAINING_METHOD_ATTR, None)
+
+
+def refuse_mid_training(model: torch.nn.Module, what: str, advice: str, allow: tuple[str, ...] = ()) -> None:
+    """Raises when a training-time method (other than those in `allow`) is pruning `model` now."""
+    method = training_method(model)
+    if method is not None and method not in allow:
+        raise ValueError(
+            f"{what} got a model in the middle of {method} training-time pruning (its gates or masks are attached "
+            f"and would undo or fight it). {advice}"
+        )
+
+
+def adapter_layer_names(model: torch.nn.Module) -> list[str]:
+    """Names of the peft adapter layers (LoRA and the other tuners) inside `model`; empty without peft imported."""
+    import sys
+
+    if "peft" not in sys.modules:
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+def refuse_adapter_model(model: torch.nn.Module, what: str) -> None:
+    """Raises when `model` is a peft model or holds adapter layers: `what` would prune the adapters' own matrices
+    (lora_A / lora_B) along with the base weights, and a later merge would fill the pruned entries."""
+    import sys
+
+    is_peft = "peft" in sys.modules and isinstance(model, sys.modules["peft"].PeftModel)
+    layers = [] if is_peft else adapter_layer_names(model)
+    if not is_peft and not layers:
+        return
+    found = f"a peft {type(model).__name__}" if is_peft else f"a model with peft adapter layers ({layers[0]}, ...)"
+    raise ValueError(
+        f"{what} got {found}: it would prune the adapters' own matrices (lora_A, lora_B) and record a sparsity that "
+        "merging the adapters undoes. Prune the base model before wrapping it (then hf_prune.get_sparse_peft_model "
+        "keeps its mask while the adapters train), or merge the adapters first (model = peft_model.merge_and_unload())"
+    )

@@ -4,6 +4,7 @@ input files. Each is refused with a message that names the field or file, before
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -172,3 +173,49 @@ def test_pickle_serialization_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"hf_prune writes safetensors only; safe_serialization=False is not supported"):
         model.save_pretrained(tmp_path / "out", safe_serialization=False)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ class 15: no tokenizer in the model directory
+@pytest.fixture
+def bare_model_dir(model_dir, tmp_path):
+    """The tiny checkpoint without any tokenizer file."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    return bare
+
+
+def test_magnitude_runs_without_a_tokenizer(bare_model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["oneshot", str(bare_model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output", str(out)]) == 0
+    assert (out / "config.json").is_file() and not (out / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("extra, needed", [
+    (["--method", "wanda", "--sparsity", "0.5", "--calibration", "CALIB"], r"to tokenise the --calibration text \(--method wanda\)"),
+    (["--method", "magnitude", "--sparsity", "0.5", "--eval", "CALIB"], r"to tokenise the --eval text"),
+])
+def test_missing_tokenizer_is_named_with_the_fix(bare_model_dir, calib, tmp_path, capsys, extra, needed):
+    import re
+
+    out = tmp_path / "out"
+    extra = [str(calib) if e == "CALIB" else e for e in extra]
+    assert main(["oneshot", str(bare_model_dir), *extra, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"model directory '.*bare' has no tokenizer \(none of tokenizer.json, tokenizer_config.json, .*\), and "
+                     rf"one is needed {needed}: pass --tokenizer PATH", err), err
+    assert "install sentencepiece" not in err and not out.exists()
+
+
+def test_tokenizer_flag_supplies_it_and_is_checked(bare_model_dir, model_dir, calib, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["oneshot", str(bare_model_dir), "--method", "wanda", "--sparsity", "0.5", "--calibration", str(calib),
+            "--seq-len", "32", "--num-samples", "4", "--output", str(out)]
+    assert main([*args, "--tokenizer", str(model_dir)]) == 0
+    assert (out / "tokenizer.json").is_file()
+    assert main([*args, "--tokenizer", str(tmp_path), "--overwrite"]) == 2
+    assert re.search(r"--tokenizer '.*' has no tokenizer", capsys.readouterr().err)

@@ -111,3 +111,144 @@ def test_unsupported_model_names_supported_families(calibration_ids):
 def test_non_oneshot_config_is_a_type_error():
     with pytest.raises(TypeError, match="oneshot\\(\\) takes a one-shot config"):
         oneshot(TINY_MODELS["llama"](), object())
+
+
+# ------------------------------------------------------------------ class 14: huge calibration text, bounded memory
+_BOUNDED_MEMORY_SCRIPT = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[2])
+from conftest import tiny_tokenizer
+from hf_prune.evaluation import perplexity
+from hf_prune.oneshot.calibration import calibration_windows
+from hf_prune.text_files import TextFiles
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+tok, out = tiny_tokenizer(), {}
+for name in ("one_line.txt", "one_record.jsonl", "dir"):
+    source = TextFiles(sys.argv[1] + "/" + name, "calibration")
+    before = peak_mb()
+    source.check()
+    windows = calibration_windows(source, tok, num_samples=4, seq_len=32)
+    out[name] = dict(shape=list(windows.shape), growth_mb=peak_mb() - before, first=windows[0, :4].tolist())
+# an in-memory string as big: the tokenisation adds little on top of the string itself
+text = open(sys.argv[1] + "/one_line.txt").read()
+before = peak_mb()
+windows = calibration_windows([text], tok, num_samples=4, seq_len=32)
+out["in_memory"] = dict(shape=list(windows.shape), growth_mb=peak_mb() - before, first=windows[0, :4].tolist())
+del text
+from transformers import LlamaConfig, LlamaForCausalLM
+model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=64))
+before = peak_mb()
+ppl = perplexity(model, TextFiles(sys.argv[1] + "/one_line.txt", "eval"), tok, seq_len=32, max_windows=2,
+                 show_progress=False)
+out["eval"] = dict(growth_mb=peak_mb() - before, finite=ppl == ppl)
+print(json.dumps(out))
+"""
+
+
+def test_huge_one_line_calibration_file_is_read_only_as_far_as_the_windows_need(tmp_path):
+    """A 64 MB one-line file (also as one 64 MB .jsonl record, and in a directory) with 4 windows of 32 tokens: the
+    peak memory grows by a few MB (tokenising it whole took ~1.3 GB for 5 MB with a real tokenizer)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    unit = " ".join(f"w{i % 127 + 1}" for i in range(1000)) + " "
+    text = unit * (64_000_000 // len(unit))
+    (tmp_path / "one_line.txt").write_text(text)
+    (tmp_path / "one_record.jsonl").write_text(json.dumps({"text": text[: 20_000_000]}) + "\n")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.txt").write_text(text[:30_000_000])
+    del text
+    tests = str(Path(__file__).parent)
+    result = subprocess.run([sys.executable, "-c", _BOUNDED_MEMORY_SCRIPT, str(tmp_path), tests],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for name in ("one_line.txt", "dir", "in_memory"):
+        assert out[name]["shape"] == [4, 32], name
+        assert out[name]["growth_mb"] < 100, (name, out[name])
+    assert out["one_line.txt"]["first"] == out["dir"]["first"] == out["in_memory"]["first"]
+    # the .jsonl record is parsed whole (it is one JSON value), then tokenised in bounded pieces
+    assert out["one_record.jsonl"]["shape"] == [4, 32] and out["one_record.jsonl"]["growth_mb"] < 250
+    assert out["eval"]["finite"] and out["eval"]["growth_mb"] < 100, out["eval"]
+
+
+def test_windows_of_a_normal_text_are_those_of_tokenising_it_whole():
+    """Text shorter than the bounded pool gives exactly the windows of the whole-text rule (tokenise all, draw
+    non-overlapping windows with the seeded permutation)."""
+    tok = tiny_tokenizer()
+    texts = random_texts(8, words=150)  # 1,200 tokens, under the pool of 8 * 5 * 32
+    ids = torch.tensor(tok("\n\n".join(texts), add_special_tokens=False)["input_ids"])
+    available = ids.numel() // 32
+    starts = torch.randperm(available, generator=torch.Generator().manual_seed(3))[:5].sort().values * 32
+    expected = torch.stack([ids[s : s + 32] for s in starts.tolist()])
+    assert torch.equal(calibration_windows(texts, tok, num_samples=5, seq_len=32, seed=3), expected)
+
+
+def test_windows_come_from_the_first_pool_of_tokens_whatever_follows():
+    """The documented bound: windows are drawn from the first POOL_FACTOR * num_samples * seq_len tokens, so text
+    appended after them changes nothing (and is never read)."""
+    from hf_prune.oneshot.calibration import POOL_FACTOR
+
+    tok = tiny_tokenizer()
+    head = random_texts(1, words=POOL_FACTOR * 2 * 16, seed=4)[0]
+    tail = random_texts(1, words=5000, seed=5)[0]
+    short = calibration_windows([head], tok, num_samples=2, seq_len=16, seed=0)
+    longer = calibration_windows([head + " " + tail], tok, num_samples=2, seq_len=16, seed=0)
+    assert torch.equal(short, longer)
+    assert not torch.equal(calibration_windows([tail], tok, num_samples=2, seq_len=16, seed=0), short)
+
+
+def test_pieces_are_cut_between_words_so_tokens_match_whole_tokenisation(monkeypatch):
+    """A text far longer than one tokenizer call is cut before whitespace: the same ids as one call on it whole."""
+    import importlib
+
+    import hf_prune.text_files as text_files
+    from hf_prune.oneshot.calibration import tokenize_texts
+
+    calibration = importlib.import_module("hf_prune.oneshot.calibration")  # `hf_prune.oneshot` is the function
+
+    monkeypatch.setattr(calibration, "TOKENIZE_CHARS", 97)
+    monkeypatch.setattr(calibration, "CHUNK_CHARS", 61)
+    monkeypatch.setattr(text_files, "CHUNK_CHARS", 61)
+    tok = tiny_tokenizer()
+    texts = random_texts(5, words=120, seed=6)
+    texts[2] = texts[2].replace(" ", "   \n ", 7)  # whitespace runs across cuts
+    whole = tok("\n\n".join(texts), add_special_tokens=False)["input_ids"]
+    assert tokenize_texts(texts, tok).tolist() == whole
+    assert tokenize_texts(texts, tok, max_tokens=50).tolist() == whole[:50]
+
+
+def test_text_files_stream_txt_jsonl_and_directories(tmp_path, monkeypatch):
+    import hf_prune.text_files as text_files
+    from hf_prune.text_files import TextFiles, read_texts
+
+    (tmp_path / "a.txt").write_text("w1 w2 w3 w4 w5 w6 w7")
+    (tmp_path / "b.jsonl").write_text('{"text": "w8 w9"}\n\n{"text": "w10"}\n')
+    (tmp_path / "c.md").write_text("ignored")
+    source = TextFiles(tmp_path, "calibration", chunk_chars=5)
+    pieces = list(source)
+    assert pieces[0] == ("w1 w2", True) and all(not starts for _, starts in pieces[1:4])
+    assert "".join(p for p, _ in pieces[:4]) == "w1 w2 w3 w4 w5 w6 w7"
+    assert read_texts(tmp_path, "calibration") == ["w1 w2 w3 w4 w5 w6 w7", "w8 w9", "w10"]
+    monkeypatch.setattr(text_files, "MAX_JSONL_LINE_CHARS", 20)
+    (tmp_path / "b.jsonl").write_text('{"text": "w8 w9"}\n{"text": "' + "w1 " * 10 + '"}\n')
+    with pytest.raises(ValueError, match=r"b.jsonl' line 2 is longer than 20 characters; .* split it into several "
+                                         r"records or give the text as .txt"):
+        list(TextFiles(tmp_path / "b.jsonl", "calibration"))
+
+
+def test_bad_json_past_the_checked_prefix_is_named_when_reached(tmp_path):
+    from hf_prune.text_files import TextFiles
+
+    path = tmp_path / "calib.jsonl"
+    path.write_text('{"text": "w1 w2 w3 w4"}\n' * 20 + "{oops\n")
+    source = TextFiles(path, "calibration", chunk_chars=64)
+    source.check()  # only the first 64 characters are checked up front
+    with pytest.raises(ValueError, match=r"--calibration '.*calib.jsonl' line 21: not valid JSON"):
+        calibration_windows(source, tiny_tokenizer(), num_samples=100, seq_len=4)

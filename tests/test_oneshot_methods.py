@@ -212,3 +212,75 @@ def test_admm_bfloat16_iterations_match_float32_reconstruction(pattern, sparsity
         errors[precision] = ((x @ pruned.T - x @ weight.T).square().sum() / (x @ weight.T).square().sum()).item()
     assert errors["bfloat16"] < errors["float32"] * 1.02, errors
     assert not torch.equal(results["bfloat16"], results["float32"])  # it really ran a different product
+
+
+# ------------------------------------------------------------------ class 16: pruning a pruned model again
+def _zeros(model, names):
+    modules = dict(model.named_modules())
+    return sum(int((modules[n].weight == 0).sum()) for n in names) / sum(modules[n].weight.numel() for n in names)
+
+
+def test_second_oneshot_is_refused_unless_allowed_and_then_recorded(tmp_path):
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]()
+    oneshot(model, MagnitudeConfig(sparsity=0.6), show_progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"already pruned \(magnitude, layout 'unstructured', 60.0% .*allow_repruning=True"):
+        oneshot(model, MagnitudeConfig(sparsity=0.3), show_progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    oneshot(model, MagnitudeConfig(sparsity=0.3), show_progress=False, allow_repruning=True)
+    state = get_pruning_state(model)
+    names = list(state.module_sparsity)
+    assert abs(state.overall_sparsity - _zeros(model, names)) < 1e-9 and abs(state.overall_sparsity - 0.6) < 1e-3
+    assert [run["config"]["sparsity"] for run in state.history] == [0.6] and state.config.sparsity == 0.3
+    model.save_pretrained(tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "(60.0 % sparse)" in card and "pruned 2 times" in card
+    assert "| 1 | magnitude | unstructured | 60.0 % | 60.0 % |" in card and "| 2 | magnitude | unstructured | 30.0 % | 60.0 % |" in card
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert get_pruning_state(loaded).history == state.history
+    with pytest.raises(ValueError, match="already pruned"):  # a loaded hf_prune checkpoint counts too
+        oneshot(loaded, MagnitudeConfig(sparsity=0.7), show_progress=False)
+
+
+def test_unstructured_then_2_4_records_the_union(calibration_ids):
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]()
+    oneshot(model, WandaConfig(sparsity=0.5), calibration=calibration_ids, show_progress=False)
+    oneshot(model, WandaConfig(pattern="2:4"), calibration=calibration_ids, show_progress=False, allow_repruning=True)
+    state = get_pruning_state(model)
+    modules = dict(model.named_modules())
+    for name, value in state.module_sparsity.items():
+        w = modules[name].weight
+        assert value == float((w == 0).sum()) / w.numel()
+        assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all()
+    assert state.overall_sparsity > 0.55 and state.layout == "2:4" and state.history[0]["layout"] == "unstructured"
+
+
+def test_three_runs_and_older_checkpoints_without_history():
+    from hf_prune.export.save import state_from_dict, state_to_dict
+
+    torch.manual_seed(0)
+    model = TINY_MODELS["llama"]()
+    for s in (0.2, 0.4, 0.5):
+        oneshot(model, MagnitudeConfig(sparsity=s), show_progress=False, allow_repruning=True)
+    state = get_pruning_state(model)
+    assert [r["config"]["sparsity"] for r in state.history] == [0.2, 0.4]
+    data = state_to_dict(state)
+    assert state_from_dict(data).history == state.history
+    data.pop("history")
+    assert state_from_dict(data).history == []
+    data["history"] = "garbage"
+    assert state_from_dict(data).history == []
+
+
+def test_structured_state_is_refused_even_when_allowed():
+    from hf_prune import CoFiConfig
+    from hf_prune.state import PruningState, set_pruning_state
+
+    model = TINY_MODELS["llama"]()
+    set_pruning_state(model, PruningState(config=CoFiConfig(target_sparsity=0.5), layout="structured"))
+    with pytest.raises(ValueError, match=r"already pruned structurally .* not supported"):
+        oneshot(model, MagnitudeConfig(sparsity=0.5), show_progress=False, allow_repruning=True)

@@ -225,3 +225,59 @@ def test_unsupported_lora_variants_refused_by_name(calibration_ids, field, value
     with pytest.raises(ValueError, match=f"LoraConfig.{field} .*{name}.*not supported"):
         hf_prune.get_sparse_peft_model(model, LoraConfig(target_modules="all-linear", **{field: value}))
     assert not any(isinstance(m, SparseLoraLinear) for m in model.modules())  # refused before any change
+
+
+# ------------------------------------------------------------------ class 17: pruning through adapters is refused
+@pytest.mark.parametrize("wrap", ["sparse_peft", "plain_peft", "injected"])
+def test_oneshot_refuses_adapter_models_naming_the_fix(wrap, calibration_ids):
+    from hf_prune import MagnitudeConfig
+
+    if wrap == "sparse_peft":
+        model = hf_prune.get_sparse_peft_model(_pruned(dict(sparsity=0.5), calibration_ids),
+                                               LoraConfig(r=4, target_modules="all-linear", init_lora_weights="gaussian"))
+    elif wrap == "plain_peft":
+        model = peft.get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    else:
+        model = peft.inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="gaussian"), tiny_llama())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"oneshot\(\) got a (peft PeftModel|model with peft adapter layers).*lora_A, "
+                                         r"lora_B.*Prune the base model before wrapping it.*merge_and_unload\(\)"):
+        oneshot(model, MagnitudeConfig(sparsity=0.5), show_progress=False, allow_repruning=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_merged_model_may_be_repruned_on_purpose(calibration_ids):
+    from hf_prune import MagnitudeConfig
+
+    peft_model = hf_prune.get_sparse_peft_model(_pruned(dict(sparsity=0.5), calibration_ids), LoraConfig(r=4, target_modules="all-linear"))
+    merged = peft_model.merge_and_unload()
+    with pytest.raises(ValueError, match="already pruned"):
+        oneshot(merged, MagnitudeConfig(sparsity=0.7), show_progress=False)
+    oneshot(merged, MagnitudeConfig(sparsity=0.7), show_progress=False, allow_repruning=True)
+    assert abs(get_pruning_state(merged).overall_sparsity - 0.7) < 1e-3
+
+
+def test_dynsparse_and_cofi_refuse_peft_models_and_oneshot_refuses_mid_training():
+    from hf_prune import DynSparseConfig, MagnitudeConfig, attach
+    from hf_prune.methods.dynsparse.updater import DynSparseUpdater
+
+    wrapped = peft.get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"DynSparse got a peft PeftModel.*merge_and_unload"):
+        DynSparseUpdater(wrapped, DynSparseConfig(sparsity=0.5))
+    from cofi_helpers import tiny_bert
+    from hf_prune import CoFiConfig
+    from hf_prune.methods.cofi.plugin import CoFiPlugin
+
+    with pytest.raises(ValueError, match=r"CoFi got a peft PeftModel"):
+        CoFiPlugin(CoFiConfig(target_sparsity=0.5), peft.get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query"])))
+    model = tiny_llama()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = attach(model, DynSparseConfig(sparsity=0.5), optimizer=opt, total_steps=4)
+    with pytest.raises(ValueError, match=r"in the middle of DynSparse training-time pruning.*pruner.finalize\(\)"):
+        oneshot(model, MagnitudeConfig(sparsity=0.5), show_progress=False, allow_repruning=True)
+    pruner.finalize()
+    oneshot(model, MagnitudeConfig(sparsity=0.8), show_progress=False, allow_repruning=True)
+    gated = tiny_bert()
+    CoFiPlugin(CoFiConfig(target_sparsity=0.5), gated)
+    with pytest.raises(ValueError, match=r"in the middle of CoFi training-time pruning"):
+        oneshot(gated, MagnitudeConfig(sparsity=0.5), show_progress=False)

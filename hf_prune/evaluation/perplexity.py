@@ -24,10 +24,12 @@ def perplexity(
 ) -> float:
     """Perplexity over non-overlapping `seq_len`-token windows of the concatenated `texts` (or `input_ids`).
 
-    Every token of each window except the first is predicted; the trailing partial window is dropped.
+    Every token of each window except the first is predicted; the trailing partial window is dropped. `texts` may be
+    a [`~hf_prune.text_files.TextFiles`]; with `max_windows`, only the first `max_windows * seq_len` tokens are read
+    and tokenised.
     """
     if input_ids is None:
-        input_ids = tokenize_texts(texts, tokenizer)
+        input_ids = tokenize_texts(texts, tokenizer, max_tokens=None if max_windows is None else max_windows * seq_len)
     input_ids = input_ids.flatten()
     n_windows = input_ids.numel() // seq_len
     if max_windows is not None:

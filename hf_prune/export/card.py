@@ -167,6 +167,25 @@ def _auto_class(model) -> str:
     return "AutoModel"
 
 
+def _history_rows(state, final: str) -> list[dict]:
+    """One row per pruning run of a re-pruned model (empty for a model pruned once), the last one being `state`."""
+    if not state.history:
+        return []
+    runs = [*state.history, {"config": state.config.to_dict(), "layout": state.layout, "command": state.command}]
+    rows = []
+    for index, run in enumerate(runs, 1):
+        config = run.get("config") if isinstance(run.get("config"), dict) else {}
+        configured = config.get("sparsity", config.get("target_sparsity"))
+        after = run.get("sparsity")
+        rows.append({
+            "index": index, "method": config.get("method", "?"), "layout": run.get("layout", "?"),
+            "configured": _pct(configured) if isinstance(configured, (int, float)) else "n/a",
+            "after": final if index == len(runs) else (_pct(after) if isinstance(after, (int, float)) else "n/a"),
+            "command": run.get("command"),
+        })
+    return rows
+
+
 def build_model_card(
     model,
     directory: str | Path | None = None,
@@ -244,6 +263,7 @@ def build_model_card(
         structure=structure,
         params_before=f"{structure['params_before']:,}" if structure and structure["params_before"] else None,
         command=state.command,
+        history=_history_rows(state, _pct(overall)),
     )
 
 

@@ -42,6 +42,7 @@ def state_to_dict(state: PruningState) -> dict:
         "metrics": _jsonable(state.metrics),
         "base_model": state.base_model,
         "command": state.command,
+        **({"history": _jsonable(state.history)} if state.history else {}),  # absent for a model pruned once
     }
 
 
@@ -61,6 +62,7 @@ def state_from_dict(data: dict) -> PruningState | None:
         metrics=dict(data.get("metrics") or {}),
         base_model=data.get("base_model"),
         command=data.get("command"),
+        history=[r for r in data["history"] if isinstance(r, dict)] if isinstance(data.get("history"), list) else [],
     )
 
 

@@ -4,22 +4,87 @@ from __future__ import annotations
 
 import logging
 import numbers
+import re
 from collections.abc import Sequence
 
 import torch
 
+from ..text_files import CHUNK_CHARS, TextFiles, text_pieces
+
 logger = logging.getLogger(__name__)
 
 
-def tokenize_texts(texts: Sequence[str], tokenizer, separator: str = "\n\n") -> torch.Tensor:
-    """Concatenated token ids of `texts` (one 1-D tensor), joined by `separator`, without special tokens."""
+#: the windows are drawn from the first `POOL_FACTOR * num_samples * seq_len` tokens of the text (all of it when
+#: shorter), so memory and time stay bounded whatever the size of the calibration text
+POOL_FACTOR = 8
+#: characters per tokenizer call: a fast tokenizer holds a few hundred bytes per token while encoding (offsets,
+#: word ids, ...), so this bounds its peak memory to tens of MB
+TOKENIZE_CHARS = 1 << 18
+#: smallest piece handed to the tokenizer when only a few tokens are needed
+MIN_CHUNK_CHARS = 1 << 16
+
+
+def tokenize_texts(texts, tokenizer, separator: str = "\n\n", max_tokens: int | None = None) -> torch.Tensor:
+    """Concatenated token ids of `texts` (one 1-D tensor), joined by `separator`, without special tokens.
+
+    `texts` is a sequence of strings or a [`~hf_prune.text_files.TextFiles`]. The text is tokenised in pieces of
+    at most `TOKENIZE_CHARS` (256 Ki) characters (cut before a whitespace run where there is one), so the tokenizer's
+    working memory stays bounded; text up to that size is tokenised in one call, exactly as a whole. With
+    `max_tokens`, reading stops as soon as that many tokens are collected and the result is cut to `max_tokens`;
+    pieces are then `16 * max_tokens` characters (at least 64 Ki), so a small need reads and tokenises little.
+    """
     if tokenizer is None:
         raise ValueError("calibration is given as text, so `tokenizer=` is required")
-    joined = separator.join(t for t in texts if t and t.strip())
-    if not joined.strip():
+    if isinstance(texts, str):
+        texts = [texts]
+    chunks: list[torch.Tensor] = []
+    count = 0
+    chunk_chars = TOKENIZE_CHARS if max_tokens is None else min(TOKENIZE_CHARS, max(MIN_CHUNK_CHARS, 16 * max_tokens))
+    for piece in _tokenizer_inputs(texts, separator, chunk_chars):
+        ids = tokenizer(piece, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        chunks.append(torch.tensor(ids, dtype=torch.long))
+        count += len(ids)
+        if max_tokens is not None and count >= max_tokens:
+            break
+    if not chunks:
         raise ValueError("calibration text is empty")
-    ids = tokenizer(joined, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    ids = torch.cat(chunks)
+    return ids if max_tokens is None else ids[:max_tokens]
+
+
+def _tokenizer_inputs(texts, separator: str, chunk_chars: int):
+    """Strings of at most `chunk_chars` characters whose concatenation is `separator.join(non-blank texts)` (but for
+    whitespace-only pieces)."""
+
+    if not isinstance(texts, TextFiles):
+        texts = (t for t in texts if t and not t.isspace())
+    buffer, started = "", False
+    for piece, starts_text in text_pieces(texts, CHUNK_CHARS):
+        if starts_text and started:
+            buffer += separator
+        buffer += piece
+        started = True
+        while len(buffer) >= chunk_chars:
+            cut = _cut_point(buffer, chunk_chars)
+            head, buffer = buffer[:cut], buffer[cut:]
+            if head and not head.isspace():
+                yield head
+    if buffer and not buffer.isspace():
+        yield buffer
+
+
+_WORD_END_REVERSED = re.compile(r"\s\S")
+
+
+def _cut_point(text: str, limit: int) -> int:
+    """Where to cut `text` (at most `limit` characters kept): the start of the last whitespace run, so that no word
+    is split; `limit` itself when the second half holds no whitespace."""
+    half = limit // 2
+    window = text[half : limit + 1]
+    match = _WORD_END_REVERSED.search(window[::-1])
+    if match is None:
+        return limit
+    return half + len(window) - 1 - match.start()
 
 
 def calibration_windows(
@@ -34,9 +99,12 @@ def calibration_windows(
 ) -> torch.Tensor:
     """A `(num_samples, seq_len)` tensor of token ids (fewer rows, with a warning, if the data runs out).
 
-    `calibration` may be a list of strings, a `datasets.Dataset` with a `text` or `input_ids` column, a 2-D tensor
-    of token ids, or a list of token-id lists. Text is concatenated and cut into non-overlapping windows chosen at
-    random (seeded); pre-tokenised rows are used as given (cut to `seq_len`). With `vocab_size`, every id must be in
+    `calibration` may be a list of strings, a [`~hf_prune.text_files.TextFiles`] (files read lazily), a
+    `datasets.Dataset` with a `text` or `input_ids` column, a 2-D tensor of token ids, or a list of token-id lists.
+    Text is concatenated and cut into non-overlapping windows chosen at random (seeded) among the first
+    `POOL_FACTOR * num_samples * seq_len` tokens (`POOL_FACTOR` = 8): only that much text is read and tokenised,
+    whatever its size, so a text shorter than that gives the same windows as tokenising it whole. Pre-tokenised rows
+    are used as given (cut to `seq_len`). With `vocab_size`, every id must be in
     `[0, vocab_size)` (the model's embedding rows): an error names the offending id and where it is.
     """
     windows = _windows(calibration, tokenizer, num_samples, seq_len, seed, owner)
@@ -70,6 +138,8 @@ def _windows(calibration, tokenizer, num_samples: int, seq_len: int, seed: int, 
             raise ValueError(f"calibration Dataset has columns {columns}; expected a 'text' or 'input_ids' column")
     if isinstance(calibration, str):
         calibration = [calibration]
+    if isinstance(calibration, TextFiles):
+        return _text_windows(calibration, tokenizer, num_samples, seq_len, seed, owner)
 
     if isinstance(calibration, torch.Tensor) or (
         isinstance(calibration, Sequence) and calibration and not isinstance(calibration[0], str)
@@ -81,7 +151,11 @@ def _windows(calibration, tokenizer, num_samples: int, seq_len: int, seed: int, 
             "calibration must be a list of strings, a datasets.Dataset, a tensor of token ids or a list of "
             f"token-id lists; got {type(calibration).__name__}"
         )
-    ids = tokenize_texts(calibration, tokenizer)
+    return _text_windows(calibration, tokenizer, num_samples, seq_len, seed, owner)
+
+
+def _text_windows(texts, tokenizer, num_samples: int, seq_len: int, seed: int, owner: str) -> torch.Tensor:
+    ids = tokenize_texts(texts, tokenizer, max_tokens=POOL_FACTOR * num_samples * seq_len)
     available = ids.numel() // seq_len
     if available == 0:
         raise ValueError(

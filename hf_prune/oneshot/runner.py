@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import PruningConfig
-from ..state import PruningState, set_pruning_state
+from ..state import PruningState, get_pruning_state, refuse_adapter_model, refuse_mid_training, set_pruning_state
 from .blocks import capture_block_inputs, find_blocks, linear_weight_view, set_linear_weight
 from .calibration import calibration_windows
 from .config import OneShotConfig
@@ -59,6 +59,7 @@ def oneshot(
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
     command: str | None = None,
+    allow_repruning: bool = False,
 ) -> nn.Module | Path:
     """Prunes `model` in place with a one-shot method and returns it.
 
@@ -85,6 +86,16 @@ def oneshot(
         dtype: with `offload_dir`, the dtype the blocks are loaded, computed and saved in (as `from_pretrained`'s
             `dtype`).
         command: the command that reproduces the run, recorded in the `PruningState` (and so in the model card).
+        allow_repruning: prune a model that hf_prune has already pruned (in memory, or loaded from an hf_prune
+            checkpoint); refused otherwise, before any work. The earlier runs go to the `PruningState`'s `history`,
+            and `module_sparsity` (so the card) is measured on the final weights, every run's modules included:
+            magnitude 0.6 then 0.3 leaves 60 % zeros and says so. A structurally pruned model (CoFi) cannot be
+            pruned again this way.
+
+    Raises:
+        ValueError: before any work, for a model already pruned (without `allow_repruning`), a peft model or a model
+            holding adapter layers (prune the base model before wrapping it, or merge the adapters first), or a
+            model in the middle of training-time pruning (CoFi, DynSparse).
 
     Returns:
         The same model, its linear layers exactly sparse, with a `PruningState` attached; with `offload_dir`, the
@@ -105,6 +116,7 @@ def oneshot(
         )
     owner = type(config).__name__
     config.validate()  # again: lists may have been changed in place since construction
+    previous = check_can_prune(model, allow_repruning) if isinstance(model, nn.Module) else None
     store = None
     if offload_dir is not None:
         if isinstance(model, nn.Module):
@@ -172,18 +184,18 @@ def oneshot(
     metrics = {"pruning_time_s": round(elapsed, 2)}
     if windows is not None:
         metrics.update(calibration_samples=int(windows.shape[0]), calibration_tokens=int(windows.numel()))
-    set_pruning_state(
-        model,
-        PruningState(
-            config=config,
-            layout=config.pattern,
-            module_sparsity=sparsity,
-            module_numel=numel,
-            metrics=metrics,
-            base_model=getattr(model.config, "_name_or_path", None) or None,
-            command=command,
-        ),
+    state = PruningState(
+        config=config,
+        layout=config.pattern,
+        module_sparsity=sparsity,
+        module_numel=numel,
+        metrics=metrics,
+        base_model=getattr(model.config, "_name_or_path", None) or None,
+        command=command,
     )
+    if previous is not None:
+        _record_earlier_runs(model, state, previous)
+    set_pruning_state(model, state)
     logger.info("%s pruned %d modules in %.1fs", config.method, len(sparsity), elapsed)
     if store is not None:
         try:
@@ -191,6 +203,58 @@ def oneshot(
         finally:
             store.close()
     return model
+
+
+def check_can_prune(model: nn.Module, allow_repruning: bool) -> PruningState | None:
+    """Refuses, before any work, a model `oneshot` must not prune (see `oneshot`'s Raises); returns the model's
+    earlier `PruningState` when re-pruning it is allowed."""
+    refuse_adapter_model(model, "oneshot()")
+    refuse_mid_training(model, "oneshot()", "Finish that run first (trainer.export_pruned_model(), or "
+                        "pruner.finalize() for hf_prune.attach) and prune the exported model")
+    previous = get_pruning_state(model)
+    if previous is None:
+        return None
+    done = f"{previous.config.method or type(previous.config).__name__}, layout {previous.layout!r}"
+    if previous.layout == "structured":
+        raise ValueError(
+            f"oneshot() got a model that hf_prune already pruned structurally ({done}): its export must keep the "
+            "structure record that rebuilds the smaller layers, which a one-shot run would replace. One-shot pruning "
+            "on top of structured pruning is not supported; prune the dense model with one method"
+        )
+    if not allow_repruning:
+        raise ValueError(
+            f"oneshot() got a model that hf_prune already pruned ({done}, {previous.overall_sparsity:.1%} of its "
+            f"{len(previous.module_sparsity)} pruned modules' weights zero{_from(previous)}). Pruning it again keeps "
+            "those zeros and adds the new run's, so its sparsity is not the new config's. To do it on purpose pass "
+            "oneshot(..., allow_repruning=True) (CLI: --allow-repruning): every run is then recorded in the "
+            "PruningState's history and the card; otherwise start from the dense model"
+        )
+    return previous
+
+
+def _from(state: PruningState) -> str:
+    return f"; base model {state.base_model}" if state.base_model else ""
+
+
+def _record_earlier_runs(model: nn.Module, state: PruningState, previous: PruningState) -> None:
+    """Adds the earlier runs to `state.history` and the modules only they pruned, measured now, to its sparsity."""
+    state.history = [*previous.history, previous.run_record()]
+    state.base_model = previous.base_model or state.base_model
+    modules = dict(model.named_modules())
+    missing = []
+    for name in previous.module_sparsity:
+        if name in state.module_sparsity:
+            continue
+        if name not in modules:
+            missing.append(name)
+            continue
+        weight = linear_weight_view(modules[name])
+        state.module_sparsity[name] = int((weight == 0).sum()) / weight.numel()
+        state.module_numel[name] = weight.numel()
+    if missing:
+        logger.warning("The earlier PruningState names modules this model does not have (%s); left out", missing[:3])
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    state.module_sparsity = dict(sorted(state.module_sparsity.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 def check_finite_parameters(model: nn.Module, prefix: str = "") -> None:

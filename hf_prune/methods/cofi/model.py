@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...state import mark_training
 from .arch import Adapter
 from .config import CoFiConfig
 from .gates import HardConcreteGate, deterministic_gates
@@ -285,6 +286,7 @@ def inject_gates(
     ref = next(model.parameters())
     gates = CoFiGates(config, adapter, teacher_hidden_size).to(device=ref.device)
     model.add_module(ATTR, gates)
+    mark_training(model, "CoFi")  # for good: the gated model stays the training model; the export is a new one
     handles = [model.register_forward_pre_hook(lambda mod, args: gates.refresh(mod.training))]
     if adapter.kind == "decoder":
         gates._hook_handles = handles + _inject_decoder_hooks(gates, adapter)

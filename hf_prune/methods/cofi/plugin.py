@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ...state import PruningState, set_pruning_state
+from ...state import PruningState, refuse_adapter_model, refuse_mid_training, set_pruning_state
 from ...training.plugin import TrainingPlugin, register_training_plugin
 from .arch import get_adapter
 from .config import CoFiConfig, resolve_steps
@@ -94,6 +94,9 @@ class CoFiPlugin(TrainingPlugin):
 
     def __init__(self, config: CoFiConfig, model: nn.Module, teacher_model: nn.Module | None = None, **kwargs: Any):
         super().__init__(config, model)
+        refuse_adapter_model(model, "CoFi")
+        refuse_mid_training(model, "CoFi", "One training-time method at a time: finish that run first and start "
+                            "CoFi from the exported model")
         self.adapter = get_adapter(model)
         self.decoder = self.adapter.kind == "decoder"
         self.hard_label_weight = _default(config.hard_label_weight, 1.0 if self.decoder else 0.0)

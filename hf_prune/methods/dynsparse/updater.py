@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...state import PruningState
+from ...state import PruningState, mark_training, refuse_adapter_model, refuse_mid_training
 from .config import DynSparseConfig
 from .masks import BlockMask, non_embedding_linears, select_sparse_modules
 from .schedule import UpdateSchedule
@@ -56,6 +56,9 @@ class DynSparseUpdater:
         if not isinstance(config, DynSparseConfig):
             raise TypeError(f"DynSparseUpdater needs a DynSparseConfig, got {type(config).__name__}")
         config.validate()  # again: lists may have been changed in place since construction
+        refuse_adapter_model(model, "DynSparse")
+        refuse_mid_training(model, "DynSparse", "One training-time method at a time: start DynSparse from a model "
+                            "without them", allow=("DynSparse",))
         self.model = model
         self.config = config
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -99,11 +102,13 @@ class DynSparseUpdater:
             self._handles.append(self.optimizer.register_step_pre_hook(self._pre_step_hook))
             self._handles.append(self.optimizer.register_step_post_hook(self._post_step_hook))
         self._real_steps = self._seen_steps = 0
+        mark_training(self.model, "DynSparse")
 
     def unbind(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        mark_training(self.model, None)
 
     def _capturing(self) -> bool:
         """Whether the coming optimizer step is followed by a gradient-based regrowth (needs dense gradients)."""
