@@ -6,6 +6,7 @@ Every method, once it has pruned a model, records a `PruningState` on it with [`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,16 +68,21 @@ class PruningState:
         return sum(self.module_sparsity.values()) / len(self.module_sparsity)
 
 
+# Export hook: what makes a pruned model save (and push) in the compressed format with its model card. The export
+# (`hf_prune.export.save`, imported with `hf_prune`) registers it; this module, below the export, does not import it.
+_export_hooks: list[Callable[[torch.nn.Module, PruningState], None]] = []
+
+
+def register_export_hook(hook: Callable[[torch.nn.Module, PruningState], None]) -> None:
+    """Sets the function [`set_pruning_state`] calls with `(model, state)` once the state is recorded."""
+    _export_hooks[:] = [hook]
+
+
 def set_pruning_state(model: torch.nn.Module, state: PruningState) -> None:
     # A plain attribute: nn.Module stores non-tensor attributes in __dict__, so it does not enter the state dict.
     setattr(model, _ATTR, state)
-    # Export hook: a pruned transformers model saves (and pushes) in the compressed format with its model card.
-    from transformers import PreTrainedModel
-
-    if isinstance(model, PreTrainedModel):
-        from .export.save import enable_compressed_save
-
-        enable_compressed_save(model, state)
+    for hook in _export_hooks:
+        hook(model, state)
 
 
 def get_pruning_state(model: torch.nn.Module) -> PruningState | None:

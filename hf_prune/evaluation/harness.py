@@ -85,7 +85,7 @@ def _local_tasks() -> dict:
 def _load_checkpoint(directory: Path, dtype):
     import transformers
 
-    import hf_prune  # noqa: F401  (registers the loader of compressed checkpoints)
+    import hf_prune.export  # noqa: F401  (registers the loader of compressed checkpoints)
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     kwargs = {} if dtype is None else {"dtype": dtype}

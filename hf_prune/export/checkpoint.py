@@ -52,7 +52,7 @@ class ExportFiles:
 
 def read_config(directory: Path) -> tuple[dict, dict | None, int]:
     """`(config, hf_prune quantization_config or None, format version)` of `directory`'s config.json (absent: `{}`)."""
-    from .quantizer import check_export_config
+    from .export_config import check_export_config
 
     path = directory / "config.json"
     if not path.is_file():
@@ -263,7 +263,7 @@ def declared_shapes(export: ExportFiles) -> dict[str, tuple] | None:
         return None
     try:
         from .formats import get_export_format
-        from .quantizer import HfPruneExportConfig
+        from .export_config import HfPruneExportConfig
 
         config = transformers.AutoConfig.from_pretrained(export.directory)
         config.quantization_config = None

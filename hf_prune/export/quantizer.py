@@ -23,7 +23,6 @@ import logging
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter
@@ -34,99 +33,34 @@ from transformers.quantizers.auto import (
     register_quantizer,
 )
 from transformers.quantizers.base import HfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..version import __version__
 from .codecs import META_SUFFIX, decode, index_suffixes
+from .export_config import (  # noqa: F401  (the config was defined here; `hf_prune.export.quantizer` still has it)
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    HfPruneExportConfig,
+    check_export_config,
+    compressed_state_dict,
+)
 from .formats import get_export_format
 
 logger = logging.getLogger(__name__)
 
-QUANT_METHOD = "hf_prune"
-#: 3: an export id in config.json and every file, and a manifest of every tensor (`integrity.py`). 2: per-tensor
-#: checksums in every safetensors file. 1: no checksums. All three are read.
-FORMAT_VERSION = 3
+# What makes a model loaded by `postprocess_model` save in the compressed format again: `save.enable_compressed_save`,
+# registered by save.py when `hf_prune.export` is imported (save.py imports this module, so this one cannot import it).
+_enable_save: list = []
 
 
-class HfPruneExportConfig(QuantizationConfigMixin):
-    """`config.json["quantization_config"]` of a compressed hf_prune checkpoint.
-
-    Args:
-        format: export format name (see [`register_export_format`]); `"sparse"` by default.
-        layout: the pruning layout (`"unstructured"`, `"2:4"`, `"block:16x16"`, `"structured"`); picks the codecs.
-        format_config: format-specific JSON (e.g. per-layer shapes of a structured model).
-        pruning: the [`PruningState`] as JSON (`config`, `layout`, `module_sparsity`, `metrics`, `base_model`,
-            `command`), so that a loaded model re-saves with the same model card.
-        format_version: on-disk format version (1 to 3); a newer one than this hf_prune reads is an error.
-        export_id: random id of one save (format version 3), also in every file's metadata and the manifest.
-    """
-
-    def __init__(
-        self,
-        format: str = "sparse",
-        layout: str = "unstructured",
-        format_config: dict | None = None,
-        pruning: dict | None = None,
-        format_version: int = FORMAT_VERSION,
-        hf_prune_version: str | None = None,
-        quant_method: str = QUANT_METHOD,
-        export_id: str | None = None,
-        **kwargs: Any,
-    ):
-        if quant_method != QUANT_METHOD:
-            raise ValueError(f"HfPruneExportConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
-        if isinstance(format_version, bool) or not isinstance(format_version, int) or format_version < 1:
-            raise ValueError(
-                f"hf_prune quantization_config.format_version must be an integer 1..{FORMAT_VERSION}, got "
-                f"{format_version!r}: config.json is corrupted"
-            )
-        if format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"This checkpoint uses hf_prune export format version {format_version!r}; this hf_prune "
-                f"({__version__}) reads versions <= {FORMAT_VERSION}. Upgrade hf_prune."
-            )
-        from .schema import check_quantization_config
-
-        check_quantization_config(
-            {"format": format, "layout": layout, "format_config": format_config, "pruning": pruning,
-             "format_version": format_version, "hf_prune_version": hf_prune_version, "export_id": export_id},
-            "config.json", max_version=FORMAT_VERSION, loading=False,
-        )
-        if kwargs:
-            logger.warning("Ignoring unknown keys in the hf_prune quantization_config: %s", sorted(kwargs))
-        self.quant_method = QUANT_METHOD
-        self.format = format
-        self.layout = layout
-        self.format_config = dict(format_config or {})
-        self.pruning = pruning
-        self.format_version = format_version
-        self.hf_prune_version = hf_prune_version or __version__
-        self.export_id = export_id
-
-    def pruned_modules(self) -> list[str]:
-        return list(((self.pruning or {}).get("module_sparsity") or {}).keys())
-
-    @property
-    def has_checksums(self) -> bool:
-        return self.format_version >= 2
+def register_enable_save(enable) -> None:
+    """Sets the function `postprocess_model` calls as `enable(model, quantizer=self)` (see `_enable_save`)."""
+    _enable_save[:] = [enable]
 
 
-def check_export_config(data: dict, source="config.json") -> HfPruneExportConfig:
-    """What the loader accepts, so that `hf-prune info` refuses exactly what `from_pretrained` refuses: the
-    `quantization_config` passes the schema (`schema.py`), builds (quant method, format version) and names a
-    registered export format. Errors name `source` and the field."""
-    from .codecs import CorruptCheckpointError
-    from .schema import check_quantization_config
-
-    check_quantization_config(data, source, max_version=FORMAT_VERSION)
-    try:
-        qconfig = HfPruneExportConfig.from_dict(dict(data))
-        get_export_format(qconfig.format)
-    except CorruptCheckpointError:
-        raise
-    except ValueError as err:
-        raise CorruptCheckpointError(f"{source}: {err}") from None
-    return qconfig
+def disable_compressed_save(model) -> None:
+    """Back to plain transformers behaviour (dense saves). `model.dequantize()` calls this."""
+    for attr in ("save_pretrained", "push_to_hub"):
+        model.__dict__.pop(attr, None)
 
 
 class HfPruneDecompress(ConversionOps):
@@ -275,8 +209,6 @@ class HfPruneQuantizer(HfQuantizer):
             self._export = export
 
     def postprocess_model(self, model, **kwargs):
-        from .save import enable_compressed_save
-
         export = getattr(self, "_export", None)
         if export is not None and export.export_id is not None:
             # transformers opened the files again to load them: if they still carry the export id of config.json,
@@ -294,6 +226,7 @@ class HfPruneQuantizer(HfQuantizer):
             c for c in conversions if not any(isinstance(op, HfPruneDecompress) for op in getattr(c, "operations", ()))
         ]
         self.export_format.finalize_model(model, self.quantization_config)
+        enable_compressed_save, = _enable_save  # registered by save.py, imported with `hf_prune.export`
         enable_compressed_save(model, quantizer=self)
         return model
 
@@ -302,8 +235,6 @@ class HfPruneQuantizer(HfQuantizer):
 
     # --------------------------------------------------------------------------------------------- saving
     def get_state_dict_and_metadata(self, model):
-        from .save import compressed_state_dict
-
         from .integrity import checksum_metadata
 
         state_dict, self.last_report = compressed_state_dict(model, self.quantization_config)
@@ -315,8 +246,6 @@ class HfPruneQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         # Weights are dense in memory already; `dequantize()` only drops the compressed-save behaviour.
-        from .save import disable_compressed_save
-
         disable_compressed_save(model)
         return model
 

@@ -16,14 +16,13 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from ..output_dir import atomic_output_dir, check_output
-from ..state import PruningState, get_pruning_state, get_training_record
+from ..state import PruningState, get_pruning_state, get_training_record, register_export_hook
 from .codecs import META_SUFFIX
+from .export_config import compressed_state_dict, export_config_for, state_from_dict, state_to_dict  # noqa: F401
 from .hub import DEFAULT_TIMEOUT
+from .quantizer import disable_compressed_save, register_enable_save
 
 logger = logging.getLogger(__name__)
 
@@ -33,79 +32,7 @@ _EXPORT_FILES = ("config.json", "generation_config.json", "hf_prune_manifest.jso
 _README = "README.md"
 
 
-# ---------------------------------------------------------------------------------------------- state <-> JSON
-def state_to_dict(state: PruningState) -> dict:
-    return {
-        "config": state.config.to_dict(),
-        "layout": state.layout,
-        "module_sparsity": {k: float(v) for k, v in state.module_sparsity.items()},
-        "metrics": _jsonable(state.metrics),
-        "base_model": state.base_model,
-        "command": state.command,
-        **({"history": _jsonable(state.history)} if state.history else {}),  # absent for a model pruned once
-    }
-
-
-def state_from_dict(data: dict) -> PruningState | None:
-    """Rebuilds the `PruningState`; `None` (with a warning) when the method's config class is not registered."""
-    from ..config import PruningConfig
-
-    try:
-        config = PruningConfig.from_dict(data["config"])
-    except (KeyError, ValueError, TypeError) as err:
-        logger.warning("hf_prune: could not rebuild the pruning config from the checkpoint (%s)", err)
-        return None
-    return PruningState(
-        config=config,
-        layout=data.get("layout", "unstructured"),
-        module_sparsity=dict(data.get("module_sparsity") or {}),
-        metrics=dict(data.get("metrics") or {}),
-        base_model=data.get("base_model"),
-        command=data.get("command"),
-        history=[r for r in data["history"] if isinstance(r, dict)] if isinstance(data.get("history"), list) else [],
-    )
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 # ------------------------------------------------------------------------------------------- attach / detach
-def export_config_for(model, state: PruningState | None = None, format: str | None = None):
-    """The `HfPruneExportConfig` describing `model` now (refreshed from its current `PruningState`)."""
-    from .formats import get_export_format
-    from .quantizer import FORMAT_VERSION, HfPruneExportConfig
-
-    state = state or get_pruning_state(model)
-    current = getattr(model.config, "quantization_config", None)
-    current = current if isinstance(current, HfPruneExportConfig) else None
-    if state is None:
-        if current is None:
-            raise ValueError("This model has no hf_prune PruningState; prune it with hf_prune first")
-        current.format_version = FORMAT_VERSION  # what a save writes now, whatever version it was read from
-        return current
-    fmt_name = format or state.metrics.get("export_format") or (current.format if current else None)
-    fmt_name = fmt_name or ("structured" if state.layout == "structured" and _has_format("structured") else "sparse")
-    fmt = get_export_format(fmt_name)
-    return HfPruneExportConfig(
-        format=fmt_name, layout=state.layout, format_config=fmt.format_config(model, state), pruning=state_to_dict(state)
-    )
-
-
-def _has_format(name: str) -> bool:
-    from .formats import _FORMATS
-
-    return name in _FORMATS
-
-
 def enable_compressed_save(model, state: PruningState | None = None, *, quantizer=None, format: str | None = None):
     """Makes `model.save_pretrained` / `model.push_to_hub` write the compressed hf_prune export with its card.
 
@@ -130,6 +57,20 @@ def enable_compressed_save(model, state: PruningState | None = None, *, quantize
 
     watch_adapter_loads(model)
     return model
+
+
+def _export_pruned_model(model, state: PruningState) -> None:
+    """What `set_pruning_state` calls (registered below): a pruned transformers model saves (and pushes) in the
+    compressed format with its model card."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        enable_compressed_save(model, state)
+
+
+# The state and the quantizer are below this module: they call it through these registration points.
+register_export_hook(_export_pruned_model)
+register_enable_save(enable_compressed_save)
 
 
 class _InstanceMethod:
@@ -167,23 +108,6 @@ class _InstanceMethod:
 
     def __repr__(self):
         return f"<hf_prune compressed {self.__name__} of {type(self.__self__).__name__}>"
-
-
-def disable_compressed_save(model) -> None:
-    """Back to plain transformers behaviour (dense saves). `model.dequantize()` calls this."""
-    for attr in ("save_pretrained", "push_to_hub"):
-        model.__dict__.pop(attr, None)
-
-
-def compressed_state_dict(model, qconfig=None):
-    """The tensors a compressed save writes, and a [`CompressionReport`]. Tied duplicates are dropped first."""
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    from .formats import get_export_format
-
-    qconfig = qconfig or export_config_for(model)
-    state_dict = remove_tied_weights_from_state_dict(model.state_dict(), model)
-    return get_export_format(qconfig.format).compress_state_dict(model, state_dict, qconfig)
 
 
 # ------------------------------------------------------------------------------------------------ atomic save

@@ -185,7 +185,7 @@ class OffloadedCheckpoint:
         release_free_memory()
 
     def load_block(self, index: int) -> nn.Module:
-        from .runner import check_finite_parameters
+        from .checks import check_finite_parameters
 
         block = self.blocks.layers[index]
         self._load(block, f"{self.blocks.prefix}.{index}.")

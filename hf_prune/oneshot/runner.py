@@ -20,6 +20,7 @@ from ..config import PruningConfig
 from ..state import PruningState, get_pruning_state, refuse_adapter_model, refuse_mid_training, set_pruning_state
 from .blocks import capture_block_inputs, find_blocks, linear_weight_view, set_linear_weight
 from .calibration import calibration_windows
+from .checks import check_finite_parameters
 from .config import OneShotConfig
 from .offload import OffloadedCheckpoint
 from .owl import owl_block_sparsities
@@ -255,24 +256,6 @@ def _record_earlier_runs(model: nn.Module, state: PruningState, previous: Prunin
         logger.warning("The earlier PruningState names modules this model does not have (%s); left out", missing[:3])
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     state.module_sparsity = dict(sorted(state.module_sparsity.items(), key=lambda kv: order.get(kv[0], len(order))))
-
-
-def check_finite_parameters(model: nn.Module, prefix: str = "") -> None:
-    """Refuses a model with NaN or inf in any floating-point parameter or buffer, before any layer is touched: the
-    methods would otherwise prune around it (magnitude, Wanda) or fail half-way with unrelated advice (ADMM).
-    (An offloaded run checks each block as it is loaded; nothing reaches the output directory before the end.)"""
-    bad = []
-    for name, tensor in [*model.named_parameters(prefix=prefix), *model.named_buffers(prefix=prefix)]:
-        if tensor.is_floating_point() and tensor.device.type != "meta":
-            count = int((~torch.isfinite(tensor)).sum())
-            if count:
-                bad.append(f"{name} ({count} of {tensor.numel()})")
-    if bad:
-        raise ValueError(
-            f"the model has non-finite (NaN or inf) values in {len(bad)} tensor(s): {', '.join(bad[:5])}"
-            + (" ..." if len(bad) > 5 else "")
-            + ". Nothing was pruned; check how the model was loaded or trained (e.g. fp16 overflow) first."
-        )
 
 
 def _solve(entry: LayerPlan, solver: LayerSolver, stats: LayerStats | None, zeros: dict[str, int]) -> None:

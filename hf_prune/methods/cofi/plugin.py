@@ -22,7 +22,7 @@ from .distill import (
     prediction_loss,
     token_prediction_loss,
 )
-from . import export_format  # noqa: F401  (registers the "structured" export format)
+from .export_format import StructuredFormat  # noqa: F401  (registers the "structured" export format)
 from .model import ATTR, inject_gates
 from .prune import build_pruned_model, final_masks, kept_units
 from .sparsity import (

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
 
 from .arch import get_adapter
 from .model import ATTR, CoFiGates
+from .prune_common import kept_units, load_pruned_weights
 from .structure import apply_structure, structure_record
 
 
@@ -26,19 +26,6 @@ def final_masks(gates: CoFiGates) -> dict[str, torch.Tensor]:
         "layer": torch.ones(d.num_layers),
     }
     return {n: m.get(n, defaults[n]) for n in defaults}
-
-
-def kept_units(masks: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Indices of surviving head units (heads; KV groups for decoders) / neurons per layer and of surviving hidden
-    dims (non-zero effective gates, the decoder layer gate included)."""
-    whole = masks.get("layer", torch.ones_like(masks["mha"]))
-    heads = masks["head"] * (masks["mha"] * whole).unsqueeze(-1)
-    neurons = masks["neuron"] * (masks["ffn"] * whole).unsqueeze(-1)
-    return {
-        "heads": [torch.nonzero(h, as_tuple=True)[0].tolist() for h in heads],
-        "neurons": [torch.nonzero(n, as_tuple=True)[0].tolist() for n in neurons],
-        "hidden": torch.nonzero(masks["hidden"], as_tuple=True)[0].tolist(),
-    }
 
 
 @torch.no_grad()
@@ -164,7 +151,7 @@ def build_pruned_model(model: nn.Module, masks: dict[str, torch.Tensor], multipl
     """
     ad = get_adapter(model)
     if ad.kind == "decoder":
-        from .prune_decoder import build_pruned_decoder  # imports this module
+        from .prune_decoder import build_pruned_decoder
 
         return build_pruned_decoder(model, ad, masks, multiple_of)
     sd, structure = pruned_state_dict(model, masks, multiple_of)
@@ -174,17 +161,3 @@ def build_pruned_model(model: nn.Module, masks: dict[str, torch.Tensor], multipl
     apply_structure(small, structure)
     load_pruned_weights(small, sd)
     return small, structure
-
-
-def load_pruned_weights(small: nn.Module, sd: dict) -> None:
-    """Loads the pruned weights `sd` into the freshly built small model, refusing any key or shape mismatch."""
-    small_sd = small.state_dict()
-    missing = sorted(set(small_sd) - set(sd))
-    extra = sorted(set(sd) - set(small_sd))
-    if missing or extra:
-        raise RuntimeError(f"CoFi export: state dict mismatch (missing {missing[:5]}, unexpected {extra[:5]})")
-    for k, v in sd.items():
-        if small_sd[k].shape != v.shape:
-            raise RuntimeError(f"CoFi export: {k} has shape {tuple(v.shape)}, structure expects {tuple(small_sd[k].shape)}")
-    small.load_state_dict(sd, strict=True)
-    small.eval()

@@ -21,7 +21,7 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from .model import ATTR
-from .prune import kept_units, load_pruned_weights
+from .prune_common import kept_units, load_pruned_weights
 from .structure_decoder import apply_decoder_structure, decoder_record, is_uniform, layer_record, pruned_config
 
 
