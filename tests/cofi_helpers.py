@@ -108,3 +108,16 @@ class ToyLMDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+
+# (target fields, error) pairs that CoFi and structured one-shot refuse on `tiny_llama()` (4 layers, 8 query / 4 KV
+# heads, hidden 32): both entry points share one check (`methods.cofi.targets.check_arch_fits`)
+ARCH_TARGETS_THE_TINY_LLAMA_CANNOT_HAVE = [
+        ({"target_layers": 5}, r"target_layers=5 is larger than the model \(num_hidden_layers=4\)"),
+        ({"target_heads": 10}, r"target_heads=10 is larger than the model \(num_attention_heads=8\)"),
+        ({"target_kv_heads": 6}, r"target_kv_heads=6 is larger than the model \(num_key_value_heads=4\)"),
+        ({"target_intermediate_size": 64}, r"target_intermediate_size=64 is larger than the model"),
+        ({"target_hidden_size": 33}, r"target_hidden_size=33 is larger than the model \(hidden_size=32\)"),
+        ({"target_heads": 3}, r"target_heads=3 does not divide into the model's KV groups: each of its 4 KV heads "
+                              r"serves 2 query heads .* allowed: \[2, 4, 6, 8\]"),
+]

@@ -17,6 +17,7 @@ from hf_prune.methods.cofi.sparsity import expected_params
 from hf_prune.methods.cofi.structure import describe_structure
 from hf_prune.methods.cofi.targets import expected_counts, full_counts, target_counts
 
+import cofi_helpers
 from cofi_helpers import ToyLMDataset, random_gates, tiny_llama, training_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -388,15 +389,7 @@ def test_fresh_process_from_pretrained_and_generate_with_kv_cache_equal(tmp_path
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [
-        ({"target_layers": 5}, r"target_layers=5 is larger than the model \(num_hidden_layers=4\)"),
-        ({"target_heads": 10}, r"target_heads=10 is larger than the model \(num_attention_heads=8\)"),
-        ({"target_kv_heads": 6}, r"target_kv_heads=6 is larger than the model \(num_key_value_heads=4\)"),
-        ({"target_intermediate_size": 64}, r"target_intermediate_size=64 is larger than the model"),
-        ({"target_hidden_size": 33}, r"target_hidden_size=33 is larger than the model \(hidden_size=32\)"),
-        ({"target_heads": 3}, r"target_heads=3 does not divide into the model's KV groups: each of its 4 KV heads "
-                              r"serves 2 query heads .* allowed: \[2, 4, 6, 8\]"),
-    ],
+    cofi_helpers.ARCH_TARGETS_THE_TINY_LLAMA_CANNOT_HAVE,
 )
 def test_target_architecture_the_model_cannot_have_is_refused_before_training(kwargs, message):
     with pytest.raises(ValueError, match=message):

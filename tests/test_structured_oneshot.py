@@ -15,6 +15,7 @@ from hf_prune import StructuredConfig, get_pruning_state, oneshot
 from hf_prune.methods.cofi.arch import get_adapter
 from hf_prune.methods.structured.flops import flops_per_token
 
+import cofi_helpers
 from cofi_helpers import tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,14 +204,7 @@ def test_target_sparsity_follows_the_documented_split():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [
-        ({"target_layers": 5}, r"target_layers=5 is larger than the model \(num_hidden_layers=4\)"),
-        ({"target_heads": 10}, r"target_heads=10 is larger than the model \(num_attention_heads=8\)"),
-        ({"target_kv_heads": 6}, r"target_kv_heads=6 is larger than the model \(num_key_value_heads=4\)"),
-        ({"target_intermediate_size": 64}, r"target_intermediate_size=64 is larger than the model"),
-        ({"target_hidden_size": 33}, r"target_hidden_size=33 is larger than the model \(hidden_size=32\)"),
-        ({"target_heads": 3}, r"target_heads=3 does not divide into the model's KV groups: each of its 4 KV heads "
-                              r"serves 2 query heads .* allowed: \[2, 4, 6, 8\]"),
+    cofi_helpers.ARCH_TARGETS_THE_TINY_LLAMA_CANNOT_HAVE + [
         ({"target_heads": 6, "target_hidden_size": 28},
          r"hidden size 28 \(target_hidden_size, or the model's when not given\) with 6 query heads is refused by "
          r"LlamaConfig as a plain config .*divisible.*e\.g\. \[12, 18, 24, 30\]"),
