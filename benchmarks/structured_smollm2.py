@@ -78,7 +78,8 @@ def main(argv=None) -> None:
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     calibration, held_out = wikipedia_split()
-    eval_ids = tokenize_texts(held_out, tokenizer)[: args.eval_windows * args.seq_len]
+    held_out_ids = tokenize_texts(held_out, tokenizer)  # tokenised once: the 8 x 512 rows and the distilled 32 x 512
+    eval_ids = held_out_ids[: args.eval_windows * args.seq_len]
     dense = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     def ppl(model) -> float:
@@ -119,7 +120,7 @@ def main(argv=None) -> None:
                             data_name="wikipedia_split() calibration articles")
             wall = time.perf_counter() - started
             m = get_pruning_state(small).metrics
-            eval32 = tokenize_texts(held_out, tokenizer)[: 32 * 512]
+            eval32 = held_out_ids[: 32 * 512]
             data["rows"][name] = {
                 "shape": shape, "reconstruct": True, "perplexity": ppl(small), "distill_wall_s": round(wall, 1),
                 "perplexity_32x512": perplexity(small, input_ids=eval32, seq_len=512, show_progress=False),
