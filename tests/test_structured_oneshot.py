@@ -271,3 +271,64 @@ def test_cli_structured_oneshot_saves_a_plain_smaller_checkpoint(model_dir, tmp_
     assert main(["oneshot", str(model_dir), "--method", "structured", "--pattern", "2:4", "--output",
                  str(tmp_path / "o2"), "--calibration", str(calib)]) == 2
     assert "--pattern is for sparse one-shot methods" in capsys.readouterr().err
+
+
+def test_allocate_ranks_units_across_layers_relative_to_their_layer_mean():
+    from hf_prune.methods.structured.allocation import allocate
+
+    # layer 0: flat (every unit = its layer's mean, 1); layer 1: one unit carries it (normalised 4, 0, 0, 0)
+    scores = torch.tensor([[2.0, 2.0, 2.0, 2.0], [8.0, 0.0, 0.0, 0.0]])
+    assert allocate(scores, 5) == [4, 1]
+    assert allocate(scores, 2) == [1, 1]  # one reserved per layer
+    assert allocate(scores, 8) == [4, 4]
+    # raw norms 100x larger in layer 1 make no difference once normalised
+    assert allocate(torch.tensor([[1.0, 0.5, 0.1], [100.0, 50.0, 10.0]]), 4) == [2, 2]
+    with pytest.raises(ValueError, match="cannot keep 9 units over 2 layers of 4"):
+        allocate(scores, 9)
+
+
+def _starve(model, layer: int, groups: list[int], neurons: int) -> None:
+    """Makes most of `layer`'s units nearly silent: the V rows of its KV `groups` and the up rows of its first
+    `neurons` neurons scaled by 1e-3."""
+    with torch.no_grad():
+        attn, mlp = model.model.layers[layer].self_attn, model.model.layers[layer].mlp
+        for grp in groups:
+            attn.v_proj.weight[grp * 8:(grp + 1) * 8] *= 1e-3
+        mlp.up_proj.weight[:neurons] *= 1e-3
+
+
+def test_per_layer_shapes_follow_importance_and_sum_to_the_budget_exactly(tmp_path):
+    model = tiny_llama(8)
+    _starve(model, 1, groups=[0, 1, 3], neurons=40)
+    width = dict(target_layers=None, target_hidden_size=None)  # 4 layers x 2 KV groups, 4 x 20 neurons
+    uniform = _prune(model, **width)
+    small = _prune(model, **width, uniform=False)
+    m, mu = get_pruning_state(small).metrics, get_pruning_state(uniform).metrics
+    layers = m["structure"]["layers"]
+    kv = [s["kv_heads"] for s in layers]
+    ffn = [s["intermediate_size"] for s in layers]
+    assert sum(kv) == 4 * 2 and sum(ffn) == 4 * 20
+    assert kv[1] == 1 and m["kept_kv_groups"][1] == [2]  # the one group left with a voice
+    assert ffn[1] <= 8 and len(set(ffn)) > 1 and len(set(kv)) > 1
+    assert all(s["heads"] == 2 * s["kv_heads"] for s in layers)
+    assert m["structure"]["plain"] is False and mu["structure"]["plain"] is True
+    assert m["prunable_params_after"] == mu["prunable_params_after"] == 4 * (96 + 60) * 32
+    attn = small.model.layers[1].self_attn
+    assert attn.k_proj.weight.shape == (8, 32) and attn.o_proj.weight.shape == (32, 16)
+    assert small.model.layers[1].mlp.down_proj.weight.shape == (32, ffn[1])
+    # the uniform default is what it was: same shape whatever the importance
+    assert {s["kv_heads"] for s in mu["structure"]["layers"]} == {2}
+    assert mu["kept_neurons_per_layer"] == [20] * 4
+    # save and reload (with hf_prune: the original config and the structure record) gives the same logits
+    from transformers import AutoModelForCausalLM
+
+    small.save_pretrained(tmp_path / "het")
+    config = json.loads((tmp_path / "het" / "config.json").read_text())
+    assert config["num_key_value_heads"] == 4 and config["quantization_config"]["format"] == "structured"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "het")
+    assert [s["kv_heads"] for s in get_pruning_state(reloaded).metrics["structure"]["layers"]] == kv
+    ids = _calibration(2, 10, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, small(input_ids=ids).logits, atol=0, rtol=0)
+    card = (tmp_path / "het" / "README.md").read_text()
+    assert "import hf_prune" in card and f"| 1 | 2 / 8 | {ffn[1]} / 48 |" in card

@@ -46,6 +46,13 @@ class StructuredConfig(PruningConfig):
             Minitron found width pruning recovers better than depth pruning): depth and hidden size stay; every layer
             keeps `max(1, round(kv_heads * (1 - target_sparsity)))` KV groups, and the FFN width is then the one that
             lands the total on the target (to the nearest neuron). A target the FFN cannot reach is refused.
+        uniform (`bool`, defaults to `True`): every kept layer gets the same number of KV groups and FFN neurons, so
+            the result is a plain config that loads without hf_prune. `False`: per-layer shapes under the same
+            budget (the uniform target's totals, so the same parameter count): the KV groups of all kept layers are
+            ranked together, and so are the FFN neurons, by their activation norm on the dense model divided by the
+            mean of their layer's (the residual stream grows with depth, so raw norms would favour late layers);
+            every layer keeps at least one of each. The checkpoint keeps the original config plus the per-layer
+            structure record (as CoFi's heterogeneous export) and loads with `import hf_prune`.
         reconstruct (`bool`, defaults to `True`): refit `o_proj` and `down_proj` by least squares after their inputs
             were removed; `False` only slices the weights (importance only).
         damping (`float`, defaults to 0.01): relative ridge term `delta` of the refit, as a fraction of the mean
@@ -62,6 +69,7 @@ class StructuredConfig(PruningConfig):
     target_intermediate_size: int | None = None
     target_hidden_size: int | None = None
     target_sparsity: float | None = None
+    uniform: bool = True
     reconstruct: bool = True
     damping: float = 0.01
     num_calibration_samples: int = 128
@@ -97,6 +105,9 @@ class StructuredConfig(PruningConfig):
                 "target architecture (target_layers, target_heads / target_kv_heads, target_intermediate_size, "
                 "target_hidden_size)"
             )
+        for name in ("uniform", "reconstruct"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{_OWNER}.{name} must be True or False, got {getattr(self, name)!r}")
         check_positive_number(_OWNER, "damping", self.damping, allow_zero=True)
         check_positive_int(_OWNER, "num_calibration_samples", self.num_calibration_samples)
         check_positive_int(_OWNER, "max_seq_length", self.max_seq_length)

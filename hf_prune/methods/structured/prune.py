@@ -2,17 +2,19 @@
 
 Order of work (all under `torch.no_grad`, the model passed in is never modified):
 1. one pass of the dense model over the calibration windows, block by block: block influence of every layer and the
-   hidden channels' norm-output importance ([`dense_scores`]);
+   hidden channels' norm-output importance ([`dense_scores`]); with `uniform=False`, also every layer's KV-group and
+   neuron scores, from which [`allocate`] splits the budget into per-layer counts;
 2. a copy without the lowest-influence layers (CoFi's decoder export with a layer mask: a plain config);
 3. the hidden cut is applied to the copy *in place* without changing its shapes: removed channels are zeroed in the
    embedding and in every row written to the residual stream (`o_proj`, `down_proj`), so they stay exactly zero, and
    every RMSNorm's weight is multiplied by `sqrt(kept / hidden)`, which turns its mean over all channels into the
    mean over the kept ones (exact up to the norm's epsilon): the copy computes what the smaller model will;
 4. block by block over the copy, with the one-shot runner's statistics on the pruned prefix's outputs: the `o_proj`
-   input Gram gives the KV groups' importance, the lowest groups' columns go and `o_proj` is refit on the rest; then,
-   with this block's attention already pruned, the same for the FFN neurons through `down_proj`; then the block's
+   input Gram gives the KV groups' importance, the layer's lowest groups' columns go and `o_proj` is refit on the
+   rest; then, with this block's attention already pruned, the same for the FFN neurons through `down_proj`; then the block's
    outputs become the next block's inputs;
-5. the copy's norm weights are restored and CoFi's decoder export slices it to the target shape.
+5. the copy's norm weights are restored and CoFi's decoder export slices it to the target shape (per-layer shapes:
+   the original config with the structure record, CoFi's heterogeneous export).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ...state import PruningState, set_pruning_state
 from ..cofi.arch import LlamaFamilyAdapter
 from ..cofi.prune_decoder import build_pruned_decoder
 from ..cofi.structure import describe_structure
+from .allocation import allocate
 from .config import StructuredConfig
 from .flops import flops_per_token
 from .importance import dense_scores, group_scores, neuron_scores, top
@@ -75,8 +78,9 @@ def structured_oneshot(
     model.eval()
     model.config.use_cache = False
     try:
-        scores = dense_scores(model, ad, batches)
+        scores = dense_scores(model, ad, batches, units=not config.uniform)
         keep_layers = top(scores["layers"], shape.layers)
+        counts = _per_layer_counts(config, shape, scores, keep_layers)
         keep_hidden = top(scores["hidden"], shape.hidden_size)
         layer_mask = torch.zeros(ad.dims.num_layers)
         layer_mask[keep_layers] = 1.0
@@ -88,7 +92,7 @@ def structured_oneshot(
     work.config.use_cache = False
     wad = LlamaFamilyAdapter(work)
     norms = _cut_hidden(wad, keep_hidden)
-    heads, neurons, errors = _prune_width(work, wad, shape, batches, config, show_progress)
+    heads, neurons, errors = _prune_width(work, wad, counts, batches, config, show_progress)
     for norm, weight in norms:
         norm.weight.copy_(weight)
     hidden_mask = torch.zeros(wad.dims.hidden_size)
@@ -98,7 +102,7 @@ def structured_oneshot(
     small.config.use_cache = use_cache
     elapsed = time.perf_counter() - started
 
-    before, after = prunable_params(ad.dims, full_shape(ad.dims)), prunable_params(ad.dims, shape)
+    before, after = prunable_params(ad.dims, full_shape(ad.dims)), LlamaFamilyAdapter(small).prunable_weight_count()
     context = config.max_seq_length
     metrics = {
         "sparsity": 1.0 - after / before,
@@ -125,6 +129,15 @@ def structured_oneshot(
                                           base_model=getattr(model.config, "_name_or_path", None) or None))
     logger.info("structured: %s -> %s in %.1fs", full_shape(ad.dims), shape, elapsed)
     return small
+
+
+def _per_layer_counts(config: StructuredConfig, shape: TargetShape, scores, keep_layers) -> dict[str, list[int]]:
+    """KV groups and FFN neurons each kept layer keeps: the target's counts (uniform), or its totals split by
+    [`allocate`] over the kept layers' dense scores."""
+    if config.uniform:
+        return {"kv_heads": [shape.kv_heads] * shape.layers, "neurons": [shape.intermediate_size] * shape.layers}
+    return {"kv_heads": allocate(scores["groups"][keep_layers], shape.layers * shape.kv_heads),
+            "neurons": allocate(scores["neurons"][keep_layers], shape.layers * shape.intermediate_size)}
 
 
 def _masks(dims, *, layer=None, head=None, neuron=None, hidden=None) -> dict[str, torch.Tensor]:
@@ -166,32 +179,34 @@ def _cut_hidden(ad: LlamaFamilyAdapter, keep: torch.Tensor) -> list[tuple[nn.Mod
     return saved
 
 
-def _prune_width(work, ad: LlamaFamilyAdapter, shape: TargetShape, batches, config: StructuredConfig,
+def _prune_width(work, ad: LlamaFamilyAdapter, counts: dict[str, list[int]], batches, config: StructuredConfig,
                  show_progress: bool):
-    """Step 4 of the module docstring: the head and neuron masks `(L, kv)`, `(L, I)` and each refit layer's
-    calibration reconstruction error, importance only and refit (relative to its output's energy)."""
+    """Step 4 of the module docstring, keeping `counts["kv_heads"][i]` groups and `counts["neurons"][i]` neurons in
+    layer `i`: the head and neuron masks `(L, kv)`, `(L, I)` and each refit layer's calibration reconstruction error,
+    importance only and refit (relative to its output's energy)."""
     d = ad.dims
     L, g, dh = d.num_layers, d.group_size, d.head_dim
     heads = torch.ones(L, d.head_units)
     neurons = torch.ones(L, d.intermediate_size)
     errors: dict[str, dict[str, float]] = {}
-    if shape.kv_heads == d.head_units and shape.intermediate_size == d.intermediate_size:
+    kv, ffn = counts["kv_heads"], counts["neurons"]
+    if all(k == d.head_units for k in kv) and all(n == d.intermediate_size for n in ffn):
         return heads, neurons, errors
     inputs = capture_block_inputs(work, Blocks("model.layers", ad.layers), batches)
     bar = tqdm(total=L, desc="structured: pruning blocks", unit="block", disable=not show_progress)
     for i, layer in enumerate(ad.layers):
-        if shape.kv_heads < d.head_units:
+        if kv[i] < d.head_units:
             name = f"model.layers.{i}.self_attn.o_proj"
             gram = collect_stats(layer, [LayerPlan(name, ad.attn_out(i), 0.0)], inputs, True)[name].gram
-            groups = top(group_scores(gram.diagonal(), d.head_units), shape.kv_heads)
+            groups = top(group_scores(gram.diagonal(), d.head_units), kv[i])
             cols = (groups.unsqueeze(1) * (g * dh) + torch.arange(g * dh, device=groups.device)).flatten()
             errors[name] = _cut_inputs(ad.attn_out(i), gram, cols, config)
             heads[i] = 0
             heads[i, groups.cpu()] = 1
-        if shape.intermediate_size < d.intermediate_size:
+        if ffn[i] < d.intermediate_size:
             name = f"model.layers.{i}.mlp.down_proj"
             gram = collect_stats(layer, [LayerPlan(name, ad.ffn_down(i), 0.0)], inputs, True)[name].gram
-            keep = top(neuron_scores(gram.diagonal()), shape.intermediate_size)
+            keep = top(neuron_scores(gram.diagonal()), ffn[i])
             errors[name] = _cut_inputs(ad.ffn_down(i), gram, keep, config)
             neurons[i] = 0
             neurons[i, keep.cpu()] = 1
