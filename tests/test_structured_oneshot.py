@@ -332,3 +332,29 @@ def test_per_layer_shapes_follow_importance_and_sum_to_the_budget_exactly(tmp_pa
         torch.testing.assert_close(reloaded(input_ids=ids).logits, small(input_ids=ids).logits, atol=0, rtol=0)
     card = (tmp_path / "het" / "README.md").read_text()
     assert "import hf_prune" in card and f"| 1 | 2 / 8 | {ffn[1]} / 48 |" in card
+
+
+def test_card_of_a_distilled_structured_model_records_structure_flops_and_data(tmp_path):
+    from hf_prune.training.distill import distill
+
+    from conftest import random_texts, tiny_tokenizer
+
+    tok, teacher = tiny_tokenizer(), tiny_llama(9, vocab_size=128)
+    cfg = StructuredConfig(**ARCH, num_calibration_samples=4, max_seq_length=16, calibration_batch_size=4)
+    small = oneshot(teacher, cfg, calibration=random_texts(4, seed=1), tokenizer=tok, show_progress=False)
+    small = distill(small, teacher, random_texts(4, seed=2), tok, steps=2, seq_len=16, batch_size=2,
+                    eval_texts=random_texts(2, seed=3), data_name="train.txt", teacher_name="dense-teacher")
+    m = get_pruning_state(small).metrics
+    small.save_pretrained(tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ("**Structure**: 4 layers, 8 query heads in 4 KV groups, FFN 48, hidden 32 → "
+            "3 layers, 4 query heads in 2 KV groups, FFN 20, hidden 24.") in card
+    before, after = m["flops_per_token_before"], m["flops_per_token_after"]
+    assert (f"**FLOPs per generated token** at a 16-token context: {before:,} → {after:,} "
+            f"({after / before:.2f}×).") in card
+    assert "**Calibration data**: 4 texts, 4 windows × 16 tokens = 64 tokens." in card
+    assert m["distillation_tokens"] == 2 * 2 * 16
+    assert (f"**Distillation data**: train.txt, 2 steps × 16-token windows = 64 tokens, from `dense-teacher`; "
+            f"held-out perplexity {m['distillation_perplexity_before']} → {m['distillation_perplexity_after']} "
+            f"(teacher {m['distillation_teacher_perplexity']}).") in card
+    assert "prunable decoder weights removed physically" in card and "the LM head are kept" in card

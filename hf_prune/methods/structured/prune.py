@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -121,6 +122,7 @@ def structured_oneshot(
         "kept_neurons_per_layer": [int(n.sum()) for n in neurons],
         "layer_influence": [round(float(v), 6) for v in scores["layers"]],
         "reconstruction_error": errors,
+        "calibration_data": _calibration_name(calibration),
         "calibration_samples": int(windows.shape[0]),
         "calibration_tokens": int(windows.numel()),
         "pruning_time_s": round(elapsed, 2),
@@ -129,6 +131,19 @@ def structured_oneshot(
                                           base_model=getattr(model.config, "_name_or_path", None) or None))
     logger.info("structured: %s -> %s in %.1fs", full_shape(ad.dims), shape, elapsed)
     return small
+
+
+def _calibration_name(calibration) -> str:
+    """How the card names the calibration data: the CLI's file, a `datasets.Dataset`'s name, or what it was."""
+    path = getattr(calibration, "path", None)  # hf_prune.text_files.TextFiles (`--calibration`)
+    if path is not None:
+        return Path(path).name
+    name = getattr(getattr(calibration, "info", None), "dataset_name", None)
+    if name:
+        return str(name)
+    if isinstance(calibration, (list, tuple)) and calibration and isinstance(calibration[0], str):
+        return f"{len(calibration)} texts"
+    return "token ids"
 
 
 def _per_layer_counts(config: StructuredConfig, shape: TargetShape, scores, keep_layers) -> dict[str, list[int]]:
