@@ -358,3 +358,17 @@ def test_card_of_a_distilled_structured_model_records_structure_flops_and_data(t
             f"held-out perplexity {m['distillation_perplexity_before']} → {m['distillation_perplexity_after']} "
             f"(teacher {m['distillation_teacher_perplexity']}).") in card
     assert "prunable decoder weights removed physically" in card and "the LM head are kept" in card
+
+
+def test_warns_when_the_calibration_tokens_cannot_determine_the_refit(caplog):
+    model = tiny_llama(0)
+    few = StructuredConfig(**ARCH, num_calibration_samples=2, max_seq_length=8)  # 16 tokens, 32 kept o_proj inputs
+    with caplog.at_level("WARNING", logger="hf_prune.methods.structured.prune"):
+        oneshot(model, few, calibration=_calibration(), show_progress=False)
+    assert "16 calibration tokens for a least-squares refit over 32 kept inputs: underdetermined" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_prune.methods.structured.prune"):
+        _prune(model)  # 8 x 24 tokens
+        oneshot(model, StructuredConfig(**ARCH, num_calibration_samples=2, max_seq_length=8, reconstruct=False),
+                calibration=_calibration(), show_progress=False)
+    assert "underdetermined" not in caplog.text

@@ -72,6 +72,7 @@ def structured_oneshot(
         calibration, tokenizer, num_samples=config.num_calibration_samples, seq_len=config.max_seq_length,
         seed=config.seed, owner="StructuredConfig", vocab_size=ad.embedding().num_embeddings,
     )
+    _warn_underdetermined(config, ad.dims, shape, int(windows.numel()))
     dev = ad.embedding().weight.device
     batches = [b.to(dev) for b in windows.split(config.calibration_batch_size)]
     started = time.perf_counter()
@@ -131,6 +132,19 @@ def structured_oneshot(
                                           base_model=getattr(model.config, "_name_or_path", None) or None))
     logger.info("structured: %s -> %s in %.1fs", full_shape(ad.dims), shape, elapsed)
     return small
+
+
+def _warn_underdetermined(config: StructuredConfig, dims, shape: TargetShape, tokens: int) -> None:
+    """Warns when a refit layer has more kept inputs than there are calibration tokens: its least-squares problem is
+    then underdetermined and only `damping` holds it (SmolLM2, 512 tokens for 1092 kept FFN inputs: held-out
+    perplexity 4266 with the refit, 116 without)."""
+    kept = max([shape.intermediate_size] * (shape.intermediate_size < dims.intermediate_size)
+               + [shape.kv_heads * dims.group_size * dims.head_dim] * (shape.kv_heads < dims.head_units), default=0)
+    if config.reconstruct and tokens < kept:
+        logger.warning(
+            "StructuredConfig: %d calibration tokens for a least-squares refit over %d kept inputs: underdetermined, "
+            "the refit will overfit the calibration windows; give more calibration tokens (num_calibration_samples x "
+            "max_seq_length >= %d, several times that is better), raise damping, or reconstruct=False", tokens, kept, kept)
 
 
 def _calibration_name(calibration) -> str:
