@@ -119,6 +119,30 @@ def test_refit_lowers_each_layers_calibration_error_below_importance_only(model_
     assert errs[0] < 0.9 * errs[1], errs
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_dense_refit_target_refits_every_projection_towards_the_dense_outputs(model_type):
+    model = tiny_llama(3, model_type)
+    small = _prune(model, refit_target="dense")
+    errors = get_pruning_state(small).metrics["reconstruction_error"]
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj", "mlp.down_proj")
+    assert sorted(errors) == sorted(f"model.layers.{i}.{p}" for i in range(3) for p in projections)
+    for name, rec in errors.items():
+        assert 0 <= rec["reconstructed"] <= rec["importance_only"] + 1e-6, (name, rec)
+    # the refit compensates what was removed upstream: the calibration logits move closer to the dense model's
+    layer = _prune(model)
+    with torch.no_grad():
+        dense_logits = model(_calibration()).logits
+        gaps = [float((m(_calibration()).logits - dense_logits).square().mean()) for m in (small, layer)]
+    assert gaps[0] < gaps[1], gaps
+    assert _shape(small) == _shape(layer)
+
+
+def _shape(model) -> tuple:
+    c = model.config
+    return c.num_hidden_layers, c.num_key_value_heads, c.intermediate_size, c.hidden_size
+
+
 def _o_proj_error(dense, small, groups: list[int]) -> float:
     """`||X W^T - X_S W_small^T||^2 / ||X W^T||^2` of layer 0's o_proj on the calibration windows (X: the dense
     model's o_proj inputs, S: the kept groups' columns)."""
@@ -227,6 +251,8 @@ def test_targets_the_model_cannot_have_are_refused_before_any_work(kwargs, messa
         ({"target_sparsity": 1.0}, r"target_sparsity must be a number in the open interval \(0, 1\), got 1.0"),
         ({"target_layers": 0}, r"StructuredConfig.target_layers must be an integer >= 1, got 0"),
         ({"target_layers": 2, "damping": -1.0}, r"StructuredConfig.damping must be a finite number >= 0"),
+        ({"target_layers": 2, "refit_target": "model"},
+         r"StructuredConfig.refit_target must be one of \['layer', 'dense'\], got 'model'"),
     ],
 )
 def test_bad_config_fields_raise_naming_the_field(kwargs, message):

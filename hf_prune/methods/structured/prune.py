@@ -41,6 +41,7 @@ from .allocation import allocate
 from .config import StructuredConfig
 from .flops import flops_per_token
 from .importance import dense_scores, group_scores, neuron_scores, top
+from .paired import PairedMoments, paired_moments
 from .reconstruct import refit, relative_error
 from .targets import TargetShape, adapter_for, full_shape, prunable_params, resolve_target
 
@@ -87,14 +88,16 @@ def structured_oneshot(
         layer_mask = torch.zeros(ad.dims.num_layers)
         layer_mask[keep_layers] = 1.0
         work, _ = build_pruned_decoder(model, ad, _masks(ad.dims, layer=layer_mask))
+        work.eval()
+        work.config.use_cache = False
+        wad = LlamaFamilyAdapter(work)
+        norms = _cut_hidden(wad, keep_hidden)
+        to_dense = config.reconstruct and config.refit_target == "dense"
+        dense_ref = (ad, keep_layers.tolist(), keep_hidden) if to_dense else None
+        heads, neurons, errors = _prune_width(work, wad, counts, batches, config, show_progress, dense_ref)
     finally:
         model.train(was_training)
         model.config.use_cache = use_cache
-    work.eval()
-    work.config.use_cache = False
-    wad = LlamaFamilyAdapter(work)
-    norms = _cut_hidden(wad, keep_hidden)
-    heads, neurons, errors = _prune_width(work, wad, counts, batches, config, show_progress)
     for norm, weight in norms:
         norm.weight.copy_(weight)
     hidden_mask = torch.zeros(wad.dims.hidden_size)
@@ -209,52 +212,85 @@ def _cut_hidden(ad: LlamaFamilyAdapter, keep: torch.Tensor) -> list[tuple[nn.Mod
 
 
 def _prune_width(work, ad: LlamaFamilyAdapter, counts: dict[str, list[int]], batches, config: StructuredConfig,
-                 show_progress: bool):
+                 show_progress: bool, dense_ref=None):
     """Step 4 of the module docstring, keeping `counts["kv_heads"][i]` groups and `counts["neurons"][i]` neurons in
     layer `i`: the head and neuron masks `(L, kv)`, `(L, I)` and each refit layer's calibration reconstruction error,
-    importance only and refit (relative to its output's energy)."""
+    importance only and refit (relative to its output's energy).
+
+    With `dense_ref = (dense adapter, kept dense layer of each block, kept hidden channels)` (`refit_target="dense"`)
+    every projection of a block is refit to the dense model's output of the same projection, in the order the block
+    computes them (q/k/v, o_proj, gate/up, down_proj), each on the inputs the projections refit before it produce."""
     d = ad.dims
     L, g, dh = d.num_layers, d.group_size, d.head_dim
     heads = torch.ones(L, d.head_units)
     neurons = torch.ones(L, d.intermediate_size)
     errors: dict[str, dict[str, float]] = {}
     kv, ffn = counts["kv_heads"], counts["neurons"]
-    if all(k == d.head_units for k in kv) and all(n == d.intermediate_size for n in ffn):
+    if dense_ref is None and all(k == d.head_units for k in kv) and all(n == d.intermediate_size for n in ffn):
         return heads, neurons, errors
     inputs = capture_block_inputs(work, Blocks("model.layers", ad.layers), batches)
+    if dense_ref is not None:
+        dad, dense_of, keep_hidden = dense_ref
+        dense_inputs = capture_block_inputs(dad.model, Blocks("model.layers", dad.layers), batches)
+        dense_next = 0  # the dense layer whose inputs `dense_inputs` holds
     bar = tqdm(total=L, desc="structured: pruning blocks", unit="block", disable=not show_progress)
     for i, layer in enumerate(ad.layers):
-        if kv[i] < d.head_units:
+        paired = None
+        if dense_ref is not None:
+            k = dense_of[i]
+            for j in range(dense_next, k):  # through the dense layers that were dropped
+                advance(dad.layers[j], dense_inputs)
+            dense_next, dense_layer = k, dad.layers[k]
+
+            def paired(lin, dense_lin, layer=layer, dense_layer=dense_layer):
+                return paired_moments(layer, lin, inputs, dense_layer, dense_lin, dense_inputs)
+
+            m = paired(ad.qkv(i)[0], dad.qkv(k)[0])  # q, k and v read the same input
+            for proj, lin in zip(("q_proj", "k_proj", "v_proj"), ad.qkv(i)):
+                errors[f"model.layers.{i}.self_attn.{proj}"] = _cut_inputs(lin, m.gram, keep_hidden, config, m)
+        if kv[i] < d.head_units or paired:
             name = f"model.layers.{i}.self_attn.o_proj"
-            gram = collect_stats(layer, [LayerPlan(name, ad.attn_out(i), 0.0)], inputs, True)[name].gram
+            m = paired(ad.attn_out(i), dad.attn_out(k)) if paired else None
+            gram = m.gram if m else collect_stats(layer, [LayerPlan(name, ad.attn_out(i), 0.0)], inputs, True)[name].gram
             groups = top(group_scores(gram.diagonal(), d.head_units), kv[i])
             cols = (groups.unsqueeze(1) * (g * dh) + torch.arange(g * dh, device=groups.device)).flatten()
-            errors[name] = _cut_inputs(ad.attn_out(i), gram, cols, config)
+            errors[name] = _cut_inputs(ad.attn_out(i), gram, cols, config, m)
             heads[i] = 0
             heads[i, groups.cpu()] = 1
-        if ffn[i] < d.intermediate_size:
+        if paired:
+            m = paired(ad.ffn_in(i)[0], dad.ffn_in(k)[0])  # gate and up read the same input
+            for proj, lin in zip(("gate_proj", "up_proj"), ad.ffn_in(i)):
+                errors[f"model.layers.{i}.mlp.{proj}"] = _cut_inputs(lin, m.gram, keep_hidden, config, m)
+        if ffn[i] < d.intermediate_size or paired:
             name = f"model.layers.{i}.mlp.down_proj"
-            gram = collect_stats(layer, [LayerPlan(name, ad.ffn_down(i), 0.0)], inputs, True)[name].gram
+            m = paired(ad.ffn_down(i), dad.ffn_down(k)) if paired else None
+            gram = m.gram if m else collect_stats(layer, [LayerPlan(name, ad.ffn_down(i), 0.0)], inputs, True)[name].gram
             keep = top(neuron_scores(gram.diagonal()), ffn[i])
-            errors[name] = _cut_inputs(ad.ffn_down(i), gram, keep, config)
+            errors[name] = _cut_inputs(ad.ffn_down(i), gram, keep, config, m)
             neurons[i] = 0
             neurons[i, keep.cpu()] = 1
         if i + 1 < L:
             advance(layer, inputs)
+            if paired:
+                advance(dense_layer, dense_inputs)
+                dense_next = k + 1
         bar.update(1)
     bar.close()
     return heads, neurons, errors
 
 
-def _cut_inputs(lin: nn.Linear, gram: torch.Tensor, keep: torch.Tensor, config: StructuredConfig) -> dict:
-    """Zeroes the removed input columns of `lin` and (with `config.reconstruct`) refits the kept ones."""
+def _cut_inputs(lin: nn.Linear, gram: torch.Tensor, keep: torch.Tensor, config: StructuredConfig,
+                moments: PairedMoments | None = None) -> dict:
+    """Zeroes the removed input columns of `lin` and (with `config.reconstruct`) refits the kept ones, to the layer's
+    own output or, given the paired `moments`, to the dense model's."""
     w = lin.weight.detach().float()
     keep = keep.to(w.device)
+    cross, dense_gram = (moments.cross, moments.dense_gram) if moments is not None else (None, None)
     sliced = w.index_select(1, keep)
-    new = refit(w, gram, keep, config.damping) if config.reconstruct else sliced
-    record = {"importance_only": relative_error(w, sliced, gram, keep)}
+    new = refit(w, gram, keep, config.damping, cross) if config.reconstruct else sliced
+    record = {"importance_only": relative_error(w, sliced, gram, keep, cross, dense_gram)}
     if config.reconstruct:
-        record["reconstructed"] = relative_error(w, new, gram, keep)
+        record["reconstructed"] = relative_error(w, new, gram, keep, cross, dense_gram)
     full = torch.zeros_like(w)
     full[:, keep] = new
     lin.weight.copy_(full.to(lin.weight.dtype))
