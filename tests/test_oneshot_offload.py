@@ -264,3 +264,45 @@ def test_offloaded_run_keeps_about_one_block_resident(tmp_path):
     peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_baseline"]
     assert peak < 0.75 * model_bytes, (peak / 2**20, model_bytes / 2**20)
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == 25
+
+
+_KILLED_RUN = """
+import os, signal, sys
+import torch
+from hf_prune import ADMMConfig, oneshot
+from hf_prune.oneshot import offload
+
+original = offload.OffloadedCheckpoint.load_block
+
+def load_block(self, index):
+    if index == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: as a killed job
+    return original(self, index)
+
+if int(sys.argv[3]) >= 0:
+    offload.OffloadedCheckpoint.load_block = load_block
+calibration = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+config = ADMMConfig(sparsity=0.6, num_calibration_samples=8, max_seq_length=32, calibration_batch_size=4)
+oneshot(sys.argv[1], config, calibration=calibration, offload_dir=sys.argv[2], device="cpu", show_progress=False)
+"""
+
+
+def test_run_killed_after_block_1_resumes_bit_equal(checkpoint, tmp_path):
+    """A real `kill -9` (in a subprocess) after blocks 0 and 1: the rerun continues at block 2, same export."""
+    import subprocess
+    import sys
+
+    def run(out, kill_at):
+        return subprocess.run([sys.executable, "-c", _KILLED_RUN, str(checkpoint), str(out), str(kill_at)],
+                              check=False, capture_output=True, text=True, timeout=300)
+
+    killed = run(tmp_path / "out", 2)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert json.loads((tmp_path / ".out.hf_prune-partial" / "resume.json").read_text())["blocks_done"] == 2
+    resumed = run(tmp_path / "out", -1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at block 2 of 3" in resumed.stderr
+    assert run(tmp_path / "full", -1).returncode == 0
+    expected, got = _tensors(tmp_path / "full"), _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not (tmp_path / ".out.hf_prune-partial").exists()
