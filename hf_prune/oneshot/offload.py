@@ -7,6 +7,9 @@ its own shard of the output checkpoint and put it back on the meta device. So on
 calibration activations and one block of statistics are resident. The embeddings are loaded only while the first
 block's inputs are captured. At the end the non-block tensors, `config.json`, the shard index and the model card are
 written, the whole directory is verified (checksums) and swapped into place atomically, as `save_pruned` does.
+
+The pruned blocks' shards are written into the run's progress directory (`resume.py`), recorded after each block,
+and hard-linked into the export at the end, so that an interrupted run continues at the next block when rerun.
 """
 
 from __future__ import annotations
