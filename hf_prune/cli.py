@@ -138,7 +138,12 @@ def _oneshot_parser(sub) -> None:
                    help="any other config field, e.g. --set iterations=30 --set mask_group=row")
     p.add_argument("--offload", action="store_true",
                    help="never load the whole model: prune block by block from the checkpoint and write each pruned "
-                        "block straight into the compressed --output (for models bigger than memory)")
+                        "block straight into the compressed --output (for models bigger than memory); "
+                        "resumable: finished blocks are kept, and the same command after an interruption continues "
+                        "at the next block")
+    p.add_argument("--restart", action="store_true",
+                   help="with --offload: discard the finished blocks of an interrupted run into --output (kept in "
+                        ".NAME.hf_prune-partial beside it) and start over")
 
 
 def run_oneshot(args) -> int:
@@ -172,6 +177,8 @@ def run_oneshot(args) -> int:
             config_cls, {"sparsity": ("--sparsity", args.sparsity), "pattern": ("--pattern", args.pattern), **common},
             args.set,
         )
+    if args.restart and not args.offload:
+        raise ValueError("--restart discards an interrupted --offload run; it needs --offload")
     output = Path(args.output)
     check_output(output, args.overwrite, sources=[args.model], what="--output")
     if args.push_to_hub:
@@ -259,7 +266,7 @@ def _run_oneshot_offloaded(args, config, calibration, eval_texts, tokenizer) -> 
     print(f"Pruning {args.model} block by block ({args.dtype}) on {device}, writing {args.output}", flush=True)
     started = time.perf_counter()
     output = oneshot(args.model, config, calibration=calibration, tokenizer=tokenizer, offload_dir=args.output,
-                     overwrite=args.overwrite, device=device, dtype=getattr(torch, args.dtype),
+                     overwrite=args.overwrite, restart=args.restart, device=device, dtype=getattr(torch, args.dtype),
                      command="hf-prune " + shlex.join(args.argv))
     elapsed = time.perf_counter() - started  # the tokenizer was saved into the export, in the same atomic write
     print(f"\n{args.method} {config.pattern} pruning done in {elapsed:.1f}s (offloaded)")

@@ -271,12 +271,12 @@ def _locked(directory: Path):
 def _link_into(src: Path, dst: Path) -> None:
     """Hard-links `src` (a file or a whole tree) at `dst`; copies where the filesystem has no hard links."""
     if src.is_dir() and not src.is_symlink():
-        shutil.copytree(src, dst, symlinks=True, copy_function=_link_or_copy)
+        shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
     else:
-        _link_or_copy(src, dst)
+        link_or_copy(src, dst)
 
 
-def _link_or_copy(src, dst) -> None:
+def link_or_copy(src, dst) -> None:
     try:
         if os.path.islink(src):
             os.symlink(os.readlink(src), dst)

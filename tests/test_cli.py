@@ -136,3 +136,32 @@ def test_cli_offload_streams_the_same_export(model_dir, text_files, tmp_path, ca
                  str(evaluation)])
     assert code == 2 and "--eval" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_offload_resumes_an_interrupted_run(model_dir, text_files, tmp_path, capsys, monkeypatch):
+    from hf_prune.oneshot import offload
+
+    calib, _ = text_files
+    common = ["oneshot", str(model_dir), "--method", "sparsegpt", "--sparsity", "0.5", "--calibration", str(calib),
+              "--seq-len", "32", "--num-samples", "4", "--device", "cpu", "--offload"]
+    loaded = []
+    original = offload.OffloadedCheckpoint.load_block
+
+    def load_block(self, index):
+        loaded.append(index)
+        if index == 1 and loaded.count(1) == 1:
+            raise OSError("interrupted")
+        return original(self, index)
+
+    monkeypatch.setattr(offload.OffloadedCheckpoint, "load_block", load_block)
+    assert main([*common, "--output", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists() and (tmp_path / ".out.hf_prune-partial" / "resume.json").is_file()
+    code = main([*common, "--sparsity", "0.6", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "sparsity=0.5 -> 0.6" in err and "--restart" in err
+    assert main([*common, "--output", str(tmp_path / "out")]) == 0
+    assert loaded == [0, 1, 1]  # the rerun continued at block 1
+    assert main([*common, "--output", str(tmp_path / "x"), "--restart"]) == 0
+    assert main(["oneshot", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output",
+                 str(tmp_path / "y"), "--restart"]) == 2
+    assert "needs --offload" in capsys.readouterr().err

@@ -105,11 +105,11 @@ def test_failure_midway_leaves_no_output(checkpoint, calibration_ids, tmp_path, 
 
     calls = []
 
-    def fail_on_second(self, index, original=offload.OffloadedCheckpoint.write_block):
+    def fail_on_second(self, index, *args, original=offload.OffloadedCheckpoint.write_block):
         calls.append(index)
         if index == 1:
             raise RuntimeError("disk full")
-        original(self, index)
+        original(self, index, *args)
 
     monkeypatch.setattr(offload.OffloadedCheckpoint, "write_block", fail_on_second)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -117,7 +117,109 @@ def test_failure_midway_leaves_no_output(checkpoint, calibration_ids, tmp_path, 
                 device="cpu", show_progress=False)
     assert calls == [0, 1]
     assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # nothing hidden but the interrupted run's progress: block 0, kept for a rerun to resume
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".out.hf_prune-partial"]
+    record = json.loads((tmp_path / ".out.hf_prune-partial" / "resume.json").read_text())
+    assert record["blocks_done"] == 1 and [s["file"] for s in record["shards"]] == ["model-00001.safetensors"]
+
+
+def _interrupt_at(monkeypatch, block: int) -> list[int]:
+    """Makes `load_block(block)` raise, as a run killed after the blocks before it; returns the blocks loaded."""
+    from hf_prune.oneshot import offload
+
+    loaded = []
+
+    def load_block(self, index, original=offload.OffloadedCheckpoint.load_block):
+        loaded.append(index)
+        if index == block:
+            raise KeyboardInterrupt("killed")
+        return original(self, index)
+
+    monkeypatch.setattr(offload.OffloadedCheckpoint, "load_block", load_block)
+    return loaded
+
+
+def _spy_loads(monkeypatch) -> list[int]:
+    return _interrupt_at(monkeypatch, -1)
+
+
+@pytest.mark.parametrize("name", ["admm-0.6", "sparsegpt-0.5", "magnitude-0.7"])
+def test_interrupted_run_resumes_at_the_next_block_bit_equal(name, checkpoint, calibration_ids, tmp_path, monkeypatch,
+                                                             caplog):
+    config = CONFIGS[name]
+    run = dict(calibration=calibration_ids, device="cpu", show_progress=False)
+    full = oneshot(str(checkpoint), config, offload_dir=tmp_path / "full", **run)
+
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            oneshot(str(checkpoint), config, offload_dir=tmp_path / "out", **run)
+    partial = tmp_path / ".out.hf_prune-partial"
+    assert not (tmp_path / "out").exists()
+    record = json.loads((partial / "resume.json").read_text())
+    assert record["blocks_done"] == 2 and len(record["shards"]) == 2
+    hidden_files = sorted(p.name for p in partial.glob("hidden-*"))
+    assert hidden_files == (["hidden-00002.safetensors"] if config.uses_calibration else [])
+
+    loaded = _spy_loads(monkeypatch)
+    with caplog.at_level("WARNING", logger="hf_prune.oneshot.offload"):
+        out = oneshot(str(checkpoint), config, offload_dir=tmp_path / "out", **run)
+    assert loaded == [2]  # blocks 0 and 1 were not pruned again
+    assert "at block 2 of 3" in caplog.text
+    expected, got = _tensors(full), _tensors(out)
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+    q_full = json.loads((full / "config.json").read_text())["quantization_config"]["pruning"]
+    q_out = json.loads((out / "config.json").read_text())["quantization_config"]["pruning"]
+    assert q_out["module_sparsity"] == q_full["module_sparsity"] and len(q_out["module_sparsity"]) > 0
+    assert json.loads((out / INDEX_FILE).read_text())["weight_map"] == json.loads((full / INDEX_FILE).read_text())["weight_map"]
+    assert not partial.exists()  # the progress goes once the export is in place
+
+
+def test_resume_with_other_settings_is_refused(checkpoint, calibration_ids, tmp_path, monkeypatch):
+    from hf_prune.oneshot.resume import ResumeMismatchError
+
+    run = dict(device="cpu", show_progress=False, offload_dir=tmp_path / "out")
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            oneshot(str(checkpoint), CONFIGS["admm-0.6"], calibration=calibration_ids, **run)
+    partial = tmp_path / ".out.hf_prune-partial"
+    before = {p.name: p.read_bytes() for p in partial.iterdir()}
+
+    other = ADMMConfig(sparsity=0.5, num_calibration_samples=8, max_seq_length=32, calibration_batch_size=4)
+    with pytest.raises(ResumeMismatchError, match=r"2 of 3 blocks finished.*sparsity=0\.6 -> 0\.5.*restart=True"):
+        oneshot(str(checkpoint), other, calibration=calibration_ids, **run)
+    with pytest.raises(ResumeMismatchError, match="calibration token windows"):
+        oneshot(str(checkpoint), CONFIGS["admm-0.6"], calibration=calibration_ids.flip(0), **run)
+    with pytest.raises(ResumeMismatchError, match=r"dtype \('float32' -> 'bfloat16'\)"):
+        oneshot(str(checkpoint), CONFIGS["admm-0.6"], calibration=calibration_ids, dtype=torch.bfloat16, **run)
+    assert {p.name: p.read_bytes() for p in partial.iterdir()} == before  # nothing touched
+    assert not (tmp_path / "out").exists()
+
+    loaded = _spy_loads(monkeypatch)
+    out = oneshot(str(checkpoint), other, calibration=calibration_ids, restart=True, **run)
+    assert loaded == [0, 1, 2] and not partial.exists()
+    expected = oneshot(str(checkpoint), other, calibration=calibration_ids, **{**run, "offload_dir": tmp_path / "ref"})
+    got, want = _tensors(out), _tensors(expected)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_resume_refuses_a_changed_checkpoint(checkpoint, calibration_ids, tmp_path, monkeypatch):
+    from hf_prune.oneshot.resume import ResumeMismatchError
+
+    run = dict(calibration=calibration_ids, device="cpu", show_progress=False, offload_dir=tmp_path / "out")
+    with monkeypatch.context() as patch:
+        _interrupt_at(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            oneshot(str(checkpoint), CONFIGS["sparsegpt-0.5"], **run)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2)
+    model.save_pretrained(checkpoint)
+    with pytest.raises(ResumeMismatchError, match=r"the model checkpoint \(.*model.safetensors changed since\)"):
+        oneshot(str(checkpoint), CONFIGS["sparsegpt-0.5"], **run)
 
 
 _MEMORY_PROBE = """
@@ -162,3 +264,45 @@ def test_offloaded_run_keeps_about_one_block_resident(tmp_path):
     peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_above_baseline"]
     assert peak < 0.75 * model_bytes, (peak / 2**20, model_bytes / 2**20)
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) == 25
+
+
+_KILLED_RUN = """
+import os, signal, sys
+import torch
+from hf_prune import ADMMConfig, oneshot
+from hf_prune.oneshot import offload
+
+original = offload.OffloadedCheckpoint.load_block
+
+def load_block(self, index):
+    if index == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: as a killed job
+    return original(self, index)
+
+if int(sys.argv[3]) >= 0:
+    offload.OffloadedCheckpoint.load_block = load_block
+calibration = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+config = ADMMConfig(sparsity=0.6, num_calibration_samples=8, max_seq_length=32, calibration_batch_size=4)
+oneshot(sys.argv[1], config, calibration=calibration, offload_dir=sys.argv[2], device="cpu", show_progress=False)
+"""
+
+
+def test_run_killed_after_block_1_resumes_bit_equal(checkpoint, tmp_path):
+    """A real `kill -9` (in a subprocess) after blocks 0 and 1: the rerun continues at block 2, same export."""
+    import subprocess
+    import sys
+
+    def run(out, kill_at):
+        return subprocess.run([sys.executable, "-c", _KILLED_RUN, str(checkpoint), str(out), str(kill_at)],
+                              check=False, capture_output=True, text=True, timeout=300)
+
+    killed = run(tmp_path / "out", 2)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert json.loads((tmp_path / ".out.hf_prune-partial" / "resume.json").read_text())["blocks_done"] == 2
+    resumed = run(tmp_path / "out", -1)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "at block 2 of 3" in resumed.stderr
+    assert run(tmp_path / "full", -1).returncode == 0
+    expected, got = _tensors(tmp_path / "full"), _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not (tmp_path / ".out.hf_prune-partial").exists()

@@ -37,6 +37,7 @@ from huggingface_hub.serialization._base import (
 )
 from safetensors.torch import save_file
 
+from ..output_dir import link_or_copy
 from .formats import split_key
 from .integrity import EXPORT_ID_META, checksum_metadata, new_export_id, write_manifest
 from .reading import read_safetensors_header
@@ -109,6 +110,7 @@ class ShardWriter:
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._written: list[tuple[Path, list[str]]] = []
+        self._sizes: list[int] = []  # tensor bytes of each written shard
         self._bases: set[str] = set()
         self.total_size = 0
         self.closed = False
@@ -142,8 +144,34 @@ class ShardWriter:
 
     def _write(self, group: dict[str, torch.Tensor]) -> None:
         path = self.directory / f"model-{len(self._written) + 1:05d}.safetensors"
-        self.total_size += write_shard(path, group, self.metadata)
+        nbytes = write_shard(path, group, self.metadata)
+        self.total_size += nbytes
         self._written.append((path, list(group)))
+        self._sizes.append(nbytes)
+
+    def written(self) -> list[dict]:
+        """The shards written so far (provisional file names, their keys and tensor bytes), JSON-able: what a writer
+        of the same export in another process [`adopt`]s (a resumed run)."""
+        return [{"file": path.name, "keys": list(keys), "bytes": nbytes}
+                for (path, keys), nbytes in zip(self._written, self._sizes)]
+
+    def adopt(self, shards: list[dict], source: str | os.PathLike) -> None:
+        """Takes over shards that a writer of the same export (same `export_id`) wrote in `source` ([`written`]'s
+        entries), as if this writer had written them, before anything else is added: hard links (copies where the
+        filesystem has none) when `source` is another directory."""
+        if self._written or self._pending:
+            raise RuntimeError("ShardWriter.adopt must come before any add()")
+        source = Path(source)
+        for shard in shards:
+            path = self.directory / f"model-{len(self._written) + 1:05d}.safetensors"
+            if source.resolve() != self.directory.resolve() or shard["file"] != path.name:
+                path.unlink(missing_ok=True)
+                link_or_copy(source / shard["file"], path)
+            for base in tensor_groups(dict.fromkeys(shard["keys"])):
+                self._bases.add(base)
+            self._written.append((path, list(shard["keys"])))
+            self._sizes.append(int(shard["bytes"]))
+            self.total_size += int(shard["bytes"])
 
     def close(self, *, total_parameters: int | None = None) -> list[Path]:
         """Writes what is pending, gives the files their final names, writes the index (when sharded) and the

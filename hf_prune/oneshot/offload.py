@@ -7,11 +7,15 @@ its own shard of the output checkpoint and put it back on the meta device. So on
 calibration activations and one block of statistics are resident. The embeddings are loaded only while the first
 block's inputs are captured. At the end the non-block tensors, `config.json`, the shard index and the model card are
 written, the whole directory is verified (checksums) and swapped into place atomically, as `save_pruned` does.
+
+The pruned blocks' shards are written into the run's progress directory (`resume.py`), recorded after each block,
+and hard-linked into the export at the end, so that an interrupted run continues at the next block when rerun.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +25,7 @@ from ..export.save import _holds_model, _is_our_card, export_keeps
 from ..output_dir import OutputBuild
 from ..export.shards import INDEX_NAME as INDEX_FILE
 from .blocks import Blocks, find_blocks
+from .resume import RECORD_VERSION, RunRecord, checkpoint_fingerprint, partial_dir, run_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +44,14 @@ class CheckpointReader:
     a map would make the process as big as the checkpoint (the page cache, which `read` goes through, does not).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, files: list[str] | None = None):
         from ..export.checkpoint import weight_files
         from ..export.reading import read_safetensors_header
 
         index = path / INDEX_FILE
-        if index.is_file() or (path / "model.safetensors").is_file():
+        if files is not None:
+            pass  # given by the caller (a file this process wrote)
+        elif index.is_file() or (path / "model.safetensors").is_file():
             files = [str(p.relative_to(path)) for p in weight_files(path)]  # each resolved inside `path`
         else:
             raise FileNotFoundError(
@@ -52,6 +59,7 @@ class CheckpointReader:
                 f"{INDEX_FILE}"
             )
         self.path = path
+        self.files = files
         self.weight_map: dict[str, str] = {}
         self._entries: dict[str, tuple[dict, int]] = {}
         for file in files:
@@ -107,7 +115,7 @@ class OffloadedCheckpoint:
 
     def __init__(
         self, path, output, *, overwrite: bool, dtype: torch.dtype, device: torch.device, layout: str,
-        max_shard_size: int | str | None = None, tokenizer=None,
+        max_shard_size: int | str | None = None, tokenizer=None, restart: bool = False,
     ):
         path = Path(path)
         if not path.is_dir():
@@ -115,6 +123,9 @@ class OffloadedCheckpoint:
         self.output = OutputBuild(output, overwrite=overwrite, conflicts=_holds_model, sources=[path],
                                    what="offload_dir")
         self.target = self.output.target  # symlinks resolved
+        self.progress = RunRecord(partial_dir(self.target))  # finished blocks of this or an interrupted run
+        self.restart = restart
+        self.dtype = dtype
         self.tokenizer = tokenizer  # saved into the export with the weights (same atomic write)
         self.reader = CheckpointReader(path)
         self.model = empty_model_from_checkpoint(path, dtype)
@@ -123,6 +134,7 @@ class OffloadedCheckpoint:
         self.layout = layout
         self.max_shard_size = max_shard_size
         self.report_entries: dict[str, dict] = {}
+        self.record: dict = {}
         self._tmp: Path | None = None
         from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
@@ -193,19 +205,57 @@ class OffloadedCheckpoint:
         return block
 
     # ------------------------------------------------------------------------------------------ writing
-    def start(self, module_names: list[str]) -> None:
+    def start(self, module_names: list[str], *, config, windows: torch.Tensor | None,
+              masks: dict[str, torch.Tensor] | None) -> int:
+        """Opens this run's progress (see `resume.py`): a fresh record, or an interrupted run's with the same
+        fingerprint, whose finished blocks are kept. Returns the number of blocks already finished."""
         from ..export.quantizer import HfPruneExportConfig
         from ..export.shards import ShardWriter
         from ..version import __version__
 
-        self._tmp = self.output.begin()
         self._names = {f"{name}.weight" for name in module_names}  # the weights to try compressing
         format_name = HfPruneExportConfig().format
-        self._writer = ShardWriter(self._tmp, max_shard_size=self.max_shard_size,
-                                   metadata={"hf_prune_format": format_name, "hf_prune_version": __version__})
+        self._metadata = {"hf_prune_format": format_name, "hf_prune_version": __version__}
+        fingerprint = run_fingerprint(
+            checkpoint=checkpoint_fingerprint(self.reader.path, self.reader.files), config=config, windows=windows,
+            masks=masks, dtype=self.dtype, export_format=format_name, max_shard_size=self.max_shard_size,
+        )
+        record = self.progress.open(fingerprint, restart=self.restart, target=self.output.requested)
+        directory = self.progress.directory
+        if record is None:
+            self._writer = ShardWriter(directory, max_shard_size=self.max_shard_size, metadata=self._metadata)
+            record = {"version": RECORD_VERSION, "fingerprint": fingerprint, "num_blocks": len(self.blocks.layers),
+                      "blocks_done": 0, "export_id": self._writer.export_id, "shards": [], "hidden": None,
+                      "zeros": {}, "report": {}, "elapsed_s": 0.0, "hf_prune_version": __version__,
+                      "device": str(self.device)}
+            self.progress.save(record)
+        else:
+            self._writer = ShardWriter(directory, max_shard_size=self.max_shard_size, metadata=self._metadata,
+                                       export_id=record["export_id"])
+            self._writer.adopt(record["shards"], directory)
+            self.report_entries.update(record["report"])
+            for what, then, now in (("hf_prune", record.get("hf_prune_version"), __version__),
+                                    ("device", record.get("device"), str(self.device))):
+                if then != now:
+                    logger.warning("The interrupted run's finished blocks were computed with %s %s, the rest will be "
+                                   "with %s", what, then, now)
+            done, total = record["blocks_done"], record["num_blocks"]
+            logger.warning(
+                "Resuming the interrupted offloaded run into %s at block %d of %d (blocks 0-%d were finished earlier "
+                "and are kept in %s)", self.output.requested, done, total, done - 1, directory,
+            )
+        self.record = record
+        self._session_started = time.perf_counter()
+        return record["blocks_done"]
 
-    def write_block(self, index: int) -> None:
-        """Compresses the pruned block into the export (its own shard, written now) and frees its weights."""
+    @property
+    def elapsed(self) -> float:
+        """Seconds of pruning over every session of this run (earlier interrupted ones included)."""
+        return self.record.get("elapsed_s", 0.0) + time.perf_counter() - self._session_started
+
+    def write_block(self, index: int, zeros: dict[str, int], next_hidden: list[torch.Tensor] | None = None) -> None:
+        """Compresses the pruned block into its own shard, frees its weights and records it as finished (with
+        the hidden states entering the next block, `next_hidden`), so that an interrupted run resumes after it."""
         from ..export.formats import compress_tensors
 
         block = self.blocks.layers[index]
@@ -219,6 +269,20 @@ class OffloadedCheckpoint:
         del compressed
         self._release(block)
         release_free_memory()
+        hidden = None if next_hidden is None else self.progress.save_hidden(next_hidden, index + 1)
+        previous = self.record["hidden"]
+        self.record["zeros"].update(zeros)
+        self.record["report"].update(report.entries)
+        self.record.update(blocks_done=index + 1, shards=self._writer.written(), hidden=hidden,
+                           elapsed_s=round(self.elapsed, 3))
+        self._session_started = time.perf_counter()
+        self.progress.save(self.record)
+        if previous != hidden:
+            self.progress.remove(previous)
+
+    def restore_hidden(self, captured: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The hidden states entering the first block still to prune, saved by the interrupted run."""
+        return self.progress.load_hidden(self.record["hidden"], captured)
 
     def finish(self, model_card: bool = True) -> Path:
         """Writes the tensors outside the blocks, the index, config and card; verifies; moves into place."""
@@ -227,17 +291,23 @@ class OffloadedCheckpoint:
         from ..export.integrity import verify_checksums
         from ..export.save import export_config_for, write_model_config
 
+        from ..export.shards import ShardWriter
+
+        self._tmp = self.output.begin()
         with self.output.guarded():  # a full disk: OutputWriteError, the target left as it was
+            writer = ShardWriter(self._tmp, max_shard_size=self.max_shard_size, metadata=self._metadata,
+                                 export_id=self._writer.export_id)
+            writer.adopt(self._writer.written(), self.progress.directory)  # the finished blocks: hard links
             prefix = self.blocks.prefix + "."
             tensors = self.model.state_dict()
             rest = {k: self.reader.get(k).to(tensors[k].dtype) for k in self.keys
                     if not k.startswith(prefix) and k in self.reader.weight_map}
-            self._writer.add(rest)
+            writer.add(rest)
             del rest
-            files = self._writer.close(total_parameters=self.model.num_parameters())
+            files = writer.close(total_parameters=self.model.num_parameters())
             qconfig = export_config_for(self.model)
             self.model.config.quantization_config = qconfig
-            write_model_config(self.model, self._tmp, export_id=self._writer.export_id)
+            write_model_config(self.model, self._tmp, export_id=writer.export_id)
             verify_checksums(files, required=True)
             readme = self.target / "README.md"
             keep_readme = (readme.is_file() and not _is_our_card(readme)) or not model_card
@@ -250,11 +320,14 @@ class OffloadedCheckpoint:
                 self.tokenizer.save_pretrained(self._tmp)
             self.output.keep = export_keeps(keep_readme=keep_readme)
             self.output.commit()
+        self.progress.discard()  # the export is in place: the finished blocks' record has done its job
         self.close()
         return self.output.requested
 
     def close(self) -> None:
+        """Removes an unfinished export build; the progress of the run stays for a rerun to resume."""
         self.output.abort()
+        self.progress.close()
         self._tmp = None
 
 

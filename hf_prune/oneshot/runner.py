@@ -58,6 +58,7 @@ def oneshot(
     device: str | torch.device | None = None,
     offload_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    restart: bool = False,
     dtype: torch.dtype = torch.float32,
     command: str | None = None,
     allow_repruning: bool = False,
@@ -82,8 +83,13 @@ def oneshot(
             the calibration activations and one block's statistics are resident. `offload_dir` ends up holding the
             same export as `model.save_pretrained(offload_dir)` after an in-memory run (sharded, one shard per
             block), written atomically, with `tokenizer` saved beside it. OWL is not available offloaded (it needs
-            every block before pruning).
+            every block before pruning). Resumable: each finished block is kept (with the hidden states entering the
+            next one) in `.<name>.hf_prune-partial/` beside `offload_dir`, and the same call after an interruption
+            continues at the next block (logged), giving the same export bit for bit; an interrupted run made with
+            other settings (checkpoint, config, calibration, dtype) is refused, naming what differs.
         overwrite: with `offload_dir`, replace a model already there (refused otherwise, before any work).
+        restart: with `offload_dir`, discard the finished blocks of an interrupted run into it and start over
+            (needed when its settings differ).
         dtype: with `offload_dir`, the dtype the blocks are loaded, computed and saved in (as `from_pretrained`'s
             `dtype`).
         command: the command that reproduces the run, recorded in the `PruningState` (and so in the model card).
@@ -129,7 +135,7 @@ def oneshot(
             raise ValueError(f"{owner}.owl needs every block's outputs before pruning; it is not available with offload_dir")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         store = OffloadedCheckpoint(model, offload_dir, overwrite=overwrite, dtype=dtype, device=device,
-                                    layout=config.pattern, tokenizer=tokenizer)
+                                    layout=config.pattern, tokenizer=tokenizer, restart=restart)
         model = store.model
     elif not isinstance(model, nn.Module):
         raise TypeError(
@@ -158,7 +164,9 @@ def oneshot(
     zeros: dict[str, int] = {}
     try:
         if store is not None:
-            store.start([e.name for block in plan for e in block])
+            masks_used = {e.name: e.mask for block in plan for e in block if e.mask is not None}
+            store.start([e.name for block in plan for e in block], config=config, windows=windows, masks=masks_used)
+            zeros.update(store.record["zeros"])  # the blocks an interrupted run finished
         if windows is None:
             _prune_without_calibration(blocks, plan, solver, show_progress, zeros, store)
         else:
@@ -172,13 +180,16 @@ def oneshot(
     except BaseException:
         if store is not None:
             store.close()  # the temporary export goes; the target directory was never touched
+            if store.record.get("blocks_done"):
+                logger.warning("The %d finished block(s) are kept in %s: the same call continues at the next one",
+                               store.record["blocks_done"], store.progress.directory)
         raise
     finally:
         model.train(was_training)
         if use_cache is not None:
             model.config.use_cache = use_cache
 
-    elapsed = time.perf_counter() - started
+    elapsed = store.elapsed if store is not None else time.perf_counter() - started
     entries = [e for block in plan for e in block]
     numel = {e.name: linear_weight_view(e.module).numel() for e in entries}
     sparsity = {e.name: zeros[e.name] / numel[e.name] for e in entries}
@@ -272,13 +283,20 @@ def _solve(entry: LayerPlan, solver: LayerSolver, stats: LayerStats | None, zero
 
 
 def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress, method, zeros, store) -> None:
-    if store is not None:
-        store.load_embeddings()
-    inputs = capture_block_inputs(model, blocks, batches)
-    if store is not None:
-        store.release_embeddings()
-    bar = tqdm(total=len(blocks.layers), desc=f"{method}: pruning blocks", unit="block", disable=not show_progress)
+    first = store.record["blocks_done"] if store is not None else 0  # > 0: resuming an interrupted run
+    count = len(blocks.layers)
+    if first < count:
+        if store is not None:
+            store.load_embeddings()
+        inputs = capture_block_inputs(model, blocks, batches)
+        if store is not None:
+            store.release_embeddings()
+        if first:
+            inputs.hidden = store.restore_hidden(inputs.hidden)
+    bar = tqdm(total=count, initial=first, desc=f"{method}: pruning blocks", unit="block", disable=not show_progress)
     for index, (block, entries) in enumerate(zip(blocks.layers, plan)):
+        if index < first:
+            continue
         if store is not None:
             store.load_block(index)
         if entries:
@@ -288,22 +306,27 @@ def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress,
                 _solve(entry, solver, stats.pop(entry.name), zeros)
             solver.release()
             del stats
-        if index + 1 < len(blocks.layers):
+        if index + 1 < count:
             advance(block, inputs)
         if store is not None:
-            store.write_block(index)
+            store.write_block(index, {e.name: zeros[e.name] for e in entries},
+                              inputs.hidden if index + 1 < count else None)
         bar.update(1)
     bar.close()
 
 
 def _prune_without_calibration(blocks, plan, solver, show_progress: bool, zeros, store) -> None:
-    bar = tqdm(total=sum(map(len, plan)), desc=f"{solver.config.method}: pruning layers", disable=not show_progress)
+    first = store.record["blocks_done"] if store is not None else 0
+    bar = tqdm(total=sum(map(len, plan)), initial=sum(map(len, plan[:first])),
+               desc=f"{solver.config.method}: pruning layers", disable=not show_progress)
     for index, entries in enumerate(plan):
+        if index < first:
+            continue
         if store is not None:
             store.load_block(index)
         for entry in entries:
             _solve(entry, solver, None, zeros)
             bar.update(1)
         if store is not None:
-            store.write_block(index)
+            store.write_block(index, {e.name: zeros[e.name] for e in entries})
     bar.close()
