@@ -51,10 +51,11 @@ class ADMMSolver(LayerSolver):
     def _factorise(self, factors: _Factors, damping: float) -> torch.Tensor | None:
         if factors.damping != damping:
             gram_hat = factors.gram_hat
-            n = gram_hat.shape[0]
-            eye = torch.eye(n, dtype=gram_hat.dtype, device=gram_hat.device)
             shift = damping * gram_hat.diagonal().mean() + self.config.rho
-            chol, info = torch.linalg.cholesky_ex(gram_hat + shift * eye)
+            system = gram_hat.clone()  # shifted in place: no identity and no sum buffer at the run's memory peak
+            system.diagonal().add_(shift)
+            chol, info = torch.linalg.cholesky_ex(system)
+            del system
             factors.damping = damping
             factors.system_inv = torch.cholesky_inverse(chol) if int(info) == 0 else None
         return factors.system_inv

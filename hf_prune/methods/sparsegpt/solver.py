@@ -58,14 +58,17 @@ class SparseGPTSolver(LayerSolver):
 
 
 def _upper_cholesky_of_inverse(hessian: torch.Tensor, damping: float, name: str) -> torch.Tensor:
-    n = hessian.shape[0]
-    eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
     mean_diag = hessian.diagonal().mean()
     for attempt in range(5):
-        damped = hessian + (damping * 10**attempt) * mean_diag * eye
+        # the damping goes onto a copy's diagonal in place: no identity and no sum buffer (two n x n matrices less
+        # at the peak of a 1B offloaded run), and the same values as `hessian + shift * eye`
+        damped = hessian.clone()
+        damped.diagonal().add_((damping * 10**attempt) * mean_diag)
         chol, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inverse = torch.cholesky_inverse(chol)
+            del chol
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper
