@@ -11,10 +11,20 @@ reconstructed model after logit distillation from the dense model (`hf_prune.dis
 CoFi benchmark's budget by default: windows of 256 tokens, 2 x 4 per step, lr 1e-4 cosine; 128 steps = 262k tokens of
 the calibration articles).
 
+Also per shape (see docs/benchmarks/structured.md): a depth-only row (`target_layers` alone, at the nearest
+non-embedding parameter count), and with `--torch-pruning` the Torch-Pruning 1.6.1 peer row
+(`benchmarks/torch_pruning_peer.py`; `pip install torch-pruning==1.6.1`, in the `bench` extra). `--speed` is a pass of
+its own: greedy tokens/s in ONNX Runtime (batch 1, 1 thread) and eager PyTorch (batch 8) for every row, from the
+models the pruning rows saved under `--runs`, each timed together with the dense model; `--levers` is the refit sweep
+(more calibration windows, other damping) into `NAME_levers.json`.
+
 Rows are resumable: each finished row is written to the JSON at once, and a rerun with the same settings skips it.
 
     OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --shapes B --calibration-windows 32
     python benchmarks/structured_smollm2.py --shapes B --threads 2 --distill-steps 128
+    OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --shapes A,B --torch-pruning
+    OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --speed
+    OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --levers --shapes B
 """
 
 from __future__ import annotations
