@@ -319,6 +319,12 @@ def speed_pass(args, data: dict, dense, dense_dir: str, held_out_ids, runs: str,
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         onnx, err, check = onnx_session(model_dir, os.path.join(runs, "onnx", _slug(row)), atol=args.onnx_atol,
                                         threads=1)
+        atol = args.onnx_atol
+        if err and err.startswith("ExportVerificationError"):  # a model with huge logit noise (Torch-Pruning's
+            atol = 10 * args.onnx_atol  # perplexity-1e5 rows): timed at a looser check, the first error kept
+            onnx, retry_err, check = onnx_session(model_dir, os.path.join(runs, "onnx", _slug(row)), atol=atol,
+                                                  threads=1)
+            err = f"{err} (at atol {args.onnx_atol:g}; {retry_err or f'passed at {atol:g}'})"
         pair = {"dense": {"model": dense, "onnx": dense_onnx}, row: {"model": model, "onnx": onnx}}
         time_generation(pair, prompt, batches=SPEED_BATCHES, new_tokens=args.gen_new_tokens, rounds=args.gen_rounds)
         ratio = dense_flops / flops_per_token(model, context)
@@ -330,6 +336,7 @@ def speed_pass(args, data: dict, dense, dense_dir: str, held_out_ids, runs: str,
                 "flops_ratio": flops_ratio, "flops_context": context,
                 "speedup_over_flops_ratio": {k: v / flops_ratio for k, v in speedup.items()},
                 "onnx_error": error, "onnx_verification": check if key == row else None,
+                "onnx_atol": args.onnx_atol if key == "dense" else atol,
                 "machine_state": machine_state()}
         print(row, json.dumps(r["speed"]), flush=True)
         save()
