@@ -129,6 +129,7 @@ def main(argv=None) -> None:
                    help="only the speed pass: fill the generation columns of the rows in the JSON from their saved "
                         "models (re-pruning a one-shot or Torch-Pruning row whose model is missing)")
     p.add_argument("--speed-redo", action="store_true", help="re-time rows that already have speed columns")
+    p.add_argument("--speed-saved-only", action="store_true", help="time only rows whose model is saved (no re-pruning)")
     p.add_argument("--gen-prompt-len", type=int, default=32)
     p.add_argument("--gen-new-tokens", type=int, default=64)
     p.add_argument("--gen-rounds", type=int, default=3)
@@ -286,6 +287,8 @@ def rebuild(row: str, r: dict, dense, load_dense, prune_row, tokenizer, runs: st
     cannot be rebuilt here (a distilled row without a saved model)."""
     if r.get("model_dir") and os.path.isfile(os.path.join(r["model_dir"], "config.json")):
         return r["model_dir"]
+    if args.speed_saved_only:
+        return None
     planned = planned_rows(r["shape"], dense) if r["shape"] in SHAPES else {}
     if row in planned:
         small = prune_row(planned[row], args.calibration_windows, args.damping)
