@@ -119,6 +119,30 @@ def test_refit_lowers_each_layers_calibration_error_below_importance_only(model_
     assert errs[0] < 0.9 * errs[1], errs
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_dense_refit_target_refits_every_projection_towards_the_dense_outputs(model_type):
+    model = tiny_llama(3, model_type)
+    small = _prune(model, refit_target="dense")
+    errors = get_pruning_state(small).metrics["reconstruction_error"]
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj", "mlp.down_proj")
+    assert sorted(errors) == sorted(f"model.layers.{i}.{p}" for i in range(3) for p in projections)
+    for name, rec in errors.items():
+        assert 0 <= rec["reconstructed"] <= rec["importance_only"] + 1e-6, (name, rec)
+    # the refit compensates what was removed upstream: the calibration logits move closer to the dense model's
+    layer = _prune(model)
+    with torch.no_grad():
+        dense_logits = model(_calibration()).logits
+        gaps = [float((m(_calibration()).logits - dense_logits).square().mean()) for m in (small, layer)]
+    assert gaps[0] < gaps[1], gaps
+    assert _shape(small) == _shape(layer)
+
+
+def _shape(model) -> tuple:
+    c = model.config
+    return c.num_hidden_layers, c.num_key_value_heads, c.intermediate_size, c.hidden_size
+
+
 def _o_proj_error(dense, small, groups: list[int]) -> float:
     """`||X W^T - X_S W_small^T||^2 / ||X W^T||^2` of layer 0's o_proj on the calibration windows (X: the dense
     model's o_proj inputs, S: the kept groups' columns)."""
@@ -227,6 +251,8 @@ def test_targets_the_model_cannot_have_are_refused_before_any_work(kwargs, messa
         ({"target_sparsity": 1.0}, r"target_sparsity must be a number in the open interval \(0, 1\), got 1.0"),
         ({"target_layers": 0}, r"StructuredConfig.target_layers must be an integer >= 1, got 0"),
         ({"target_layers": 2, "damping": -1.0}, r"StructuredConfig.damping must be a finite number >= 0"),
+        ({"target_layers": 2, "refit_target": "model"},
+         r"StructuredConfig.refit_target must be one of \['layer', 'dense'\], got 'model'"),
     ],
 )
 def test_bad_config_fields_raise_naming_the_field(kwargs, message):
@@ -271,3 +297,104 @@ def test_cli_structured_oneshot_saves_a_plain_smaller_checkpoint(model_dir, tmp_
     assert main(["oneshot", str(model_dir), "--method", "structured", "--pattern", "2:4", "--output",
                  str(tmp_path / "o2"), "--calibration", str(calib)]) == 2
     assert "--pattern is for sparse one-shot methods" in capsys.readouterr().err
+
+
+def test_allocate_ranks_units_across_layers_relative_to_their_layer_mean():
+    from hf_prune.methods.structured.allocation import allocate
+
+    # layer 0: flat (every unit = its layer's mean, 1); layer 1: one unit carries it (normalised 4, 0, 0, 0)
+    scores = torch.tensor([[2.0, 2.0, 2.0, 2.0], [8.0, 0.0, 0.0, 0.0]])
+    assert allocate(scores, 5) == [4, 1]
+    assert allocate(scores, 2) == [1, 1]  # one reserved per layer
+    assert allocate(scores, 8) == [4, 4]
+    # raw norms 100x larger in layer 1 make no difference once normalised
+    assert allocate(torch.tensor([[1.0, 0.5, 0.1], [100.0, 50.0, 10.0]]), 4) == [2, 2]
+    with pytest.raises(ValueError, match="cannot keep 9 units over 2 layers of 4"):
+        allocate(scores, 9)
+
+
+def _starve(model, layer: int, groups: list[int], neurons: int) -> None:
+    """Makes most of `layer`'s units nearly silent: the V rows of its KV `groups` and the up rows of its first
+    `neurons` neurons scaled by 1e-3."""
+    with torch.no_grad():
+        attn, mlp = model.model.layers[layer].self_attn, model.model.layers[layer].mlp
+        for grp in groups:
+            attn.v_proj.weight[grp * 8:(grp + 1) * 8] *= 1e-3
+        mlp.up_proj.weight[:neurons] *= 1e-3
+
+
+def test_per_layer_shapes_follow_importance_and_sum_to_the_budget_exactly(tmp_path):
+    model = tiny_llama(8)
+    _starve(model, 1, groups=[0, 1, 3], neurons=40)
+    width = dict(target_layers=None, target_hidden_size=None)  # 4 layers x 2 KV groups, 4 x 20 neurons
+    uniform = _prune(model, **width)
+    small = _prune(model, **width, uniform=False)
+    m, mu = get_pruning_state(small).metrics, get_pruning_state(uniform).metrics
+    layers = m["structure"]["layers"]
+    kv = [s["kv_heads"] for s in layers]
+    ffn = [s["intermediate_size"] for s in layers]
+    assert sum(kv) == 4 * 2 and sum(ffn) == 4 * 20
+    assert kv[1] == 1 and m["kept_kv_groups"][1] == [2]  # the one group left with a voice
+    assert ffn[1] <= 8 and len(set(ffn)) > 1 and len(set(kv)) > 1
+    assert all(s["heads"] == 2 * s["kv_heads"] for s in layers)
+    assert m["structure"]["plain"] is False and mu["structure"]["plain"] is True
+    assert m["prunable_params_after"] == mu["prunable_params_after"] == 4 * (96 + 60) * 32
+    attn = small.model.layers[1].self_attn
+    assert attn.k_proj.weight.shape == (8, 32) and attn.o_proj.weight.shape == (32, 16)
+    assert small.model.layers[1].mlp.down_proj.weight.shape == (32, ffn[1])
+    # the uniform default is what it was: same shape whatever the importance
+    assert {s["kv_heads"] for s in mu["structure"]["layers"]} == {2}
+    assert mu["kept_neurons_per_layer"] == [20] * 4
+    # save and reload (with hf_prune: the original config and the structure record) gives the same logits
+    from transformers import AutoModelForCausalLM
+
+    small.save_pretrained(tmp_path / "het")
+    config = json.loads((tmp_path / "het" / "config.json").read_text())
+    assert config["num_key_value_heads"] == 4 and config["quantization_config"]["format"] == "structured"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "het")
+    assert [s["kv_heads"] for s in get_pruning_state(reloaded).metrics["structure"]["layers"]] == kv
+    ids = _calibration(2, 10, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, small(input_ids=ids).logits, atol=0, rtol=0)
+    card = (tmp_path / "het" / "README.md").read_text()
+    assert "import hf_prune" in card and f"| 1 | 2 / 8 | {ffn[1]} / 48 |" in card
+
+
+def test_card_of_a_distilled_structured_model_records_structure_flops_and_data(tmp_path):
+    from hf_prune.training.distill import distill
+
+    from conftest import random_texts, tiny_tokenizer
+
+    tok, teacher = tiny_tokenizer(), tiny_llama(9, vocab_size=128)
+    cfg = StructuredConfig(**ARCH, num_calibration_samples=4, max_seq_length=16, calibration_batch_size=4)
+    small = oneshot(teacher, cfg, calibration=random_texts(4, seed=1), tokenizer=tok, show_progress=False)
+    small = distill(small, teacher, random_texts(4, seed=2), tok, steps=2, seq_len=16, batch_size=2,
+                    eval_texts=random_texts(2, seed=3), data_name="train.txt", teacher_name="dense-teacher")
+    m = get_pruning_state(small).metrics
+    small.save_pretrained(tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ("**Structure**: 4 layers, 8 query heads in 4 KV groups, FFN 48, hidden 32 → "
+            "3 layers, 4 query heads in 2 KV groups, FFN 20, hidden 24.") in card
+    before, after = m["flops_per_token_before"], m["flops_per_token_after"]
+    assert (f"**FLOPs per generated token** at a 16-token context: {before:,} → {after:,} "
+            f"({after / before:.2f}×).") in card
+    assert "**Calibration data**: 4 texts, 4 windows × 16 tokens = 64 tokens." in card
+    assert m["distillation_tokens"] == 2 * 2 * 16
+    assert (f"**Distillation data**: train.txt, 2 steps × 16-token windows = 64 tokens, from `dense-teacher`; "
+            f"held-out perplexity {m['distillation_perplexity_before']} → {m['distillation_perplexity_after']} "
+            f"(teacher {m['distillation_teacher_perplexity']}).") in card
+    assert "prunable decoder weights removed physically" in card and "the LM head are kept" in card
+
+
+def test_warns_when_the_calibration_tokens_cannot_determine_the_refit(caplog):
+    model = tiny_llama(0)
+    few = StructuredConfig(**ARCH, num_calibration_samples=2, max_seq_length=8)  # 16 tokens, 32 kept o_proj inputs
+    with caplog.at_level("WARNING", logger="hf_prune.methods.structured.prune"):
+        oneshot(model, few, calibration=_calibration(), show_progress=False)
+    assert "16 calibration tokens for a least-squares refit over 32 kept inputs: underdetermined" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_prune.methods.structured.prune"):
+        _prune(model)  # 8 x 24 tokens
+        oneshot(model, StructuredConfig(**ARCH, num_calibration_samples=2, max_seq_length=8, reconstruct=False),
+                calibration=_calibration(), show_progress=False)
+    assert "underdetermined" not in caplog.text

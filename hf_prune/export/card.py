@@ -128,8 +128,50 @@ def _structure_summary(metrics: dict) -> dict | None:
          "ffn": ffn(layer["intermediate_size"], n)}
         for i, (layer, n) in enumerate(zip(structure["layers"], kept))
     ]
+    decoder = bool(structure["layers"]) and "kv_heads" in structure["layers"][0]
     return {"rows": rows, "hidden": structure.get("hidden_size"), "hidden_before": original.get("hidden_size"),
-            "params_before": metrics.get("params_before"), "plain": bool(structure.get("plain"))}
+            "params_before": metrics.get("params_before"), "plain": bool(structure.get("plain")),
+            "kind": "decoder" if decoder else "encoder",
+            "facts": _decoder_facts(metrics, structure, before) if decoder else []}
+
+
+def _decoder_shape(structure: dict) -> str:
+    """`"30 layers, 9 query heads in 3 KV groups, FFN 1536, hidden 576"`; per-layer shapes as `min–max`."""
+    layers = [s for s in structure["layers"] if not (s["attention_removed"] and s["ffn_removed"])]
+
+    def span(key: str) -> str:
+        values = sorted({int(s[key]) for s in layers})
+        return f"{values[0]}" if len(values) == 1 else f"{values[0]}–{values[-1]} (per layer)"
+
+    return (f"{len(layers)} layers, {span('heads')} query heads in {span('kv_heads')} KV groups, "
+            f"FFN {span('intermediate_size')}, hidden {structure['hidden_size']}")
+
+
+def _decoder_facts(metrics: dict, structure: dict, before) -> list[str]:
+    """The card's lines on a structured decoder: its shape before and after, FLOPs per token, and the calibration
+    and distillation data and tokens, from what the run recorded (a line is left out when its figures are not)."""
+    m = metrics
+    facts = []
+    if isinstance(before, dict) and "layers" in before:
+        facts.append(f"**Structure**: {_decoder_shape(before)} → {_decoder_shape(structure)}")
+    before_flops, after_flops = m.get("flops_per_token_before"), m.get("flops_per_token_after")
+    if before_flops and after_flops:
+        context = f" at a {m['flops_context']}-token context" if m.get("flops_context") else ""
+        facts.append(f"**FLOPs per generated token**{context}: {before_flops:,} → {after_flops:,} "
+                     f"({after_flops / before_flops:.2f}×)")
+    if m.get("calibration_tokens") and m.get("calibration_samples"):
+        n, tokens = int(m["calibration_samples"]), int(m["calibration_tokens"])
+        data = f"{m['calibration_data']}, " if m.get("calibration_data") else ""
+        facts.append(f"**Calibration data**: {data}{n} windows × {tokens // n} tokens = {tokens:,} tokens")
+    if m.get("distillation_tokens") is not None:
+        ppl = ""
+        if m.get("distillation_perplexity_after") is not None:
+            ppl = (f"; held-out perplexity {m['distillation_perplexity_before']} → "
+                   f"{m['distillation_perplexity_after']} (teacher {m['distillation_teacher_perplexity']})")
+        facts.append(f"**Distillation data**: {m.get('distillation_data', 'not recorded')}, "
+                     f"{m.get('distillation_steps')} steps × {m.get('distillation_seq_len')}-token windows = "
+                     f"{int(m['distillation_tokens']):,} tokens, from `{m.get('distillation_teacher')}`{ppl}")
+    return facts
 
 
 def _model_stats(model, module_sparsity: dict[str, float], report=None) -> dict:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ...config import PruningConfig, check_positive_int, check_positive_number, register_pruning_method
 
 _OWNER = "StructuredConfig"
+_REFIT_TARGETS = ("layer", "dense")
 _ARCH = ("layers", "heads", "kv_heads", "intermediate_size", "hidden_size")
 
 
@@ -46,8 +47,20 @@ class StructuredConfig(PruningConfig):
             Minitron found width pruning recovers better than depth pruning): depth and hidden size stay; every layer
             keeps `max(1, round(kv_heads * (1 - target_sparsity)))` KV groups, and the FFN width is then the one that
             lands the total on the target (to the nearest neuron). A target the FFN cannot reach is refused.
+        uniform (`bool`, defaults to `True`): every kept layer gets the same number of KV groups and FFN neurons, so
+            the result is a plain config that loads without hf_prune. `False`: per-layer shapes under the same
+            budget (the uniform target's totals, so the same parameter count): the KV groups of all kept layers are
+            ranked together, and so are the FFN neurons, by their activation norm on the dense model divided by the
+            mean of their layer's (the residual stream grows with depth, so raw norms would favour late layers);
+            every layer keeps at least one of each. The checkpoint keeps the original config plus the per-layer
+            structure record (as CoFi's heterogeneous export) and loads with `import hf_prune`.
         reconstruct (`bool`, defaults to `True`): refit `o_proj` and `down_proj` by least squares after their inputs
             were removed; `False` only slices the weights (importance only).
+        refit_target (`str`, defaults to `"layer"`): what the refit reproduces. `"layer"`: each refit projection's
+            own output on the pruned model's inputs (`o_proj` and `down_proj` only). `"dense"`: the dense model's
+            output of the same projection, for every projection of each kept layer (q/k/v and gate/up on the kept
+            hidden channels too), in the block's order; this also compensates the error of the units removed
+            upstream, at about twice the calibration compute (the dense blocks run beside the pruned ones).
         damping (`float`, defaults to 0.01): relative ridge term `delta` of the refit, as a fraction of the mean
             diagonal of the kept Gram block; keeps the solve well posed for inputs the calibration barely excites.
         num_calibration_samples (`int`, defaults to 128): calibration sequences.
@@ -62,7 +75,9 @@ class StructuredConfig(PruningConfig):
     target_intermediate_size: int | None = None
     target_hidden_size: int | None = None
     target_sparsity: float | None = None
+    uniform: bool = True
     reconstruct: bool = True
+    refit_target: str = "layer"
     damping: float = 0.01
     num_calibration_samples: int = 128
     max_seq_length: int = 512
@@ -97,6 +112,11 @@ class StructuredConfig(PruningConfig):
                 "target architecture (target_layers, target_heads / target_kv_heads, target_intermediate_size, "
                 "target_hidden_size)"
             )
+        for name in ("uniform", "reconstruct"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{_OWNER}.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.refit_target not in _REFIT_TARGETS:
+            raise ValueError(f"{_OWNER}.refit_target must be one of {list(_REFIT_TARGETS)}, got {self.refit_target!r}")
         check_positive_number(_OWNER, "damping", self.damping, allow_zero=True)
         check_positive_int(_OWNER, "num_calibration_samples", self.num_calibration_samples)
         check_positive_int(_OWNER, "max_seq_length", self.max_seq_length)

@@ -55,7 +55,8 @@ def resolve_target(config: StructuredConfig, ad: LlamaFamilyAdapter) -> TargetSh
     else:
         arch = check_arch_fits("StructuredConfig", config.target_architecture(), d)
         shape = TargetShape(**{n: int(arch.get(n, getattr(full, n))) for n in full.__dataclass_fields__})
-    check_plain_config(ad, shape)
+    if config.uniform:  # per-layer shapes keep the original config (with the structure record)
+        check_plain_config(ad, shape)
     return shape
 
 
