@@ -139,6 +139,8 @@ def main(argv=None) -> None:
                         "--damping) and each --lever-damping (with --calibration-windows), into NAME_levers.json")
     p.add_argument("--lever-windows", default="64,128")
     p.add_argument("--lever-damping", default="0.1,0.001")
+    p.add_argument("--lever-refit-targets", default="",
+                   help="StructuredConfig.refit_target values to add at --calibration-windows / --damping (e.g. dense)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = {"calibration_windows": args.calibration_windows, "seq_len": args.seq_len,
@@ -196,13 +198,15 @@ def main(argv=None) -> None:
     if args.levers:
         for shape in args.shapes.split(","):
             kwargs = {**SHAPES[shape], "reconstruct": True}
-            grid = [(int(w), args.damping) for w in args.lever_windows.split(",") if w]
-            grid += [(args.calibration_windows, float(x)) for x in args.lever_damping.split(",") if x]
-            for windows, damping in grid:
+            grid = [(int(w), args.damping, "layer") for w in args.lever_windows.split(",") if w]
+            grid += [(args.calibration_windows, float(x), "layer") for x in args.lever_damping.split(",") if x]
+            grid += [(args.calibration_windows, args.damping, t) for t in args.lever_refit_targets.split(",") if t]
+            for windows, damping, target in grid:
                 row = f"{shape} importance + reconstruction, {windows} windows, damping {damping:g}"
+                row += "" if target == "layer" else f", refit target {target}"
                 if row not in data["rows"]:
-                    data["rows"][row] = {**oneshot_row(row, shape, kwargs, windows, damping),
-                                         "calibration_windows": windows, "damping": damping}
+                    data["rows"][row] = {**oneshot_row(row, shape, {**kwargs, "refit_target": target}, windows,
+                                                       damping), "calibration_windows": windows, "damping": damping}
                     data["settings"] = {**settings, "calibration_windows": "per row", "damping": "per row"}
                     print(row, json.dumps(data["rows"][row]), flush=True)
                     save()
