@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ def _load_recipe():
 
 
 recipe = _load_recipe()
+from generation_speed import onnx_session, time_generation  # noqa: E402
 from structured_baseline import DistillationTrainer, prune_to_shape  # noqa: E402
 
 from hf_prune.cpu import machine_state  # noqa: E402
@@ -138,52 +138,6 @@ def run_admm(args) -> dict:
     return result
 
 
-# ------------------------------------------------------------------------------------------------- measurements
-def _torch_generate(model, ids: torch.Tensor, new: int) -> None:
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                   pad_token_id=0, use_cache=True)  # every model with its KV cache, whatever its config says
-
-
-def _ort_generate(session, ids: torch.Tensor, new: int) -> None:
-    session.generate(ids.numpy(), max_new_tokens=new, eos_token_id=[])  # no end-of-sequence stop: fixed length
-
-
-def onnx_session(args, name: str, model_dir: str):
-    """The model's ONNX Runtime export (`hf_prune.export_onnx`, checked against PyTorch within `--onnx-atol`), the
-    error it gave instead, and the check's figures."""
-    from hf_prune import OnnxModel, export_onnx
-
-    out = os.path.join(args.output, "onnx", name)
-    try:
-        if not os.path.isfile(os.path.join(out, "model.onnx")):
-            report = export_onnx(model_dir, out, task="text-generation", overwrite=True, atol=args.onnx_atol)
-            recipe._write_json(os.path.join(out, "verification.json"), report.verification)
-        check = recipe._read_json(os.path.join(out, "verification.json"))
-        return OnnxModel.from_pretrained(out, threads=args.threads), None, check
-    except Exception as err:  # noqa: BLE001 -- recorded in the results: whether ONNX works for this export
-        return None, f"{type(err).__name__}: {err}"[:500], None
-
-
-def time_generation(args, models: dict[str, dict], prompt: torch.Tensor) -> None:
-    """Greedy tokens/s per model, backend and batch, in interleaved rounds (median), into `models[name]`."""
-    runs = []
-    for name, m in models.items():
-        runs += [(name, "eager", b, m["model"], _torch_generate) for b in args.batches]
-        if m.get("onnx") is not None:
-            runs += [(name, "ort", b, m["onnx"], _ort_generate) for b in args.batches]
-    times: dict[tuple, list[float]] = {}
-    for _, _, b, runner, fn in runs:  # warm-up
-        fn(runner, prompt[:b], 2)
-    for _ in range(args.gen_rounds):
-        for name, backend, b, runner, fn in runs:
-            start = time.perf_counter()
-            with torch.no_grad():
-                fn(runner, prompt[:b], args.gen_new_tokens)
-            times.setdefault((name, backend, b), []).append(time.perf_counter() - start)
-    for (name, backend, b), ts in times.items():
-        models[name].setdefault("tokens_per_s", {})[f"{backend}_b{b}"] = b * args.gen_new_tokens / statistics.median(ts)
-
-
 # ------------------------------------------------------------------------------------------------------ report
 def table(rows: list[dict], batches: list[int]) -> str:
     dense = next(r for r in rows if r["name"] == "dense")
@@ -255,12 +209,14 @@ def main(argv=None) -> dict:
              "flops_per_token": flops_per_token(model, context)}
         m["non_embedding_params"] = m["params"] - emb  # the LM head is tied to the embedding in SmolLM2
         if not args.no_onnx:
-            m["onnx"], m["onnx_error"], m["onnx_verification"] = onnx_session(args, name, model_dir)
+            m["onnx"], m["onnx_error"], m["onnx_verification"] = onnx_session(
+                model_dir, os.path.join(args.output, "onnx", name), atol=args.onnx_atol, threads=args.threads)
         models[name] = m
     models["cofi"]["train_wall_time_s"] = cofi["train_wall_time_s"]
     models["structured-baseline"]["train_wall_time_s"] = baseline["train_wall_time_s"]
     prompt = eval_ids[: max(args.batches) * args.gen_prompt_len].view(max(args.batches), args.gen_prompt_len)
-    time_generation(args, models, prompt)
+    time_generation(models, prompt, batches={"eager": args.batches, "ort": args.batches},
+                    new_tokens=args.gen_new_tokens, rounds=args.gen_rounds)
     rows = [{k: v for k, v in m.items() if k not in ("model", "onnx")} for m in models.values()]
     result = {
         "rows": rows, "cofi": {k: v for k, v in cofi.items() if k != "train_log"},
