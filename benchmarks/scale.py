@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -29,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SETTINGS = {"50%": (0.5, "unstructured"), "2:4": (0.5, "2:4"), "70%": (0.7, "unstructured")}
-TARGETS = {"load": 1.5, "save": 2.0, "load_rss": 1.3}
+TARGETS = {"load": 2.0, "save": 3.0, "load_rss": 1.3, "decode_gb_s": 1.0}
 
 
 # ------------------------------------------------------------------------------------------- machine state
@@ -61,13 +62,32 @@ def _peak_rss_bytes() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ io worker
-def io_worker(op: str, directory: str, shard_size: str | None, out: str | None) -> dict:
+#: Load levers the benchmark can switch off one at a time (`--levers`), to report each one's effect.
+LEVERS = {
+    "populate": "decoded weights >= 1 MB take zero pages the kernel maps at once (MAP_POPULATE), not one fault per page",
+    "parallel": "weights decode on worker threads while from_pretrained converts the next (ParallelDecoder)",
+}
+
+
+def switch_off(levers: list[str]) -> None:
+    """Turns the named load levers off in this process (for the lever rows of the table)."""
+    from hf_prune.export import codecs, quantizer
+
+    if "populate" in levers:
+        codecs._POPULATE_BYTES = 1 << 62
+    if "parallel" in levers:
+        quantizer.HfPruneQuantizer._parallel_decoder = staticmethod(lambda device_map: None)
+
+
+def io_worker(op: str, directory: str, shard_size: str | None, out: str | None, levers_off: list[str] = ()) -> dict:
     """One measurement in this fresh process: `load` times `from_pretrained`; `save` loads, then times two saves."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     import hf_prune  # noqa: F401  (registers the compressed loader)
+
+    switch_off(levers_off)
 
     hf_logging.disable_progress_bar()
     _reset_peak_rss()
@@ -208,8 +228,112 @@ def print_io(result: dict) -> None:
           f"wall {result['wall_s']:.0f} s")
 
 
+# ----------------------------------------------------------------------------------------------- decode part
+SYNTHETIC_1B = dict(hidden=2048, intermediate=5632, layers=22, kv_heads=4, head_dim=64)  # scale_oneshot's "1b" shape
+
+
+def _pruned(weight, sparsity: float, pattern: str):
+    """`weight` magnitude-pruned like `MagnitudeConfig` does (per-matrix threshold, or 2 of every 4 kept)."""
+    import torch
+
+    if pattern == "2:4":
+        groups = weight.reshape(weight.shape[0], -1, 4)
+        keep = groups.abs().float().topk(2, dim=-1).indices
+        return torch.zeros_like(groups).scatter_(-1, keep, groups.gather(-1, keep)).reshape(weight.shape)
+    k = int(weight.numel() * sparsity)
+    threshold = weight.abs().float().reshape(-1).kthvalue(k).values
+    return torch.where(weight.abs().float() > threshold, weight, torch.zeros_like(weight))
+
+
+def _weight_sets(model: str, setting: str) -> list[tuple[str, dict, int]]:
+    """`[(name, encoded group, times decoded)]`: SmolLM2-135M's real pruned weights, or the Linear weights of the
+    1B synthetic LLaMA (one random fp16 weight per distinct shape, decoded once per layer: 22 x 7 weights)."""
+    import torch
+
+    from hf_prune.export.formats import compress_tensors
+
+    sparsity, pattern = SETTINGS[setting]
+    if model == "smollm2-135m":
+        from transformers import AutoModelForCausalLM
+
+        from hf_prune.assets import smollm2_path
+
+        dense = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float16)
+        weights = {k: v for k, v in dense.state_dict().items() if k.endswith("proj.weight")}
+        repeat = 1
+    else:
+        h, i, kv = SYNTHETIC_1B["hidden"], SYNTHETIC_1B["intermediate"], SYNTHETIC_1B["kv_heads"] * SYNTHETIC_1B["head_dim"]
+        gen = torch.Generator().manual_seed(0)
+        shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (i, h),
+                  "up_proj": (i, h), "down_proj": (h, i)}
+        weights = {f"{n}.weight": (torch.randn(*shape, generator=gen) * 0.02).half() for n, shape in shapes.items()}
+        repeat = SYNTHETIC_1B["layers"]
+    layout = "2:4" if pattern == "2:4" else "unstructured"
+    compressed, _ = compress_tensors({k: _pruned(v, sparsity, pattern) for k, v in weights.items()}, layout)
+    from hf_prune.export.shards import tensor_groups
+
+    sets = []
+    for base, keys in tensor_groups(compressed).items():
+        sets.append((base, {k[len(base):]: compressed[k] for k in keys}, repeat))
+    return sets
+
+
+def decode_worker(model: str, setting: str, repeats: int, levers_off: list[str]) -> dict:
+    """Decode throughput on one core in this fresh process: every weight decoded into fresh memory, best of
+    `repeats` passes (CPU and wall seconds). The outputs of a pass stay alive until it ends, as a load keeps them
+    (so their pages are fresh ones, as in a load, not the freed pages of the previous weight)."""
+    import torch
+
+    torch.set_num_threads(1)  # one core: the library splits nothing and starts no decode threads
+    from hf_prune.export.codecs import decode
+
+    switch_off(levers_off)
+    sets = _weight_sets(model, setting)
+    dense_bytes = sum(g[""].element_size() * math.prod(g["_hf_prune_meta"][:2].tolist()) * r for _, g, r in sets)
+    best = (float("inf"), float("inf"))
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        kept = [decode(name, group) for name, group, times in sets for _ in range(times)]  # kept, as a load keeps them
+        best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
+        del kept
+    return {"weights": sum(r for _, _, r in sets), "decoded_bytes": dense_bytes, "wall_s": best[0], "cpu_s": best[1],
+            "gb_per_s_wall": dense_bytes / best[0] / 1e9, "gb_per_s_cpu": dense_bytes / best[1] / 1e9}
+
+
+def run_decode(args) -> dict:
+    state_before = machine_state()
+    start = time.time()
+    rows = []
+    for model in ("smollm2-135m", "synthetic-1b"):
+        for setting in SETTINGS:
+            for off in ([], ["populate"]):
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--decode-worker", model, setting,
+                       "--repeats", str(args.repeats), "--levers-off", ",".join(off)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                      env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+                if proc.returncode != 0:
+                    raise RuntimeError(f"decode worker failed ({model} {setting}):\n{proc.stderr[-3000:]}")
+                rows.append({"model": model, "setting": setting, "levers_off": off,
+                             **json.loads(proc.stdout.strip().splitlines()[-1])})
+    return {"part": "decode", "dtype": "float16", "repeats": args.repeats, "target_gb_per_s": TARGETS["decode_gb_s"],
+            "rows": rows, "wall_s": time.time() - start, "machine_before": state_before, "machine_after": machine_state()}
+
+
+def print_decode(result: dict) -> None:
+    print(f"Decode throughput on one core (torch.set_num_threads(1)), fp16, best of {result['repeats']} passes in a "
+          "fresh process; GB of decoded (dense) weights per second")
+    print("| model | setting | weights | decoded GB | levers off | CPU s | GB/s (CPU) | GB/s (wall) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['model']} | {r['setting']} | {r['weights']} | {r['decoded_bytes'] / 1e9:.2f} "
+              f"| {', '.join(r['levers_off']) or '-'} | {r['cpu_s']:.3f} | {r['gb_per_s_cpu']:.2f} | {r['gb_per_s_wall']:.2f} |")
+    m0, m1 = result["machine_before"], result["machine_after"]
+    print(f"\nmachine: {m0['cpus']} CPUs ({m0['cpu_model']}), load average {m0['load_average']} before, "
+          f"{m1['load_average']} after; nice {m0['nice']}; wall {result['wall_s']:.0f} s")
+
+
 # ------------------------------------------------------------------------------------------------------ main
-PARTS = {"io": (run_io, print_io)}  # `oneshot` has its own flags and results file: benchmarks/scale_oneshot.py
+PARTS = {"io": (run_io, print_io), "decode": (run_decode, print_decode)}  # `oneshot` has its own flags and results file: benchmarks/scale_oneshot.py
 
 
 def main(argv=None) -> dict | None:
@@ -220,6 +344,8 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--worker", nargs=2, metavar=("OP", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-shard-size", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--decode-worker", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--levers-off", default="", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["--part", "oneshot"] or "--part=oneshot" in argv[:1]:  # that part's flags are its script's
         sys.path.insert(0, str(HERE))
@@ -227,8 +353,12 @@ def main(argv=None) -> dict | None:
 
         return scale_oneshot.main(["--part", "oneshot", *argv[1 if argv[0].startswith("--part=") else 2:]])
     args = parser.parse_args(argv)
+    levers_off = [x for x in args.levers_off.split(",") if x]
     if args.worker:
-        print(json.dumps(io_worker(args.worker[0], args.worker[1], args.worker_shard_size, args.out)))
+        print(json.dumps(io_worker(args.worker[0], args.worker[1], args.worker_shard_size, args.out, levers_off)))
+        return None
+    if args.decode_worker:
+        print(json.dumps(decode_worker(*args.decode_worker, args.repeats, levers_off)))
         return None
     results = {}
     for name, (run, show) in PARTS.items():
