@@ -66,17 +66,20 @@ def _peak_rss_bytes() -> int:
 LEVERS = {
     "populate": "decoded weights >= 1 MB take zero pages the kernel maps at once (MAP_POPULATE), not one fault per page",
     "parallel": "weights decode on worker threads while from_pretrained converts the next (ParallelDecoder)",
+    "release": "the file pages of each decoded group are dropped from the resident set (FilePages, MADV_DONTNEED)",
 }
 
 
 def switch_off(levers: list[str]) -> None:
     """Turns the named load levers off in this process (for the lever rows of the table)."""
-    from hf_prune.export import codecs, quantizer
+    from hf_prune.export import codecs, decoding, quantizer
 
     if "populate" in levers:
         codecs._POPULATE_BYTES = 1 << 62
     if "parallel" in levers:
-        quantizer.HfPruneQuantizer._parallel_decoder = staticmethod(lambda device_map: None)
+        quantizer.HfPruneQuantizer._parallel_decoder = staticmethod(lambda device_map: decoding.ParallelDecoder(0))
+    if "release" in levers:
+        decoding.FilePages.release = lambda self, tensors: None
 
 
 def io_worker(op: str, directory: str, shard_size: str | None, out: str | None, levers_off: list[str] = ()) -> dict:
@@ -119,8 +122,9 @@ def io_worker(op: str, directory: str, shard_size: str | None, out: str | None, 
     return result
 
 
-def _run_worker(op: str, directory: Path, shard_size: str | None, work: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", op, str(directory), "--out", str(work)]
+def _run_worker(op: str, directory: Path, shard_size: str | None, work: Path, levers_off: list[str] = ()) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", op, str(directory), "--out", str(work),
+           "--levers-off", ",".join(levers_off)]
     if shard_size:
         cmd += ["--worker-shard-size", shard_size]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
@@ -176,11 +180,16 @@ def run_io(args) -> dict:
     try:
         cases = prepare_checkpoints(work, args.shard_size)
         runs = {i: [] for i in range(len(cases))}
-        for _ in range(args.repeats):  # interleaved: every case once per round, loads then saves
+        lever_cases = [(i, lever) for i, c in enumerate(cases) if c["setting"] != "dense" and not c["sharded"]
+                       for lever in LEVERS]
+        lever_runs = {k: [] for k in lever_cases}
+        for _ in range(args.repeats):  # interleaved: every case once per round, loads then saves, then lever loads
             for op in ("load", "save"):
                 for i, case in enumerate(cases):
                     runs[i].append((op, _run_worker(op, Path(case["dir"]), args.shard_size if case["sharded"] else None,
                                                     work / "saves")))
+            for i, lever in lever_cases:
+                lever_runs[(i, lever)].append(_run_worker("load", Path(cases[i]["dir"]), None, work / "saves", [lever]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = []
@@ -202,10 +211,20 @@ def run_io(args) -> dict:
         for key in ("load_s", "load_cpu_s", "resident_s", "resident_cpu_s", "save_s", "save_cpu_s"):
             row[key.replace("_s", "_ratio")] = row[key] / dense[key]
         row["load_rss_over_model"] = row["load_peak_rss_above_start"] / row["model_bytes"]
-        row["meets"] = {"load": row["load_ratio"] <= TARGETS["load"], "save": row["save_ratio"] <= TARGETS["save"],
+        row["meets"] = {"load": row["resident_ratio"] <= TARGETS["load"], "save": row["save_ratio"] <= TARGETS["save"],
                         "load_rss": row["load_rss_over_model"] <= TARGETS["load_rss"]}
+    levers = []
+    for (i, lever), loads in lever_runs.items():
+        row = next(r for r in rows if r["setting"] == cases[i]["setting"] and not r["sharded"])
+        dense = next(r for r in rows if r["setting"] == "dense" and not r["sharded"])
+        best = min(r["resident_s"] for r in loads)
+        rss = min(r["load_peak_rss"] - r["rss_before"] for r in loads) / row["model_bytes"]
+        levers.append({"setting": cases[i]["setting"], "lever_off": lever, "what": LEVERS[lever],
+                       "resident_s": best, "resident_ratio": best / dense["resident_s"],
+                       "resident_cpu_s": min(r["resident_cpu_s"] for r in loads), "load_rss_over_model": rss,
+                       "all_on_resident_ratio": row["resident_ratio"], "all_on_rss": row["load_rss_over_model"]})
     return {"part": "io", "model": "SmolLM2-135M-Instruct", "dtype": "float16", "method": "magnitude",
-            "repeats": args.repeats, "shard_size": args.shard_size, "targets": TARGETS, "rows": rows,
+            "repeats": args.repeats, "shard_size": args.shard_size, "targets": TARGETS, "rows": rows, "levers": levers,
             "wall_s": time.time() - start, "machine_before": state_before, "machine_after": machine_state()}
 
 
@@ -222,6 +241,13 @@ def print_io(result: dict) -> None:
               f"| {r['save_cpu_s']:.2f} ({r['save_cpu_ratio']:.2f}x) "
               f"| {r['load_peak_rss_above_start'] / 1e6:.0f} ({r['load_rss_over_model']:.2f}x) "
               f"| {'yes' if r['bit_equal'] else 'NO'} |")
+    print("\nEach lever switched off alone (single file, load until resident, x dense; peak RSS x model):")
+    print("| setting | lever off | load + resident s (x dense) | CPU s | peak RSS (x model) | all levers on: x dense, RSS |")
+    print("|---|---|---|---|---|---|")
+    for r in result.get("levers", []):
+        print(f"| {r['setting']} | {r['lever_off']} | {r['resident_s']:.2f} ({r['resident_ratio']:.2f}x) "
+              f"| {r['resident_cpu_s']:.2f} | {r['load_rss_over_model']:.2f}x "
+              f"| {r['all_on_resident_ratio']:.2f}x, {r['all_on_rss']:.2f}x |")
     m0, m1 = result["machine_before"], result["machine_after"]
     print(f"\nmachine: {m0['cpus']} CPUs ({m0['cpu_model']}), load average {m0['load_average']} before, "
           f"{m1['load_average']} after; torch threads {m0['torch_threads']}; nice {m0['nice']}; "

@@ -93,11 +93,11 @@ class HfPruneDecompress(ConversionOps):
         decoder = getattr(self.hf_quantizer, "decoder", None)
         if set(group) == {""}:
             dense = group[""]
-        elif (decoder is not None and group[""].device.type == "cpu" and all(t.device.type == "cpu" for t in group.values())
+        elif (decoder is not None and decoder.workers and all(t.device.type == "cpu" for t in group.values())
               and (target is None or target == group[""].dtype)):
             return {name: decoder.submit(name, group)}  # filled on a worker; joined in `postprocess_model`
         else:
-            dense = decode(name, group)
+            dense = decode(name, group) if decoder is None else decoder.decode(name, group)
         if target is not None and dense.is_floating_point() and dense.dtype != target:
             dense = dense.to(target)
         return {name: dense}
@@ -219,15 +219,14 @@ class HfPruneQuantizer(HfQuantizer):
 
     @staticmethod
     def _parallel_decoder(device_map):
-        """A [`ParallelDecoder`] when weights are decoded on the CPU and nothing reads them before `postprocess_model`
-        (no disk offload or multi-device dispatch) and torch may use more than one thread; else None."""
+        """The load's [`ParallelDecoder`]: with worker threads when weights are decoded on the CPU, nothing reads
+        them before `postprocess_model` (no disk offload or multi-device dispatch) and torch may use more than one
+        thread; else in line (0 workers)."""
         from .codecs import _workers
         from .decoding import ParallelDecoder
 
         devices = set(map(str, (device_map or {}).values())) if isinstance(device_map, dict) else {str(device_map)}
-        if _workers() < 2 or not devices <= {"cpu", "None"}:
-            return None
-        return ParallelDecoder(_workers())
+        return ParallelDecoder(_workers() if _workers() >= 2 and devices <= {"cpu", "None"} else 0)
 
     def postprocess_model(self, model, **kwargs):
         decoder, self.decoder = self.decoder, None
