@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -29,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SETTINGS = {"50%": (0.5, "unstructured"), "2:4": (0.5, "2:4"), "70%": (0.7, "unstructured")}
-TARGETS = {"load": 1.5, "save": 2.0, "load_rss": 1.3}
+TARGETS = {"load": 2.0, "save": 3.0, "load_rss": 1.3, "decode_gb_s": 1.0}
 
 
 # ------------------------------------------------------------------------------------------- machine state
@@ -61,13 +62,35 @@ def _peak_rss_bytes() -> int:
 
 
 # ------------------------------------------------------------------------------------------------ io worker
-def io_worker(op: str, directory: str, shard_size: str | None, out: str | None) -> dict:
+#: Load levers the benchmark can switch off one at a time (`--levers`), to report each one's effect.
+LEVERS = {
+    "populate": "decoded weights >= 1 MB take zero pages the kernel maps at once (MAP_POPULATE), not one fault per page",
+    "parallel": "weights decode on worker threads while from_pretrained converts the next (ParallelDecoder)",
+    "release": "the file pages of each decoded group are dropped from the resident set (FilePages, MADV_DONTNEED)",
+}
+
+
+def switch_off(levers: list[str]) -> None:
+    """Turns the named load levers off in this process (for the lever rows of the table)."""
+    from hf_prune.export import codecs, decoding, quantizer
+
+    if "populate" in levers:
+        codecs._POPULATE_BYTES = 1 << 62
+    if "parallel" in levers:
+        quantizer.HfPruneQuantizer._parallel_decoder = staticmethod(lambda device_map: decoding.ParallelDecoder(0))
+    if "release" in levers:
+        decoding.FilePages.release = lambda self, tensors: None
+
+
+def io_worker(op: str, directory: str, shard_size: str | None, out: str | None, levers_off: list[str] = ()) -> dict:
     """One measurement in this fresh process: `load` times `from_pretrained`; `save` loads, then times two saves."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     import hf_prune  # noqa: F401  (registers the compressed loader)
+
+    switch_off(levers_off)
 
     hf_logging.disable_progress_bar()
     _reset_peak_rss()
@@ -99,8 +122,9 @@ def io_worker(op: str, directory: str, shard_size: str | None, out: str | None) 
     return result
 
 
-def _run_worker(op: str, directory: Path, shard_size: str | None, work: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", op, str(directory), "--out", str(work)]
+def _run_worker(op: str, directory: Path, shard_size: str | None, work: Path, levers_off: list[str] = ()) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", op, str(directory), "--out", str(work),
+           "--levers-off", ",".join(levers_off)]
     if shard_size:
         cmd += ["--worker-shard-size", shard_size]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
@@ -156,11 +180,16 @@ def run_io(args) -> dict:
     try:
         cases = prepare_checkpoints(work, args.shard_size)
         runs = {i: [] for i in range(len(cases))}
-        for _ in range(args.repeats):  # interleaved: every case once per round, loads then saves
+        lever_cases = [(i, lever) for i, c in enumerate(cases) if c["setting"] != "dense" and not c["sharded"]
+                       for lever in LEVERS]
+        lever_runs = {k: [] for k in lever_cases}
+        for _ in range(args.repeats):  # interleaved: every case once per round, loads then saves, then lever loads
             for op in ("load", "save"):
                 for i, case in enumerate(cases):
                     runs[i].append((op, _run_worker(op, Path(case["dir"]), args.shard_size if case["sharded"] else None,
                                                     work / "saves")))
+            for i, lever in lever_cases:
+                lever_runs[(i, lever)].append(_run_worker("load", Path(cases[i]["dir"]), None, work / "saves", [lever]))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = []
@@ -182,10 +211,20 @@ def run_io(args) -> dict:
         for key in ("load_s", "load_cpu_s", "resident_s", "resident_cpu_s", "save_s", "save_cpu_s"):
             row[key.replace("_s", "_ratio")] = row[key] / dense[key]
         row["load_rss_over_model"] = row["load_peak_rss_above_start"] / row["model_bytes"]
-        row["meets"] = {"load": row["load_ratio"] <= TARGETS["load"], "save": row["save_ratio"] <= TARGETS["save"],
+        row["meets"] = {"load": row["resident_ratio"] <= TARGETS["load"], "save": row["save_ratio"] <= TARGETS["save"],
                         "load_rss": row["load_rss_over_model"] <= TARGETS["load_rss"]}
+    levers = []
+    for (i, lever), loads in lever_runs.items():
+        row = next(r for r in rows if r["setting"] == cases[i]["setting"] and not r["sharded"])
+        dense = next(r for r in rows if r["setting"] == "dense" and not r["sharded"])
+        best = min(r["resident_s"] for r in loads)
+        rss = min(r["load_peak_rss"] - r["rss_before"] for r in loads) / row["model_bytes"]
+        levers.append({"setting": cases[i]["setting"], "lever_off": lever, "what": LEVERS[lever],
+                       "resident_s": best, "resident_ratio": best / dense["resident_s"],
+                       "resident_cpu_s": min(r["resident_cpu_s"] for r in loads), "load_rss_over_model": rss,
+                       "all_on_resident_ratio": row["resident_ratio"], "all_on_rss": row["load_rss_over_model"]})
     return {"part": "io", "model": "SmolLM2-135M-Instruct", "dtype": "float16", "method": "magnitude",
-            "repeats": args.repeats, "shard_size": args.shard_size, "targets": TARGETS, "rows": rows,
+            "repeats": args.repeats, "shard_size": args.shard_size, "targets": TARGETS, "rows": rows, "levers": levers,
             "wall_s": time.time() - start, "machine_before": state_before, "machine_after": machine_state()}
 
 
@@ -202,14 +241,125 @@ def print_io(result: dict) -> None:
               f"| {r['save_cpu_s']:.2f} ({r['save_cpu_ratio']:.2f}x) "
               f"| {r['load_peak_rss_above_start'] / 1e6:.0f} ({r['load_rss_over_model']:.2f}x) "
               f"| {'yes' if r['bit_equal'] else 'NO'} |")
+    print("\nEach lever switched off alone (single file, load until resident, x dense; peak RSS x model):")
+    print("| setting | lever off | load + resident s (x dense) | CPU s | peak RSS (x model) | all levers on: x dense, RSS |")
+    print("|---|---|---|---|---|---|")
+    for r in result.get("levers", []):
+        print(f"| {r['setting']} | {r['lever_off']} | {r['resident_s']:.2f} ({r['resident_ratio']:.2f}x) "
+              f"| {r['resident_cpu_s']:.2f} | {r['load_rss_over_model']:.2f}x "
+              f"| {r['all_on_resident_ratio']:.2f}x, {r['all_on_rss']:.2f}x |")
     m0, m1 = result["machine_before"], result["machine_after"]
     print(f"\nmachine: {m0['cpus']} CPUs ({m0['cpu_model']}), load average {m0['load_average']} before, "
           f"{m1['load_average']} after; torch threads {m0['torch_threads']}; nice {m0['nice']}; "
           f"wall {result['wall_s']:.0f} s")
 
 
+# ----------------------------------------------------------------------------------------------- decode part
+SYNTHETIC_1B = dict(hidden=2048, intermediate=5632, layers=22, kv_heads=4, head_dim=64)  # scale_oneshot's "1b" shape
+
+
+def _pruned(weight, sparsity: float, pattern: str):
+    """`weight` magnitude-pruned like `MagnitudeConfig` does (per-matrix threshold, or 2 of every 4 kept)."""
+    import torch
+
+    if pattern == "2:4":
+        groups = weight.reshape(weight.shape[0], -1, 4)
+        keep = groups.abs().float().topk(2, dim=-1).indices
+        return torch.zeros_like(groups).scatter_(-1, keep, groups.gather(-1, keep)).reshape(weight.shape)
+    k = int(weight.numel() * sparsity)
+    threshold = weight.abs().float().reshape(-1).kthvalue(k).values
+    return torch.where(weight.abs().float() > threshold, weight, torch.zeros_like(weight))
+
+
+def _weight_sets(model: str, setting: str) -> list[tuple[str, dict, int]]:
+    """`[(name, encoded group, times decoded)]`: SmolLM2-135M's real pruned weights, or the Linear weights of the
+    1B synthetic LLaMA (one random fp16 weight per distinct shape, decoded once per layer: 22 x 7 weights)."""
+    import torch
+
+    from hf_prune.export.formats import compress_tensors
+
+    sparsity, pattern = SETTINGS[setting]
+    if model == "smollm2-135m":
+        from transformers import AutoModelForCausalLM
+
+        from hf_prune.assets import smollm2_path
+
+        dense = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float16)
+        weights = {k: v for k, v in dense.state_dict().items() if k.endswith("proj.weight")}
+        repeat = 1
+    else:
+        h, i, kv = SYNTHETIC_1B["hidden"], SYNTHETIC_1B["intermediate"], SYNTHETIC_1B["kv_heads"] * SYNTHETIC_1B["head_dim"]
+        gen = torch.Generator().manual_seed(0)
+        shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (i, h),
+                  "up_proj": (i, h), "down_proj": (h, i)}
+        weights = {f"{n}.weight": (torch.randn(*shape, generator=gen) * 0.02).half() for n, shape in shapes.items()}
+        repeat = SYNTHETIC_1B["layers"]
+    layout = "2:4" if pattern == "2:4" else "unstructured"
+    compressed, _ = compress_tensors({k: _pruned(v, sparsity, pattern) for k, v in weights.items()}, layout)
+    from hf_prune.export.shards import tensor_groups
+
+    sets = []
+    for base, keys in tensor_groups(compressed).items():
+        sets.append((base, {k[len(base):]: compressed[k] for k in keys}, repeat))
+    return sets
+
+
+def decode_worker(model: str, setting: str, repeats: int, levers_off: list[str]) -> dict:
+    """Decode throughput on one core in this fresh process: every weight decoded into fresh memory, best of
+    `repeats` passes (CPU and wall seconds). The outputs of a pass stay alive until it ends, as a load keeps them
+    (so their pages are fresh ones, as in a load, not the freed pages of the previous weight)."""
+    import torch
+
+    torch.set_num_threads(1)  # one core: the library splits nothing and starts no decode threads
+    from hf_prune.export.codecs import decode
+
+    switch_off(levers_off)
+    sets = _weight_sets(model, setting)
+    dense_bytes = sum(g[""].element_size() * math.prod(g["_hf_prune_meta"][:2].tolist()) * r for _, g, r in sets)
+    best = (float("inf"), float("inf"))
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        kept = [decode(name, group) for name, group, times in sets for _ in range(times)]  # kept, as a load keeps them
+        best = min(best, (time.perf_counter() - wall, time.process_time() - cpu))
+        del kept
+    return {"weights": sum(r for _, _, r in sets), "decoded_bytes": dense_bytes, "wall_s": best[0], "cpu_s": best[1],
+            "gb_per_s_wall": dense_bytes / best[0] / 1e9, "gb_per_s_cpu": dense_bytes / best[1] / 1e9}
+
+
+def run_decode(args) -> dict:
+    state_before = machine_state()
+    start = time.time()
+    rows = []
+    for model in ("smollm2-135m", "synthetic-1b"):
+        for setting in SETTINGS:
+            for off in ([], ["populate"]):
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--decode-worker", model, setting,
+                       "--repeats", str(args.repeats), "--levers-off", ",".join(off)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                      env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+                if proc.returncode != 0:
+                    raise RuntimeError(f"decode worker failed ({model} {setting}):\n{proc.stderr[-3000:]}")
+                rows.append({"model": model, "setting": setting, "levers_off": off,
+                             **json.loads(proc.stdout.strip().splitlines()[-1])})
+    return {"part": "decode", "dtype": "float16", "repeats": args.repeats, "target_gb_per_s": TARGETS["decode_gb_s"],
+            "rows": rows, "wall_s": time.time() - start, "machine_before": state_before, "machine_after": machine_state()}
+
+
+def print_decode(result: dict) -> None:
+    print(f"Decode throughput on one core (torch.set_num_threads(1)), fp16, best of {result['repeats']} passes in a "
+          "fresh process; GB of decoded (dense) weights per second")
+    print("| model | setting | weights | decoded GB | levers off | CPU s | GB/s (CPU) | GB/s (wall) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['model']} | {r['setting']} | {r['weights']} | {r['decoded_bytes'] / 1e9:.2f} "
+              f"| {', '.join(r['levers_off']) or '-'} | {r['cpu_s']:.3f} | {r['gb_per_s_cpu']:.2f} | {r['gb_per_s_wall']:.2f} |")
+    m0, m1 = result["machine_before"], result["machine_after"]
+    print(f"\nmachine: {m0['cpus']} CPUs ({m0['cpu_model']}), load average {m0['load_average']} before, "
+          f"{m1['load_average']} after; nice {m0['nice']}; wall {result['wall_s']:.0f} s")
+
+
 # ------------------------------------------------------------------------------------------------------ main
-PARTS = {"io": (run_io, print_io)}  # `oneshot` has its own flags and results file: benchmarks/scale_oneshot.py
+PARTS = {"io": (run_io, print_io), "decode": (run_decode, print_decode)}  # `oneshot` has its own flags and results file: benchmarks/scale_oneshot.py
 
 
 def main(argv=None) -> dict | None:
@@ -220,6 +370,8 @@ def main(argv=None) -> dict | None:
     parser.add_argument("--worker", nargs=2, metavar=("OP", "DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-shard-size", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--decode-worker", nargs=2, metavar=("MODEL", "SETTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--levers-off", default="", help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["--part", "oneshot"] or "--part=oneshot" in argv[:1]:  # that part's flags are its script's
         sys.path.insert(0, str(HERE))
@@ -227,8 +379,12 @@ def main(argv=None) -> dict | None:
 
         return scale_oneshot.main(["--part", "oneshot", *argv[1 if argv[0].startswith("--part=") else 2:]])
     args = parser.parse_args(argv)
+    levers_off = [x for x in args.levers_off.split(",") if x]
     if args.worker:
-        print(json.dumps(io_worker(args.worker[0], args.worker[1], args.worker_shard_size, args.out)))
+        print(json.dumps(io_worker(args.worker[0], args.worker[1], args.worker_shard_size, args.out, levers_off)))
+        return None
+    if args.decode_worker:
+        print(json.dumps(decode_worker(*args.decode_worker, args.repeats, levers_off)))
         return None
     results = {}
     for name, (run, show) in PARTS.items():

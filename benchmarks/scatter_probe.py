@@ -7,7 +7,9 @@ bitmask decode must do) against what a dense load costs for the same bytes (a co
     OMP_NUM_THREADS=1 python benchmarks/scatter_probe.py            # -> benchmarks/results/scatter_probe.json
 
 Rows: `flatnonzero` (positions as int64, then a fancy-index assignment: what `hf_prune.export.codecs` uses),
-`bool index` (`out[mask] = values`), `np.place`, `hf_prune _scatter_kept` (the library's threaded decode step),
+`bool index` (`out[mask] = values`), `np.place`, torch's `masked_scatter_` and `index_put_` on the bool mask, a
+gather (each output position reads its value through per-byte popcount offsets and a rank table, issue 29's
+lever), `hf_prune _scatter_kept` (the library's decode step),
 `unpackbits` (the mask from its packed bits) and `dense copy` (the floor: reading and writing the dense bytes).
 """
 
@@ -53,8 +55,35 @@ def main() -> None:
     def place(out):
         np.place(out, mask, values)
 
+    tmask, tout_values = torch.from_numpy(mask), torch.from_numpy(values)
+
+    def torch_masked_scatter(out):
+        torch.from_numpy(out).masked_scatter_(tmask, tout_values)
+
+    def torch_index_put(out):
+        torch.from_numpy(out)[tmask] = tout_values
+
+    # Gather: every output position reads its value. Per mask byte, the offset of its first value (exclusive cumsum
+    # of a popcount table) plus the rank of each bit inside the byte (a [256, 8] table); unset positions read
+    # whatever is there and are masked to zero by a [256, 8] table of all-ones / zero lanes.
+    byte_bits = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.int32)
+    popcount, rank = byte_bits.sum(1), np.cumsum(byte_bits, 1) - byte_bits
+    lanes = np.where(byte_bits == 1, -1, 0).astype(np.int16)
+    padded_values = np.concatenate([values, np.zeros(8, np.int16)])
+
+    def gather(out):
+        flat = packed.reshape(-1)
+        offsets = np.empty(flat.size, np.int32)
+        offsets[0] = 0
+        np.cumsum(popcount[flat[:-1]], out=offsets[1:])
+        index = rank[flat]
+        index += offsets[:, None]
+        np.copyto(out, (np.take(padded_values, index) & lanes[flat]).reshape(a.rows, -1)[:, : a.cols])
+
     cases = {
         "flatnonzero": flatnonzero, "bool index": bool_index, "np.place": place,
+        "torch masked_scatter_": torch_masked_scatter, "torch index_put_ (bool mask)": torch_index_put,
+        "gather (popcount offsets, per-byte rank table)": gather,
         "hf_prune _scatter_kept": lambda out: _scatter_kept(mask, tvalues),
         "unpackbits": lambda out: np.unpackbits(packed, axis=-1, count=a.cols, bitorder="little"),
         "dense copy": lambda out: np.copyto(out, dense),
@@ -66,7 +95,7 @@ def main() -> None:
             start = time.perf_counter()
             fn(out)
             times[name].append(time.perf_counter() - start)
-            if name in ("flatnonzero", "bool index", "np.place"):
+            if name not in ("hf_prune _scatter_kept", "unpackbits", "dense copy"):
                 assert np.array_equal(out, dense), name
     assert torch.equal(_scatter_kept(mask, tvalues).view(torch.int16), torch.from_numpy(dense))
     best = {k: min(v) for k, v in times.items()}

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import mmap
 import os
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +58,10 @@ class TensorCodec:
         """Returns the encoding, or `None` when `weight` does not have this codec's sparsity pattern."""
         raise NotImplementedError
 
-    def decode(self, values: torch.Tensor, index: torch.Tensor, meta: list[int], name: str) -> torch.Tensor:
+    def decode(self, values: torch.Tensor, index: torch.Tensor, meta: list[int], name: str,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense tensor; on CPU, written into `out` when given (a zero tensor of the dense shape and the values'
+        dtype, e.g. from [`empty_dense`]), which is returned."""
         raise NotImplementedError
 
     def check_stored(self, meta: list[int], values_shape: tuple, index_dtype: torch.dtype, index_shape: tuple,
@@ -156,11 +161,38 @@ def _from_bits(bits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(bits)).view(dtype)
 
 
+#: Outputs from this size up take fresh zero pages mapped in one system call (`MAP_POPULATE`) instead of one page
+#: fault per 4 KiB on first write: a fresh 14 MB weight costs 4 ms to populate against 9-10 ms of faults.
+_POPULATE_BYTES = 1 << 20
+
+
 def _zeros(shape, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
-    """A zero tensor and its bits. numpy's `zeros` takes fresh zero pages from the OS (calloc) where `torch.zeros`
-    writes every byte with its thread pool, which is slow when the cores are busy."""
-    bits = np.zeros(shape, dtype=_bits(torch.empty(0, dtype=dtype)).dtype)
+    """A zero tensor and its bits. Big ones are anonymous mappings populated by the kernel (zero pages, no per-page
+    faults while decoding); small ones numpy's `zeros` (calloc: fresh zero pages from the OS, where `torch.zeros`
+    writes every byte with its thread pool, slow when the cores are busy)."""
+    int_dtype = _bits(torch.empty(0, dtype=dtype)).dtype
+    nbytes = int(np.prod(shape, dtype=np.int64)) * int_dtype.itemsize
+    if nbytes >= _POPULATE_BYTES and hasattr(mmap, "MAP_POPULATE"):
+        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+        bits = np.frombuffer(buffer, dtype=int_dtype).reshape(shape)
+    else:
+        bits = np.zeros(shape, dtype=int_dtype)
     return torch.from_numpy(bits).view(dtype), bits
+
+
+def empty_dense(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor `[rows, cols]` to decode into (`decode(..., out=)`), allocated as the codecs allocate."""
+    return _zeros((rows, cols), dtype)[0]
+
+
+def _out_bits(out: torch.Tensor | None, shape, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """The output of a CPU decode and its bits: `out` when given (zero-filled, `shape`, `dtype`), else a fresh one."""
+    if out is None:
+        return _zeros(shape, dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"decode: out must be a contiguous CPU {dtype} tensor of shape {tuple(shape)}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out, _bits(out)
 
 
 _MIN_CHUNK = 1 << 18  # entries per thread below which splitting a weight costs more than it saves
@@ -180,16 +212,23 @@ def _pool():
     return _POOL[0]
 
 
-def _scatter_kept(mask: np.ndarray, values: torch.Tensor) -> torch.Tensor:
+def _in_decode_thread() -> bool:
+    """True on the threads of the decode pools (a job there must not wait on jobs of the same pools)."""
+    return threading.current_thread().name.startswith("hf_prune-decode")
+
+
+def _scatter_kept(mask: np.ndarray, values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense tensor of `mask`'s shape: the entries where `mask` is set take `values` in row-major order, the rest
-    +0.0 (what `out[mask] = values` does, several times faster). Big weights are split by rows over threads (numpy
-    releases the GIL in these loops), each chunk starting at its offset into `values`."""
-    out, bits = _zeros(mask.shape, values.dtype)
+    +0.0 (what `out[mask] = values` does, several times faster: numpy's `flatnonzero` and a fancy assignment were
+    the fastest of the pure numpy / torch ways measured in `benchmarks/scatter_probe.py`, gathers included). Big
+    weights are split by rows over threads (numpy releases the GIL in these loops), each chunk starting at its offset
+    into `values`, except on a decode thread (whole weights are decoded in parallel there)."""
+    out, bits = _out_bits(out, mask.shape, values.dtype)
     if not values.numel():
         return out
     rows = mask.reshape(mask.shape[0], -1)
     dst, src = bits.reshape(rows.shape), _bits(values).reshape(-1)
-    n_chunks = min(_workers(), rows.size // _MIN_CHUNK, rows.shape[0])
+    n_chunks = 1 if _in_decode_thread() else min(_workers(), rows.size // _MIN_CHUNK, rows.shape[0])
     if n_chunks <= 1:
         dst.reshape(-1)[np.flatnonzero(rows)] = src
         return out
@@ -258,7 +297,7 @@ class BitmaskCodec(TensorCodec):
                f"values must be 1-D with at most {rows * cols} entries, got shape {tuple(values_shape)}")
         return rows, cols
 
-    def decode(self, values, index, meta, name):
+    def decode(self, values, index, meta, name, out=None):
         rows, cols = self.check_stored(meta, tuple(values.shape), index.dtype, tuple(index.shape), name)
         if not _on_cpu(values, index):
             mask = unpack_bits(index, cols)
@@ -268,7 +307,7 @@ class BitmaskCodec(TensorCodec):
         mask = _unpack(index.contiguous().numpy(), cols)
         nnz = int(np.count_nonzero(mask))
         _check(values.dim() == 1 and values.numel() == nnz, name, f"bitmask marks {nnz} values, file has {tuple(values.shape)}")
-        return _scatter_kept(mask, values)
+        return _scatter_kept(mask, values, out)
 
 
 # -------------------------------------------------------------------------------------------------------------- N:M
@@ -421,7 +460,7 @@ class NMCodec(TensorCodec):
         _check(tuple(values_shape) == (r, g * n), name, f"values must have shape {(r, g * n)}, got {tuple(values_shape)}")
         return rows, cols
 
-    def decode(self, values, index, meta, name):
+    def decode(self, values, index, meta, name, out=None):
         self.check_stored(meta, tuple(values.shape), index.dtype, tuple(index.shape), name)
         rows, cols, n, m, dim = meta
         r, c = (rows, cols) if dim == 1 else (cols, rows)
@@ -440,9 +479,12 @@ class NMCodec(TensorCodec):
             else:
                 ranks = (stored.astype(np.int64)[..., None] // n_combos ** np.arange(per)) % n_combos
                 mask = pattern[ranks.reshape(r, -1)[:, :g]].reshape(r, c)
-            out = _scatter_kept(mask, values)
-            if dim == 0:  # numpy's transposed copy is single-threaded, like the rest of this path
-                return _from_bits(_bits(out).T, out.dtype)
+            if dim == 1:
+                return _scatter_kept(mask, values, out)
+            kept = _scatter_kept(mask, values)
+            out, bits = _out_bits(out, (rows, cols), values.dtype)
+            np.copyto(bits, _bits(kept).T)  # numpy's transposed copy is single-threaded, like the rest of this path
+            return out
         return out if dim == 1 else out.t().contiguous()
 
     @staticmethod
@@ -493,7 +535,7 @@ class BlockCodec(TensorCodec):
                f"values must be [kept blocks <= {gr * gc}, {br}, {bc}], got shape {tuple(values_shape)}")
         return rows, cols
 
-    def decode(self, values, index, meta, name):
+    def decode(self, values, index, meta, name, out=None):
         self.check_stored(meta, tuple(values.shape), index.dtype, tuple(index.shape), name)
         rows, cols, br, bc = meta
         gr, gc = rows // br, cols // bc
@@ -504,7 +546,8 @@ class BlockCodec(TensorCodec):
             tiles = torch.zeros(gr, gc, br, bc, dtype=values.dtype, device=values.device)
             tiles[keep.to(values.device)] = values
             return tiles.permute(0, 2, 1, 3).reshape(rows, cols)
-        out, bits = _zeros((gr, br, gc, bc), values.dtype)
+        out, bits = _out_bits(out, (rows, cols), values.dtype)
+        bits = bits.reshape(gr, br, gc, bc)
         if n_kept:
             block_rows, block_cols = np.nonzero(keep.numpy())
             bits.transpose(0, 2, 1, 3)[block_rows, block_cols] = _bits(values)
@@ -515,8 +558,15 @@ for _codec in (BitmaskCodec(), NMCodec(), BlockCodec()):
     register_codec(_codec)
 
 
-def decode(name: str, group: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Rebuilds the dense tensor `name` from its group (`{"": values, suffix: index, META_SUFFIX: meta}`)."""
+def decode(name: str, group: dict[str, torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rebuilds the dense tensor `name` from its group (`{"": values, suffix: index, META_SUFFIX: meta}`); on CPU
+    into `out` when given (see [`TensorCodec.decode`])."""
+    codec, meta = group_codec(name, group)
+    return codec.decode(group[""], group[codec.suffix], meta, name, out)
+
+
+def group_codec(name: str, group: dict[str, torch.Tensor]) -> tuple[TensorCodec, list[int]]:
+    """The codec and meta of a group, after checking it is complete (one index, values, a short int64 meta)."""
     index_keys = [k for k in group if k not in ("", META_SUFFIX)]
     _check(len(index_keys) == 1, name, f"expected exactly one index tensor, found suffixes {sorted(index_keys) or 'none'}")
     codec = codec_for_suffix(index_keys[0])
@@ -526,4 +576,4 @@ def decode(name: str, group: dict[str, torch.Tensor]) -> torch.Tensor:
     meta = group[META_SUFFIX]
     _check(meta.dim() == 1 and meta.dtype == torch.int64 and meta.numel() <= MAX_META, name,
            f"meta must be a 1-D int64 tensor of at most {MAX_META} entries, got {meta.dtype} {tuple(meta.shape)}")
-    return codec.decode(group[""], group[index_keys[0]], [int(v) for v in meta.tolist()], name)
+    return codec, [int(v) for v in meta.tolist()]

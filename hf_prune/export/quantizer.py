@@ -89,8 +89,15 @@ class HfPruneDecompress(ConversionOps):
                     raise ValueError(f"hf_prune: expected one tensor for {name}{pattern[len('weight'):]}, got {len(tensors)}")
                 tensors = tensors[0]
             group[pattern[len("weight") :]] = tensors
-        dense = group[""] if set(group) == {""} else decode(name, group)
         target = self._param_dtype(model, full_layer_name)
+        decoder = getattr(self.hf_quantizer, "decoder", None)
+        if set(group) == {""}:
+            dense = group[""]
+        elif (decoder is not None and decoder.workers and all(t.device.type == "cpu" for t in group.values())
+              and (target is None or target == group[""].dtype)):
+            return {name: decoder.submit(name, group)}  # filled on a worker; joined in `postprocess_model`
+        else:
+            dense = decode(name, group) if decoder is None else decoder.decode(name, group)
         if target is not None and dense.is_floating_point() and dense.dtype != target:
             dense = dense.to(target)
         return {name: dense}
@@ -154,6 +161,7 @@ class HfPruneQuantizer(HfQuantizer):
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.last_report = None  # CompressionReport of the latest save
+        self.decoder = None  # ParallelDecoder of the load in progress (None: decode in line)
         self.export_format = get_export_format(quantization_config.format)
 
     # -------------------------------------------------------------------------------------------- loading
@@ -207,8 +215,23 @@ class HfPruneQuantizer(HfQuantizer):
                     for f in opened:
                         f.close()
             self._export = export
+        self.decoder = self._parallel_decoder(kwargs.get("device_map"))
+
+    @staticmethod
+    def _parallel_decoder(device_map):
+        """The load's [`ParallelDecoder`]: with worker threads when weights are decoded on the CPU, nothing reads
+        them before `postprocess_model` (no disk offload or multi-device dispatch) and torch may use more than one
+        thread; else in line (0 workers)."""
+        from .codecs import _workers
+        from .decoding import ParallelDecoder
+
+        devices = set(map(str, (device_map or {}).values())) if isinstance(device_map, dict) else {str(device_map)}
+        return ParallelDecoder(_workers() if _workers() >= 2 and devices <= {"cpu", "None"} else 0)
 
     def postprocess_model(self, model, **kwargs):
+        decoder, self.decoder = self.decoder, None
+        if decoder is not None:
+            decoder.join()  # every decoded weight is filled before anyone reads it
         export = getattr(self, "_export", None)
         if export is not None and export.export_id is not None:
             # transformers opened the files again to load them: if they still carry the export id of config.json,
