@@ -120,6 +120,10 @@ def main(argv=None) -> None:
     p.add_argument("--distill-steps", type=int, default=0, help="add a distilled row per shape (128: 262k tokens)")
     p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument("--distill-seq-len", type=int, default=256)
+    p.add_argument("--distill-bf16", default="auto", choices=["auto", "true", "false"],
+                   help="bf16 autocast for distillation (auto: where the device runs bf16 natively)")
+    p.add_argument("--device", default="cpu", help="pruning, evaluation and distillation device (cuda: "
+                   "benchmarks/gpu_structured.sh); the speed pass always times on the CPU")
     p.add_argument("--no-depth", action="store_true", help="skip the depth-only rows")
     p.add_argument("--torch-pruning", action="store_true", help=f"add the {TORCH_PRUNING} row per shape")
     p.add_argument("--tp-tied-timeout", type=int, default=0,
@@ -142,6 +146,8 @@ def main(argv=None) -> None:
     p.add_argument("--lever-refit-targets", default="",
                    help="StructuredConfig.refit_target values to add at --calibration-windows / --damping (e.g. dense)")
     args = p.parse_args(argv)
+    if args.speed and args.device != "cpu":
+        p.error("--speed times generation on the CPU (ONNX Runtime batch 1, eager batch 8): run it without --device")
     torch.set_num_threads(args.threads)
     settings = {"calibration_windows": args.calibration_windows, "seq_len": args.seq_len,
                 "eval_windows": args.eval_windows, "damping": args.damping}
@@ -167,7 +173,7 @@ def main(argv=None) -> None:
     eval_ids = held_out_ids[: args.eval_windows * args.seq_len]
 
     def load_dense():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(args.device)
 
     dense = load_dense()
 
@@ -177,7 +183,8 @@ def main(argv=None) -> None:
     def prune_row(kwargs: dict, windows: int, damping: float):
         config = StructuredConfig(**kwargs, damping=damping, num_calibration_samples=windows,
                                   max_seq_length=args.seq_len)
-        return oneshot(dense, config, calibration=calibration, tokenizer=tokenizer, show_progress=False)
+        return oneshot(dense, config, calibration=calibration, tokenizer=tokenizer, show_progress=False,
+                       device=args.device)
 
     def oneshot_row(row: str, shape: str, kwargs: dict, windows: int, damping: float) -> dict:
         started = time.perf_counter()
@@ -244,6 +251,7 @@ def main(argv=None) -> None:
             started = time.perf_counter()
             small = distill(small, dense, calibration, tokenizer, steps=args.distill_steps, seq_len=args.distill_seq_len,
                             batch_size=2, grad_accum=4, learning_rate=args.distill_lr,
+                            bf16={"auto": "auto", "true": True, "false": False}[args.distill_bf16],
                             data_name="wikipedia_split() calibration articles")
             wall = time.perf_counter() - started
             m = get_pruning_state(small).metrics
@@ -252,7 +260,9 @@ def main(argv=None) -> None:
                 "shape": shape, "reconstruct": True, "perplexity": ppl(small), "distill_wall_s": round(wall, 1),
                 "perplexity_32x512": perplexity(small, input_ids=eval32, seq_len=512, show_progress=False),
                 "distillation_tokens": m.get("distillation_tokens"), "distillation_train_loss":
-                m.get("distillation_train_loss"), "sparsity": m["sparsity"], "target": m["target_architecture"],
+                m.get("distillation_train_loss"), "distillation_precision": m.get("distillation_precision"),
+                "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
+                "sparsity": m["sparsity"], "target": m["target_architecture"],
                 "machine_state": machine_state(), **_row_stats(small, args.seq_len),
                 "model_dir": _save_model(small, tokenizer, os.path.join(runs, _slug(row))),
             }

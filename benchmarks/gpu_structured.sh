@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The distilled rows of the structured benchmark (issue 30) on a CUDA GPU: SmolLM2-135M pruned to shapes A and B by
+# `StructuredConfig` (importance + least-squares refit), then logit distillation from the dense model through
+# `hf_prune.distill` (bf16 autocast), at 262k tokens (128 steps x 2048) for both shapes, a learning-rate lever at B,
+# and 1M tokens (512 steps) at A. Rows are added to benchmarks/results/structured_smollm2.{json,md} (each records its
+# device); the speed columns stay a CPU pass (`--speed`). On this project's 2-core CPU one 262k-token row takes
+# 1.3-5 hours (37-141 s a step, depending on the machine's load), so these rows are measured where a GPU is lent.
+# Without CUDA it prints "no CUDA: skipped" and exits 0.
+#
+#   bash benchmarks/gpu_structured.sh        # needs a CUDA build of torch (the pinned CPU wheel has no CUDA)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "no CUDA: skipped (torch.cuda.is_available() is False)"
+    exit 0
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+run() { "$PYTHON" benchmarks/structured_smollm2.py --device cuda --no-depth "$@"; }
+run --shapes B --distill-steps 128 --distill-lr 1e-4
+run --shapes B --distill-steps 128 --distill-lr 3e-4
+run --shapes A --distill-steps 128 --distill-lr 1e-4
+run --shapes A --distill-steps 512 --distill-lr 1e-4
+cat benchmarks/results/structured_smollm2.md
