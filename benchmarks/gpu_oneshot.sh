@@ -5,15 +5,10 @@
 #
 #   bash benchmarks/gpu_oneshot.sh            # needs a CUDA build of torch (the pinned CPU wheel has no CUDA)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
-if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "no CUDA: skipped (torch.cuda.is_available() is False; every recorded one-shot figure is CPU-only)"
-    exit 0
-fi
+source "$(dirname "$0")/gpu_common.sh"
 OUT=benchmarks/results/oneshot_smollm2_gpu.json
 rm -f "$OUT"
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/oneshot_smollm2.py --device cuda \
+"$PYTHON" benchmarks/oneshot_smollm2.py --device cuda \
     --methods wanda sparsegpt admm --settings 0.5 --out "$OUT"
 "$PYTHON" - "$OUT" <<'PY'
 import json, sys

@@ -9,13 +9,7 @@
 #
 #   bash benchmarks/gpu_structured.sh        # needs a CUDA build of torch (the pinned CPU wheel has no CUDA)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
-if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "no CUDA: skipped (torch.cuda.is_available() is False)"
-    exit 0
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/gpu_common.sh"
 run() { "$PYTHON" benchmarks/structured_smollm2.py --device cuda --no-depth "$@"; }
 run --shapes B --distill-steps 128 --distill-lr 1e-4
 run --shapes B --distill-steps 128 --distill-lr 3e-4
