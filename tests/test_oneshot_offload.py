@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from hf_prune import ADMMConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig, oneshot
-from hf_prune.oneshot.offload import INDEX_FILE
+from hf_prune.export.shards import INDEX_NAME as INDEX_FILE
 
 
 def _tensors(directory):

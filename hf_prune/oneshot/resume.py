@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_reader import CheckpointReader
+
 logger = logging.getLogger(__name__)
 
 RECORD = "resume.json"
@@ -211,8 +213,6 @@ class RunRecord:
 
     def load_hidden(self, name: str, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """The saved hidden states, checked against the shapes and dtypes the captured inputs have."""
-        from .offload import CheckpointReader
-
         reader = CheckpointReader(self.directory, files=[name])
         out = []
         for i, ref in enumerate(like):
