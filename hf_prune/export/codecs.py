@@ -22,6 +22,7 @@ import functools
 import itertools
 import mmap
 import os
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -212,6 +213,15 @@ def _pool():
     return _POOL[0]
 
 
+def parallel_map(fn, items: list) -> list:
+    """`[fn(x) for x in items]`, on the codec threads (`_workers()` of them) when there are several items and this is
+    not already one of those threads; the results in the order of `items`. For whole-weight jobs whose numpy and
+    torch loops release the GIL (encoding every weight of a save)."""
+    if len(items) < 2 or _workers() < 2 or _in_decode_thread():
+        return [fn(x) for x in items]
+    return list(_pool().map(fn, items))
+
+
 def _in_decode_thread() -> bool:
     """True on the threads of the decode pools (a job there must not wait on jobs of the same pools)."""
     return threading.current_thread().name.startswith("hf_prune-decode")
@@ -367,6 +377,12 @@ def _nm_tables(n: int, m: int):
 def _group_codes(mask: np.ndarray, m: int) -> np.ndarray:
     """`[rows, G, M]` bool -> `[rows, G]` keep patterns (bit j = position j), uint8 for M <= 8, else uint16."""
     rows, groups = mask.shape[:2]
+    if m in (4, 8) and mask.flags.c_contiguous and sys.byteorder == "little":
+        # each group's M bool bytes as one integer; a multiply gathers bit 0 of byte j into bit j of the top byte
+        word = np.uint32 if m == 4 else np.uint64
+        lanes = mask.view(np.uint8).view(word)[..., 0]
+        spread = word(0x01020408) if m == 4 else word(0x0102040810204080)
+        return ((lanes * spread) >> word(8 * m - 8)).astype(np.uint8)
     if 8 % m == 0 or m == 16:  # whole groups per byte (or two bytes): cut them out of packbits' bytes
         packed = np.packbits(mask.reshape(rows, -1), axis=-1, bitorder="little")
         if m == 16:
@@ -474,11 +490,13 @@ class NMCodec(TensorCodec):
         else:
             _, _, _, pattern, byte_masks = _nm_tables(n, m)
             stored = index.contiguous().numpy()
+            # Table lookups go through `np.take(..., axis=0)`, 4x faster than fancy indexing `table[codes]` (5.7 vs
+            # 1.3 ms for one 1536 x 4608 2:4 weight).
             if byte_masks is not None:  # one lookup per stored byte gives the keep mask of its `per` groups
-                mask = byte_masks[stored].reshape(r, -1)[:, :c]
+                mask = np.take(byte_masks, stored, axis=0).reshape(r, -1)[:, :c]
             else:
                 ranks = (stored.astype(np.int64)[..., None] // n_combos ** np.arange(per)) % n_combos
-                mask = pattern[ranks.reshape(r, -1)[:, :g]].reshape(r, c)
+                mask = np.take(pattern, ranks.reshape(r, -1)[:, :g], axis=0).reshape(r, c)
             if dim == 1:
                 return _scatter_kept(mask, values, out)
             kept = _scatter_kept(mask, values)
