@@ -196,6 +196,7 @@ def _out_bits(out: torch.Tensor | None, shape, dtype: torch.dtype) -> tuple[torc
     return out, _bits(out)
 
 
+_STEP = 1 << 18  # mask entries scattered per step on one thread (a 2 MiB position array; 1.08 vs 0.88 GB/s unchunked)
 _MIN_CHUNK = 1 << 18  # entries per thread below which splitting a weight costs more than it saves
 _POOL: list = []
 
@@ -239,8 +240,13 @@ def _scatter_kept(mask: np.ndarray, values: torch.Tensor, out: torch.Tensor | No
     rows = mask.reshape(mask.shape[0], -1)
     dst, src = bits.reshape(rows.shape), _bits(values).reshape(-1)
     n_chunks = 1 if _in_decode_thread() else min(_workers(), rows.size // _MIN_CHUNK, rows.shape[0])
-    if n_chunks <= 1:
-        dst.reshape(-1)[np.flatnonzero(rows)] = src
+    if n_chunks <= 1:  # row blocks of ~_STEP entries: a small position array reused, not one 8 bytes per kept value
+        step = max(1, _STEP // max(1, rows.shape[1]))
+        start = 0
+        for a in range(0, rows.shape[0], step):
+            where = np.flatnonzero(rows[a : a + step])
+            dst[a : a + step].reshape(-1)[where] = src[start : start + where.size]
+            start += where.size
         return out
     bounds = np.linspace(0, rows.shape[0], n_chunks + 1).astype(int)
     starts = np.concatenate([[0], np.cumsum([np.count_nonzero(rows[a:b]) for a, b in itertools.pairwise(bounds)])])
