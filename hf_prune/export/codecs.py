@@ -22,6 +22,7 @@ import functools
 import itertools
 import mmap
 import os
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -195,6 +196,7 @@ def _out_bits(out: torch.Tensor | None, shape, dtype: torch.dtype) -> tuple[torc
     return out, _bits(out)
 
 
+_STEP = 1 << 18  # mask entries scattered per step on one thread (a 2 MiB position array; 1.08 vs 0.88 GB/s unchunked)
 _MIN_CHUNK = 1 << 18  # entries per thread below which splitting a weight costs more than it saves
 _POOL: list = []
 
@@ -210,6 +212,15 @@ def _pool():
 
         _POOL.append(ThreadPoolExecutor(max_workers=8, thread_name_prefix="hf_prune-decode"))
     return _POOL[0]
+
+
+def parallel_map(fn, items: list) -> list:
+    """`[fn(x) for x in items]`, on the codec threads (`_workers()` of them) when there are several items and this is
+    not already one of those threads; the results in the order of `items`. For whole-weight jobs whose numpy and
+    torch loops release the GIL (encoding every weight of a save)."""
+    if len(items) < 2 or _workers() < 2 or _in_decode_thread():
+        return [fn(x) for x in items]
+    return list(_pool().map(fn, items))
 
 
 def _in_decode_thread() -> bool:
@@ -229,8 +240,13 @@ def _scatter_kept(mask: np.ndarray, values: torch.Tensor, out: torch.Tensor | No
     rows = mask.reshape(mask.shape[0], -1)
     dst, src = bits.reshape(rows.shape), _bits(values).reshape(-1)
     n_chunks = 1 if _in_decode_thread() else min(_workers(), rows.size // _MIN_CHUNK, rows.shape[0])
-    if n_chunks <= 1:
-        dst.reshape(-1)[np.flatnonzero(rows)] = src
+    if n_chunks <= 1:  # row blocks of ~_STEP entries: a small position array reused, not one 8 bytes per kept value
+        step = max(1, _STEP // max(1, rows.shape[1]))
+        start = 0
+        for a in range(0, rows.shape[0], step):
+            where = np.flatnonzero(rows[a : a + step])
+            dst[a : a + step].reshape(-1)[where] = src[start : start + where.size]
+            start += where.size
         return out
     bounds = np.linspace(0, rows.shape[0], n_chunks + 1).astype(int)
     starts = np.concatenate([[0], np.cumsum([np.count_nonzero(rows[a:b]) for a, b in itertools.pairwise(bounds)])])
@@ -367,6 +383,12 @@ def _nm_tables(n: int, m: int):
 def _group_codes(mask: np.ndarray, m: int) -> np.ndarray:
     """`[rows, G, M]` bool -> `[rows, G]` keep patterns (bit j = position j), uint8 for M <= 8, else uint16."""
     rows, groups = mask.shape[:2]
+    if m in (4, 8) and mask.flags.c_contiguous and sys.byteorder == "little":
+        # each group's M bool bytes as one integer; a multiply gathers bit 0 of byte j into bit j of the top byte
+        word = np.uint32 if m == 4 else np.uint64
+        lanes = mask.view(np.uint8).view(word)[..., 0]
+        spread = word(0x01020408) if m == 4 else word(0x0102040810204080)
+        return ((lanes * spread) >> word(8 * m - 8)).astype(np.uint8)
     if 8 % m == 0 or m == 16:  # whole groups per byte (or two bytes): cut them out of packbits' bytes
         packed = np.packbits(mask.reshape(rows, -1), axis=-1, bitorder="little")
         if m == 16:
@@ -474,11 +496,13 @@ class NMCodec(TensorCodec):
         else:
             _, _, _, pattern, byte_masks = _nm_tables(n, m)
             stored = index.contiguous().numpy()
+            # Table lookups go through `np.take(..., axis=0)`, 4x faster than fancy indexing `table[codes]` (5.7 vs
+            # 1.3 ms for one 1536 x 4608 2:4 weight).
             if byte_masks is not None:  # one lookup per stored byte gives the keep mask of its `per` groups
-                mask = byte_masks[stored].reshape(r, -1)[:, :c]
+                mask = np.take(byte_masks, stored, axis=0).reshape(r, -1)[:, :c]
             else:
                 ranks = (stored.astype(np.int64)[..., None] // n_combos ** np.arange(per)) % n_combos
-                mask = pattern[ranks.reshape(r, -1)[:, :g]].reshape(r, c)
+                mask = np.take(pattern, ranks.reshape(r, -1)[:, :g], axis=0).reshape(r, c)
             if dim == 1:
                 return _scatter_kept(mask, values, out)
             kept = _scatter_kept(mask, values)

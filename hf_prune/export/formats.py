@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .codecs import META_SUFFIX, Encoded, decode, get_codec, index_suffixes
+from .codecs import META_SUFFIX, Encoded, decode, get_codec, index_suffixes, parallel_map
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +157,15 @@ def compress_tensors(tensors: dict[str, torch.Tensor], layout: str, names=None) 
     out: dict[str, torch.Tensor] = {}
     report = CompressionReport()
     fell_back = []
+    todo = [name for name, weight in tensors.items()
+            if name in names and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point()]
+    # Weights are encoded on the codec threads (numpy releases the GIL), the results kept in the state dict's order.
+    encoded = dict(zip(todo, parallel_map(lambda name: encode_best(tensors[name].detach(), layout), todo)))
     for name, weight in tensors.items():
-        if not (name in names and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point()):
+        if name not in encoded:
             out[name] = weight
             continue
-        enc = encode_best(weight.detach(), layout)
+        enc = encoded.pop(name)
         dense_bytes = weight.numel() * weight.element_size()
         if enc is None:
             fell_back.append(name)
