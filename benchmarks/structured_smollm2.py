@@ -133,6 +133,7 @@ def main(argv=None) -> None:
                    help="only the speed pass: fill the generation columns of the rows in the JSON from their saved "
                         "models (re-pruning a one-shot or Torch-Pruning row whose model is missing)")
     p.add_argument("--speed-redo", action="store_true", help="re-time rows that already have speed columns")
+    p.add_argument("--speed-rows", default="", help="time only rows whose name contains this text")
     p.add_argument("--speed-saved-only", action="store_true", help="time only rows whose model is saved (no re-pruning)")
     p.add_argument("--gen-prompt-len", type=int, default=32)
     p.add_argument("--gen-new-tokens", type=int, default=64)
@@ -328,6 +329,8 @@ def speed_pass(args, data: dict, dense, dense_dir: str, held_out_ids, runs: str,
                                             threads=1)
     for row, r in data["rows"].items():
         if row == "dense" or (r.get("speed", {}).get("settings") == speed_settings and not args.speed_redo):
+            continue
+        if args.speed_rows not in row:
             continue
         model_dir = model_dir_of(row, r)
         if model_dir is None:

@@ -138,7 +138,8 @@ class ExportFormat:
         return compress_tensors(state_dict, qconfig.layout, names)
 
 
-def compress_tensors(tensors: dict[str, torch.Tensor], layout: str, names=None) -> tuple[dict, CompressionReport]:
+def compress_tensors(tensors: dict[str, torch.Tensor], layout: str, names=None, *,
+                     parallel: bool = True) -> tuple[dict, CompressionReport]:
     """Encodes the sparse 2-D float weights of `tensors` with the smallest codec for `layout`; the rest is unchanged.
 
     Args:
@@ -146,6 +147,8 @@ def compress_tensors(tensors: dict[str, torch.Tensor], layout: str, names=None) 
         layout: the pruning layout (`"unstructured"`, `"2:4"`, `"block:16x16"`).
         names: keys to try compressing (default: every 2-D `*.weight`); a weight that is not smaller compressed
             stays dense, with a warning.
+        parallel: encode the weights on the codec threads (numpy releases the GIL); `False` encodes one at a time,
+            for callers bounded by memory (the offloaded runner: concurrent encodes hold their temporaries at once).
 
     Returns:
         The tensors to write (each compressed weight replaced by its group, in place of the original key) and a
@@ -160,7 +163,8 @@ def compress_tensors(tensors: dict[str, torch.Tensor], layout: str, names=None) 
     todo = [name for name, weight in tensors.items()
             if name in names and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.is_floating_point()]
     # Weights are encoded on the codec threads (numpy releases the GIL), the results kept in the state dict's order.
-    encoded = dict(zip(todo, parallel_map(lambda name: encode_best(tensors[name].detach(), layout), todo)))
+    encode = parallel_map if parallel else (lambda fn, items: [fn(x) for x in items])
+    encoded = dict(zip(todo, encode(lambda name: encode_best(tensors[name].detach(), layout), todo)))
     for name, weight in tensors.items():
         if name not in encoded:
             out[name] = weight

@@ -204,7 +204,10 @@ class OffloadedCheckpoint:
         block = self.blocks.layers[index]
         prefix = f"{self.blocks.prefix}.{index}."
         state_dict = {prefix + k: v.detach().to("cpu") for k, v in block.state_dict().items() if prefix + k in self.keys_set}
-        compressed, report = compress_tensors(state_dict, self.layout, names=self._names & set(state_dict))
+        # one weight at a time: this run is bounded by memory, and concurrent encodes hold their temporaries at once
+        # (measured: a 150M model's peak 0.96x the fp16 checkpoint with 2 threads encoding, < 0.75x serially)
+        compressed, report = compress_tensors(state_dict, self.layout, names=self._names & set(state_dict),
+                                              parallel=False)
         del state_dict
         self.report_entries.update(report.entries)
         self._writer.add(compressed)
