@@ -235,8 +235,8 @@ def _prune_width(work, ad: LlamaFamilyAdapter, counts: dict[str, list[int]], bat
         dense_next = 0  # the dense layer whose inputs `dense_inputs` holds
     bar = tqdm(total=L, desc="structured: pruning blocks", unit="block", disable=not show_progress)
     for i, layer in enumerate(ad.layers):
-        paired = None
-        if dense_ref is not None:
+        to_dense = dense_ref is not None
+        if to_dense:
             k = dense_of[i]
             for j in range(dense_next, k):  # through the dense layers that were dropped
                 advance(dad.layers[j], dense_inputs)
@@ -248,22 +248,22 @@ def _prune_width(work, ad: LlamaFamilyAdapter, counts: dict[str, list[int]], bat
             m = paired(ad.qkv(i)[0], dad.qkv(k)[0])  # q, k and v read the same input
             for proj, lin in zip(("q_proj", "k_proj", "v_proj"), ad.qkv(i)):
                 errors[f"model.layers.{i}.self_attn.{proj}"] = _cut_inputs(lin, m.gram, keep_hidden, config, m)
-        if kv[i] < d.head_units or paired:
+        if kv[i] < d.head_units or to_dense:
             name = f"model.layers.{i}.self_attn.o_proj"
-            m = paired(ad.attn_out(i), dad.attn_out(k)) if paired else None
+            m = paired(ad.attn_out(i), dad.attn_out(k)) if to_dense else None
             gram = m.gram if m else collect_stats(layer, [LayerPlan(name, ad.attn_out(i), 0.0)], inputs, True)[name].gram
             groups = top(group_scores(gram.diagonal(), d.head_units), kv[i])
             cols = (groups.unsqueeze(1) * (g * dh) + torch.arange(g * dh, device=groups.device)).flatten()
             errors[name] = _cut_inputs(ad.attn_out(i), gram, cols, config, m)
             heads[i] = 0
             heads[i, groups.cpu()] = 1
-        if paired:
+        if to_dense:
             m = paired(ad.ffn_in(i)[0], dad.ffn_in(k)[0])  # gate and up read the same input
             for proj, lin in zip(("gate_proj", "up_proj"), ad.ffn_in(i)):
                 errors[f"model.layers.{i}.mlp.{proj}"] = _cut_inputs(lin, m.gram, keep_hidden, config, m)
-        if ffn[i] < d.intermediate_size or paired:
+        if ffn[i] < d.intermediate_size or to_dense:
             name = f"model.layers.{i}.mlp.down_proj"
-            m = paired(ad.ffn_down(i), dad.ffn_down(k)) if paired else None
+            m = paired(ad.ffn_down(i), dad.ffn_down(k)) if to_dense else None
             gram = m.gram if m else collect_stats(layer, [LayerPlan(name, ad.ffn_down(i), 0.0)], inputs, True)[name].gram
             keep = top(neuron_scores(gram.diagonal()), ffn[i])
             errors[name] = _cut_inputs(ad.ffn_down(i), gram, keep, config, m)
@@ -271,7 +271,7 @@ def _prune_width(work, ad: LlamaFamilyAdapter, counts: dict[str, list[int]], bat
             neurons[i, keep.cpu()] = 1
         if i + 1 < L:
             advance(layer, inputs)
-            if paired:
+            if to_dense:
                 advance(dense_layer, dense_inputs)
                 dense_next = k + 1
         bar.update(1)
