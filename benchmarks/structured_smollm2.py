@@ -6,10 +6,14 @@ the non-embedding parameters removed); **A** removes about 30 % (`target_sparsit
 the units Minitron's activation importance picks, sliced) and importance + least-squares reconstruction of
 `o_proj` / `down_proj`. Calibration: windows of the Wikipedia calibration articles (`hf_prune.assets.wikipedia_split`);
 evaluation: the held-out articles, 8 windows x 512 tokens (and, for the distilled rows, also the 32 x 512 of the
-CoFi benchmark, whose structured baseline scored 116.99 after 262k tokens). `--distill-steps N` adds, per shape, the
-reconstructed model after logit distillation from the dense model (`hf_prune.distill`: KL at temperature 1, the
-CoFi benchmark's budget by default: windows of 256 tokens, 2 x 4 per step, lr 1e-4 cosine; 128 steps = 262k tokens of
-the calibration articles).
+CoFi benchmark, whose structured baseline scored 116.99 after 262k tokens). `--distill-steps N` adds, per shape, a
+row after logit distillation from the dense model (`hf_prune.distill`: KL at temperature 1, the CoFi benchmark's
+budget by default: windows of 256 tokens, 2 x 4 per step, lr 1e-4 cosine; 128 steps = 262k tokens of the calibration
+articles) for each recorded before-training row picked by `--distill-rows` (default: the uniform reconstruction row
+alone; any of importance only, depth only, Torch-Pruning, per-layer shapes), started from that row's saved model and
+named `"<row> + distillation (N steps, lr X)"`; the table's last line pairs each row's perplexity before and after.
+`--per-layer` adds the reconstruction row with per-layer shapes (`StructuredConfig(uniform=False)`: the same
+budget, split over the layers by importance; its checkpoint loads with `import hf_prune`).
 
 Also per shape (see docs/benchmarks/structured.md): a depth-only row (`target_layers` alone, at the nearest
 non-embedding parameter count), and with `--torch-pruning` the Torch-Pruning 1.6.1 peer row
@@ -22,6 +26,9 @@ Rows are resumable: each finished row is written to the JSON at once, and a reru
 
     OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --shapes B --calibration-windows 32
     python benchmarks/structured_smollm2.py --shapes B --threads 2 --distill-steps 128
+    python benchmarks/structured_smollm2.py --shapes A,B --threads 2 --distill-steps 128 \
+        --distill-rows "importance only,importance + reconstruction,depth only,Torch-Pruning"
+    OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --shapes A,B --per-layer
     OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --shapes A,B --torch-pruning
     OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --speed
     OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --levers --shapes B
@@ -52,6 +59,7 @@ from hf_prune.evaluation import perplexity  # noqa: E402
 from hf_prune.methods.structured.flops import flops_per_token  # noqa: E402
 from hf_prune.methods.structured.targets import TargetShape, adapter_for, prunable_params, resolve_target  # noqa: E402
 from hf_prune.oneshot.calibration import tokenize_texts  # noqa: E402
+from hf_prune.state import get_training_record  # noqa: E402
 
 SHAPES = {
     "A": {"target_sparsity": 0.3},
@@ -60,6 +68,7 @@ SHAPES = {
 RESULTS = str(HERE / "results")
 SPEED_BATCHES = {"ort": [1], "eager": [8]}  # ONNX Runtime at batch 1 (1 thread), eager PyTorch at batch 8
 TORCH_PRUNING = "Torch-Pruning 1.6.1"
+DISTILL_ROWS = "importance + reconstruction$"  # the uniform reconstruction row only, as before --distill-rows
 
 
 def _row_stats(model, context: int) -> dict:
@@ -83,13 +92,53 @@ def depth_for(dense, shape: str) -> int:
     return max(1, min(d.num_layers, round((target - d.hidden_size) / per_layer)))
 
 
-def planned_rows(shape: str, dense) -> dict[str, dict]:
+def planned_rows(shape: str, dense, per_layer: bool = False) -> dict[str, dict]:
     """The one-shot rows of a shape: name -> `StructuredConfig` target fields. The depth-only row drops whole layers
-    by block influence alone; it has no width cut, so there is nothing to refit (`reconstruct` does not apply)."""
+    by block influence alone; it has no width cut, so there is nothing to refit (`reconstruct` does not apply).
+    `per_layer` adds the reconstruction row with per-layer shapes (`uniform=False`, the same parameter budget)."""
     layers = depth_for(dense, shape)
-    return {f"{shape} importance only": {**SHAPES[shape], "reconstruct": False},
-            f"{shape} importance + reconstruction": {**SHAPES[shape], "reconstruct": True},
-            f"{shape} depth only ({layers} layers, block influence)": {"target_layers": layers}}
+    rows = {f"{shape} importance only": {**SHAPES[shape], "reconstruct": False},
+            f"{shape} importance + reconstruction": {**SHAPES[shape], "reconstruct": True}}
+    if per_layer:
+        rows[f"{shape} importance + reconstruction, per-layer shapes"] = {**SHAPES[shape], "reconstruct": True,
+                                                                           "uniform": False}
+    rows[f"{shape} depth only ({layers} layers, block influence)"] = {"target_layers": layers}
+    return rows
+
+
+def _is_distilled(r: dict) -> bool:
+    return "distill_wall_s" in r or "from_row" in r
+
+
+def distilled_name(row: str, steps: int, lr: float) -> str:
+    """`"A importance + reconstruction + distillation (128 steps, lr 0.0001)"`: the name rows were recorded under
+    before `--distill-rows`, so that a rerun recognises them (`_DISTILLED` parses it back)."""
+    return f"{row} + distillation ({steps} steps, lr {lr:g})"
+
+
+def distill_picks(data: dict, shapes: list[str], texts: list[str], steps: int, lr: float) -> list[tuple[str, str]]:
+    """`(row, distilled row)` for every recorded before-training row of `shapes` (not dense, not itself distilled)
+    whose name contains one of `texts`; a text ending in `$` must end the name instead (`"importance +
+    reconstruction$"` picks the uniform reconstruction row, not its per-layer-shapes sibling). Rows whose distilled
+    row is recorded already are left out."""
+    picks = []
+    for row, r in data["rows"].items():
+        if row == "dense" or r.get("shape") not in shapes or _is_distilled(r):
+            continue
+        if any(row.endswith(t[:-1]) if t.endswith("$") else t in row for t in texts if t):
+            name = distilled_name(row, steps, lr)
+            if name not in data["rows"]:
+                picks.append((row, name))
+    return picks
+
+
+def load_student(model_dir: str, device: str):
+    """A saved row's model, to distil: a plain checkpoint loads as its own class, a per-layer-shapes one through
+    hf_prune (imported above), both in fp32 as the one-shot runner returns them."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+
+
+_DISTILLED = re.compile(r"(.+) \+ distillation \((\d+ steps, lr [^)]+)\)")
 
 
 def _slug(name: str) -> str:
@@ -97,7 +146,7 @@ def _slug(name: str) -> str:
 
 
 def _save_model(model, tokenizer, model_dir: str) -> str:
-    model.save_pretrained(model_dir)  # a uniform shape: a plain checkpoint of the model's own class
+    model.save_pretrained(model_dir)  # uniform: a plain checkpoint of its class; per-layer shapes: loads via hf_prune
     tokenizer.save_pretrained(model_dir)
     return model_dir
 
@@ -117,7 +166,14 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (pruning, evaluation, eager timing)")
     p.add_argument("--name", default="structured_smollm2", help="results/NAME.json and .md")
     p.add_argument("--runs", default="runs/structured_smollm2", help="saved models: RUNS/NAME/<row>, ONNX exports")
-    p.add_argument("--distill-steps", type=int, default=0, help="add a distilled row per shape (128: 262k tokens)")
+    p.add_argument("--distill-steps", type=int, default=0,
+                   help="add a distilled row per --distill-rows row of each shape (128: 262k tokens)")
+    p.add_argument("--distill-rows", default=DISTILL_ROWS,
+                   help="comma-separated texts: the recorded before-training rows whose name contains one get a "
+                        "distilled row, started from their saved model (a text ending in $ must end the name; e.g. "
+                        "'importance only,importance + reconstruction,depth only,Torch-Pruning')")
+    p.add_argument("--per-layer", action="store_true",
+                   help="add the reconstruction row with per-layer shapes (StructuredConfig(uniform=False)) per shape")
     p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument("--distill-seq-len", type=int, default=256)
     p.add_argument("--distill-bf16", default="auto", choices=["auto", "true", "false"],
@@ -224,9 +280,12 @@ def main(argv=None) -> None:
     if "dense" not in data["rows"]:
         data["rows"]["dense"] = {"shape": "dense", "perplexity": ppl(dense), **_row_stats(dense, args.seq_len)}
         save()
+
+    def model_dir_of(row: str, r: dict) -> str | None:
+        return rebuild(row, r, dense, load_dense, prune_row, tokenizer, runs, args)
+
     if args.speed:
-        speed_pass(args, data, dense, path, held_out_ids, runs, save,
-                   lambda row, r: rebuild(row, r, dense, load_dense, prune_row, tokenizer, runs, args))
+        speed_pass(args, data, dense, path, held_out_ids, runs, save, model_dir_of)
         print(table(data))
         return
     if args.tp_tied_timeout and "torch_pruning_tied_probe" not in data:
@@ -234,7 +293,7 @@ def main(argv=None) -> None:
         print("torch-pruning tied probe", json.dumps(data["torch_pruning_tied_probe"]), flush=True)
         save()
     for shape in args.shapes.split(","):
-        for row, kwargs in planned_rows(shape, dense).items():
+        for row, kwargs in planned_rows(shape, dense, args.per_layer).items():
             if row in data["rows"] or (args.no_depth and "depth only" in row):
                 continue
             data["rows"][row] = oneshot_row(row, shape, kwargs, args.calibration_windows, args.damping)
@@ -246,28 +305,17 @@ def main(argv=None) -> None:
             data["rows"][row] = record
             print(row, json.dumps(record), flush=True)
             save()
-        row = f"{shape} importance + reconstruction + distillation ({args.distill_steps} steps, lr {args.distill_lr:g})"
-        if args.distill_steps and row not in data["rows"]:
-            small = prune_row(SHAPES[shape], args.calibration_windows, args.damping)
-            started = time.perf_counter()
-            small = distill(small, dense, calibration, tokenizer, steps=args.distill_steps, seq_len=args.distill_seq_len,
-                            batch_size=2, grad_accum=4, learning_rate=args.distill_lr,
-                            bf16={"auto": "auto", "true": True, "false": False}[args.distill_bf16],
-                            data_name="wikipedia_split() calibration articles")
-            wall = time.perf_counter() - started
-            m = get_pruning_state(small).metrics
-            eval32 = held_out_ids[: 32 * 512]
-            data["rows"][row] = {
-                "shape": shape, "reconstruct": True, "perplexity": ppl(small), "distill_wall_s": round(wall, 1),
-                "perplexity_32x512": perplexity(small, input_ids=eval32, seq_len=512, show_progress=False),
-                "distillation_tokens": m.get("distillation_tokens"), "distillation_train_loss":
-                m.get("distillation_train_loss"), "distillation_precision": m.get("distillation_precision"),
-                "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
-                "sparsity": m["sparsity"], "target": m["target_architecture"],
-                "machine_state": machine_state(), **_row_stats(small, args.seq_len),
-                "model_dir": _save_model(small, tokenizer, os.path.join(runs, _slug(row))),
-            }
-            print(row, json.dumps(data["rows"][row]), flush=True)
+        if not args.distill_steps:
+            continue
+        for row, distilled in distill_picks(data, [shape], args.distill_rows.split(","), args.distill_steps,
+                                            args.distill_lr):
+            record = distill_row(row, data["rows"][row], distilled, dense, calibration, tokenizer, held_out_ids,
+                                 ppl, model_dir_of, runs, args)
+            if record is None:
+                print(f"{row}: no saved model and none can be rebuilt here, not distilled", flush=True)
+                continue
+            data["rows"][distilled] = record
+            print(distilled, json.dumps(record), flush=True)
             save()
     print(table(data))
 
@@ -297,6 +345,38 @@ def torch_pruning_row(shape: str, dense, load_dense, tokenizer, runs: str, ppl, 
     return row, record
 
 
+def distill_row(row: str, r: dict, name: str, dense, calibration, tokenizer, held_out_ids, ppl, model_dir_of,
+                runs: str, args) -> dict | None:
+    """The record of row `row` (record `r`) after logit distillation from `dense` (`hf_prune.distill`: windows of
+    `--distill-seq-len` tokens of the calibration articles, 2 x 4 per step), started from the row's saved model
+    (`model_dir_of(row, r)`, which rebuilds a missing one); its model is saved as `name`. None when the row has no
+    model to start from."""
+    model_dir = model_dir_of(row, r)
+    if model_dir is None:
+        return None
+    small = load_student(model_dir, args.device)
+    started = time.perf_counter()
+    small = distill(small, dense, calibration, tokenizer, steps=args.distill_steps, seq_len=args.distill_seq_len,
+                    batch_size=2, grad_accum=4, learning_rate=args.distill_lr,
+                    bf16={"auto": "auto", "true": True, "false": False}[args.distill_bf16],
+                    data_name="wikipedia_split() calibration articles")
+    wall = time.perf_counter() - started
+    state = get_pruning_state(small)  # a plain checkpoint has none: distill keeps its record on the model
+    m = state.metrics if state is not None else get_training_record(small)
+    eval32 = held_out_ids[: 32 * 512]
+    return {
+        "shape": r["shape"], "from_row": row, "reconstruct": bool(r.get("reconstruct")), "perplexity": ppl(small),
+        "distill_wall_s": round(wall, 1),
+        "perplexity_32x512": perplexity(small, input_ids=eval32, seq_len=512, show_progress=False),
+        "distillation_tokens": m.get("distillation_tokens"), "distillation_train_loss":
+        m.get("distillation_train_loss"), "distillation_precision": m.get("distillation_precision"),
+        "device": torch.cuda.get_device_name() if str(args.device).startswith("cuda") else "cpu",
+        **{k: r[k] for k in ("sparsity", "target") if k in r},
+        "machine_state": machine_state(), **_row_stats(small, args.seq_len),
+        "model_dir": _save_model(small, tokenizer, os.path.join(runs, _slug(name))),
+    }
+
+
 def rebuild(row: str, r: dict, dense, load_dense, prune_row, tokenizer, runs: str, args) -> str | None:
     """The saved model of row `row` (its record `r`), pruned again and saved when it is missing; None when the row
     cannot be rebuilt here (a distilled row without a saved model)."""
@@ -304,7 +384,7 @@ def rebuild(row: str, r: dict, dense, load_dense, prune_row, tokenizer, runs: st
         return r["model_dir"]
     if args.speed_saved_only:
         return None
-    planned = planned_rows(r["shape"], dense) if r["shape"] in SHAPES else {}
+    planned = planned_rows(r["shape"], dense, per_layer=True) if r["shape"] in SHAPES else {}
     if row in planned:
         small = prune_row(planned[row], args.calibration_windows, args.damping)
     elif r.get("method") == TORCH_PRUNING:
@@ -381,7 +461,28 @@ def table(data: dict) -> str:
                  "on 1 thread and eager PyTorch at batch 8, each row timed in one process with the dense model "
                  "(speed-up vs that dense timing in brackets); FLOPs ratio: dense / row FLOPs per generated token at "
                  "the generation's mean context.")
+    pairs = before_after(data)
+    if pairs:
+        lines.append("\nBefore -> after distillation (held-out perplexity, 8 x 512): " + "; ".join(
+            f"**{shape}**: " + ", ".join(f"{row} {b:.2f} -> {a:.2f} ({steps})" for row, b, a, steps in rows)
+            for shape, rows in pairs.items()) + ".")
     return "\n".join(lines) + "\n"
+
+
+def before_after(data: dict) -> dict[str, list[tuple[str, float, float, str]]]:
+    """Per shape, `(row without its shape, perplexity before, after, "N steps, lr X")` of each distilled row whose
+    source row is recorded (rows of earlier runs have no `from_row`: their source is the name before the suffix)."""
+    pairs: dict[str, list] = {}
+    for name, r in data["rows"].items():
+        m = _DISTILLED.fullmatch(name)
+        if m is None or not _is_distilled(r):
+            continue
+        source = r.get("from_row", m.group(1))
+        if source in data["rows"]:
+            row = source[len(r["shape"]) + 1:] if source.startswith(f"{r['shape']} ") else source
+            pairs.setdefault(r["shape"], []).append((row, data["rows"][source]["perplexity"], r["perplexity"],
+                                                     m.group(2)))
+    return pairs
 
 
 def _speed(row: dict) -> str:

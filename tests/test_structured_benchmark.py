@@ -49,3 +49,114 @@ def test_table_renders_rows_with_and_without_speed(bench):
     lines = bench.table(data).splitlines()
     assert lines[3].startswith("| B old row | 40.00 |") and lines[3].endswith("| 3 s |  | | |  |")
     assert lines[4].endswith("| 30.0 (1.50x) | 100.0 (1.25x) | 2.00x | 0.75, 0.62 |")
+
+
+def _rows(*names, **extra):
+    return {n: {"shape": n.split()[0], "perplexity": 10.0 + i, **extra} for i, n in enumerate(names)}
+
+
+RECON_128 = "A importance + reconstruction + distillation (128 steps, lr 0.0001)"  # the name rows were recorded under
+
+
+def test_distill_rows_pick_the_named_before_training_rows_of_the_shapes(bench):
+    assert bench.distilled_name("A importance + reconstruction", 128, 1e-4) == RECON_128
+    data = {"rows": {"dense": {"shape": "dense", "perplexity": 20.0},
+                     **_rows("A importance only", "A importance + reconstruction",
+                             "A importance + reconstruction, per-layer shapes",
+                             "A depth only (21 layers, block influence)",
+                             "A Torch-Pruning 1.6.1 (magnitude, ratio 0.16)", "B importance + reconstruction"),
+                     RECON_128: {"shape": "A", "perplexity": 30.0, "distill_wall_s": 5.0}}}
+    default = bench.main.__globals__["DISTILL_ROWS"].split(",")
+    # the default picks the uniform reconstruction row alone; at 128 steps, lr 1e-4 it is recorded already
+    assert bench.distill_picks(data, ["A"], default, 128, 1e-4) == []
+    assert bench.distill_picks(data, ["A", "B"], default, 64, 1e-4) == [
+        ("A importance + reconstruction", "A importance + reconstruction + distillation (64 steps, lr 0.0001)"),
+        ("B importance + reconstruction", "B importance + reconstruction + distillation (64 steps, lr 0.0001)")]
+    every = "importance only,importance + reconstruction,depth only,Torch-Pruning".split(",")
+    picks = bench.distill_picks(data, ["A"], every, 128, 2e-4)
+    assert [p[0] for p in picks] == ["A importance only", "A importance + reconstruction",
+                                     "A importance + reconstruction, per-layer shapes",
+                                     "A depth only (21 layers, block influence)",
+                                     "A Torch-Pruning 1.6.1 (magnitude, ratio 0.16)"]  # never the distilled row
+    assert picks[-1][1] == "A Torch-Pruning 1.6.1 (magnitude, ratio 0.16) + distillation (128 steps, lr 0.0002)"
+    assert [p[0] for p in bench.distill_picks(data, ["A"], every, 128, 1e-4)] == [
+        "A importance only", "A importance + reconstruction, per-layer shapes",
+        "A depth only (21 layers, block influence)", "A Torch-Pruning 1.6.1 (magnitude, ratio 0.16)"]
+    assert [p[0] for p in bench.distill_picks(data, ["A"], ["per-layer"], 128, 1e-4)] == [
+        "A importance + reconstruction, per-layer shapes"]
+
+
+def test_per_layer_row_is_the_reconstruction_row_with_per_layer_shapes(bench, monkeypatch):
+    monkeypatch.setitem(bench.SHAPES, "T", {"target_sparsity": 0.5})
+    model = tiny_llama()
+    assert "T importance + reconstruction, per-layer shapes" not in bench.planned_rows("T", model)
+    rows = bench.planned_rows("T", model, per_layer=True)
+    assert list(rows)[1:3] == ["T importance + reconstruction", "T importance + reconstruction, per-layer shapes"]
+    assert rows["T importance + reconstruction, per-layer shapes"] == {"target_sparsity": 0.5, "reconstruct": True,
+                                                                        "uniform": False}
+
+
+def test_table_pairs_each_distilled_row_with_its_source(bench):
+    base = {"params": 2e6, "non_embedding_params": 1e6, "flops_per_token": 4e6}
+    distilled = {"distill_wall_s": 100.0, "perplexity_32x512": 33.0, **base}
+    data = {"settings": {"calibration_windows": 2, "seq_len": 8, "eval_windows": 1, "damping": 0.01},
+            "rows": {"dense": {"shape": "dense", "perplexity": 20.0, **base},
+                     "A importance + reconstruction": {"shape": "A", "perplexity": 45.0, **base},
+                     "A depth only (21 layers, block influence)": {"shape": "A", "perplexity": 300.0, **base},
+                     RECON_128: {"shape": "A", "perplexity": 30.5, **distilled},  # an earlier run's: no from_row
+                     "A depth only (21 layers, block influence) + distillation (128 steps, lr 0.0001)": {
+                         "shape": "A", "perplexity": 80.25, "from_row": "A depth only (21 layers, block influence)",
+                         **distilled}}}
+    lines = bench.table(data).splitlines()
+    assert lines[5].startswith(f"| {RECON_128} | 30.50 |") and "| 100 s distillation; 32 x 512 ppl 33.00 |" in lines[5]
+    assert lines[-1] == ("Before -> after distillation (held-out perplexity, 8 x 512): **A**: importance + "
+                         "reconstruction 45.00 -> 30.50 (128 steps, lr 0.0001), depth only (21 layers, block "
+                         "influence) 300.00 -> 80.25 (128 steps, lr 0.0001).")
+    del data["rows"]["A importance + reconstruction"], data["rows"]["A depth only (21 layers, block influence)"]
+    assert "Before -> after" not in bench.table(data)  # no source row recorded: nothing to pair
+
+
+class _Args:
+    device, seq_len, distill_steps, distill_seq_len, distill_lr, distill_bf16 = "cpu", 16, 2, 16, 1e-4, "false"
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+def test_distilled_row_starts_from_the_saved_model_which_equals_the_repruned_one(bench, tmp_path, monkeypatch,
+                                                                                   uniform):
+    import torch
+
+    from hf_prune import StructuredConfig, oneshot
+
+    from conftest import random_texts, tiny_tokenizer
+
+    tok, teacher = tiny_tokenizer(), tiny_llama(9, vocab_size=128)
+    config = StructuredConfig(target_kv_heads=2, target_intermediate_size=20, uniform=uniform,
+                              num_calibration_samples=4, max_seq_length=16, calibration_batch_size=4)
+
+    def prune():
+        return oneshot(teacher, config, calibration=random_texts(4, seed=1), tokenizer=tok, show_progress=False)
+
+    saved = bench._save_model(prune(), tok, str(tmp_path / "row"))
+    loaded, repruned = bench.load_student(saved, "cpu"), prune()
+    # uniform: a plain config of the smaller shape; per-layer: the original config with the structure record
+    assert loaded.config.num_key_value_heads == (2 if uniform else 4)
+    assert loaded.state_dict().keys() == repruned.state_dict().keys()
+    assert all(torch.equal(v, repruned.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+    asked = []
+    monkeypatch.setattr(bench, "perplexity", lambda model, **kw: float(kw["input_ids"].numel()))
+    source = {"shape": "T", "perplexity": 50.0, "sparsity": 0.25, "target": {"kv_heads": 2}, "reconstruct": True}
+    name = bench.distilled_name("T importance + reconstruction", 2, 1e-4)
+    record = bench.distill_row("T importance + reconstruction", source, name, teacher, random_texts(4, seed=2), tok,
+                               torch.arange(600) % 128, lambda model: 7.0,
+                               lambda row, r: asked.append((row, r)) or saved, str(tmp_path / "runs"), _Args)
+    assert asked == [("T importance + reconstruction", source)]
+    assert record["from_row"] == "T importance + reconstruction" and record["shape"] == "T"
+    assert record["perplexity"] == 7.0 and record["perplexity_32x512"] == 600.0  # held-out ids capped at 32 x 512
+    assert record["distillation_tokens"] == 2 * 2 * 4 * 16  # 2 steps of batch 2 x grad_accum 4 x 16 tokens
+    assert (record["sparsity"], record["target"], record["reconstruct"]) == (0.25, {"kv_heads": 2}, True)
+    assert record["params"] == sum(p.numel() for p in repruned.parameters())
+    assert record["model_dir"] == str(tmp_path / "runs" / bench._slug(name))
+    again = bench.load_student(record["model_dir"], "cpu")  # the distilled model saved and reloads, trained
+    assert again.config.num_key_value_heads == loaded.config.num_key_value_heads
+    assert not torch.equal(again.lm_head.weight, repruned.lm_head.weight)
