@@ -26,7 +26,7 @@ Rows are resumable: each finished row is written to the JSON at once, and a reru
 
     OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --shapes B --calibration-windows 32
     python benchmarks/structured_smollm2.py --shapes B --threads 2 --distill-steps 128
-    python benchmarks/structured_smollm2.py --shapes A,B --threads 2 --distill-steps 128 \
+    python benchmarks/structured_smollm2.py --shapes A,B --threads 2 --distill-steps 128 \\
         --distill-rows "importance only,importance + reconstruction,depth only,Torch-Pruning"
     OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --shapes A,B --per-layer
     OMP_NUM_THREADS=1 python benchmarks/structured_smollm2.py --shapes A,B --torch-pruning
@@ -170,8 +170,8 @@ def main(argv=None) -> None:
                    help="add a distilled row per --distill-rows row of each shape (128: 262k tokens)")
     p.add_argument("--distill-rows", default=DISTILL_ROWS,
                    help="comma-separated texts: the recorded before-training rows whose name contains one get a "
-                        "distilled row, started from their saved model (a text ending in $ must end the name; e.g. "
-                        "'importance only,importance + reconstruction,depth only,Torch-Pruning')")
+                        "distilled row, started from their saved model (a text ending in $ must end the name; default: "
+                        "%(default)s; all: 'importance only,importance + reconstruction,depth only,Torch-Pruning')")
     p.add_argument("--per-layer", action="store_true",
                    help="add the reconstruction row with per-layer shapes (StructuredConfig(uniform=False)) per shape")
     p.add_argument("--distill-lr", type=float, default=1e-4)

@@ -1,5 +1,6 @@
-"""benchmarks/structured_smollm2.py helpers: the depth-only row's layer count, the size formula it rests on, and the
-results table (rows of earlier runs, without speed columns, still render)."""
+"""benchmarks/structured_smollm2.py helpers: the depth-only row's layer count, the size formula it rests on, the
+results table (rows of earlier runs, without speed columns, still render), which rows `--distill-rows` distils and
+from which saved model, the `--per-layer` row, and the whole script on a tiny model."""
 
 from __future__ import annotations
 
@@ -160,3 +161,35 @@ def test_distilled_row_starts_from_the_saved_model_which_equals_the_repruned_one
     again = bench.load_student(record["model_dir"], "cpu")  # the distilled model saved and reloads, trained
     assert again.config.num_key_value_heads == loaded.config.num_key_value_heads
     assert not torch.equal(again.lm_head.weight, repruned.lm_head.weight)
+
+
+def test_main_distils_the_picked_rows_of_a_tiny_model_and_resumes(bench, tmp_path, monkeypatch, capsys):
+    import json
+
+    from conftest import random_texts, tiny_tokenizer
+
+    dense_dir = tmp_path / "dense"
+    tiny_llama(9, vocab_size=128).save_pretrained(dense_dir)
+    tiny_tokenizer().save_pretrained(dense_dir)
+    monkeypatch.setattr(bench, "smollm2_path", lambda: str(dense_dir))
+    monkeypatch.setattr(bench, "wikipedia_split", lambda: (random_texts(4, seed=1), random_texts(2, words=300, seed=2)))
+    monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setitem(bench.SHAPES, "A", {"target_kv_heads": 2, "target_intermediate_size": 20})
+    argv = ["--shapes", "A", "--calibration-windows", "4", "--seq-len", "16", "--eval-windows", "2", "--per-layer",
+            "--runs", str(tmp_path / "runs"), "--distill-steps", "2", "--distill-seq-len", "16", "--distill-bf16",
+            "false", "--distill-rows", "importance only,per-layer"]
+    bench.main(argv)
+    rows = json.loads((tmp_path / "results" / "structured_smollm2.json").read_text())["rows"]
+    per_layer = "A importance + reconstruction, per-layer shapes"
+    assert rows[per_layer]["config"] == {"target_kv_heads": 2, "target_intermediate_size": 20, "reconstruct": True,
+                                         "uniform": False}
+    distilled = [n for n, r in rows.items() if "from_row" in r]
+    assert distilled == ["A importance only + distillation (2 steps, lr 0.0001)",
+                         f"{per_layer} + distillation (2 steps, lr 0.0001)"]
+    assert [rows[n]["from_row"] for n in distilled] == ["A importance only", per_layer]
+    assert rows[distilled[1]]["non_embedding_params"] == rows[per_layer]["non_embedding_params"]
+    md = (tmp_path / "results" / "structured_smollm2.md").read_text()
+    assert f"**A**: importance only {rows['A importance only']['perplexity']:.2f} -> " in md
+    capsys.readouterr()
+    bench.main(argv)  # every row recorded: nothing is pruned or distilled again (a new row prints "A ... {json}")
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("A ")] == []
