@@ -151,6 +151,23 @@ def _save_model(model, tokenizer, model_dir: str) -> str:
     return model_dir
 
 
+def merge_save(out_json: str, data: dict) -> None:
+    """Writes `data` to `out_json`, first adding the rows another run of this script recorded there since `data`
+    was read (two rows distilled side by side, one process per core, share the file): under a lock, atomically."""
+    import fcntl
+
+    with open(out_json + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(out_json):
+            with open(out_json) as fh:
+                on_disk = json.load(fh).get("rows", {})
+            for row, record in on_disk.items():
+                data.setdefault("rows", {}).setdefault(row, record)
+        with open(out_json + ".tmp", "w") as fh:
+            json.dump(data, fh, indent=2)
+        os.replace(out_json + ".tmp", out_json)
+
+
 def _mean(values) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
@@ -218,8 +235,7 @@ def main(argv=None) -> None:
 
     def save() -> None:
         os.makedirs(RESULTS, exist_ok=True)
-        with open(out_json, "w") as fh:
-            json.dump(data, fh, indent=2)
+        merge_save(out_json, data)
         with open(os.path.join(RESULTS, f"{name}.md"), "w") as fh:
             fh.write(table(data))
 
