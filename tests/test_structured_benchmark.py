@@ -193,3 +193,19 @@ def test_main_distils_the_picked_rows_of_a_tiny_model_and_resumes(bench, tmp_pat
     capsys.readouterr()
     bench.main(argv)  # every row recorded: nothing is pruned or distilled again (a new row prints "A ... {json}")
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("A ")] == []
+
+
+def test_save_keeps_the_rows_a_concurrent_run_recorded(bench, tmp_path):
+    """Two distillations side by side (one per core) each read the JSON at their start: the second to finish must
+    not drop the first one's row."""
+    import json
+
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"rows": {"dense": {"perplexity": 20.0}, "B distilled": {"perplexity": 90.0}}}))
+    mine = {"settings": {"seq_len": 512}, "rows": {"dense": {"perplexity": 20.5}, "A distilled": {"perplexity": 30.0}}}
+    bench.merge_save(str(out), mine)
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == {"dense": {"perplexity": 20.5}, "A distilled": {"perplexity": 30.0},
+                             "B distilled": {"perplexity": 90.0}}  # this run's values win, the other's row is added
+    assert saved["settings"] == {"seq_len": 512}
+    assert not (tmp_path / "r.json.tmp").exists()
