@@ -78,6 +78,29 @@ def test_offloaded_export_is_bit_equal_to_in_memory(name, tied, calibration_ids,
     for (key, a), (_, b) in zip(loaded.state_dict().items(), in_memory.state_dict().items()):
         assert torch.equal(a, b), key
 
+def test_offloaded_export_keeps_the_checkpoint_dtype(calibration_ids, tmp_path):
+    """An fp16 checkpoint pruned in float32 is written in fp16: the float32 result rounded once, same zeros."""
+    torch.manual_seed(0)
+    TINY_MODELS["llama"]().half().save_pretrained(tmp_path / "dense")
+    config = CONFIGS["admm-0.6"]
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32)
+    oneshot(in_memory, config, calibration=calibration_ids, show_progress=False)
+
+    out = oneshot(str(tmp_path / "dense"), config, calibration=calibration_ids, offload_dir=tmp_path / "offloaded",
+                  device="cpu", dtype=torch.float32, show_progress=False)
+    floats = {k: t.dtype for k, t in _tensors(out).items() if t.is_floating_point()}
+    assert floats and set(floats.values()) == {torch.float16}, floats
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16)
+    expected = in_memory.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == torch.float16 and torch.equal(value, expected[key].half()), key
+    sparsity = json.loads((out / "config.json").read_text())["quantization_config"]["pruning"]["module_sparsity"]
+    for name, fraction in sparsity.items():
+        weight = loaded.get_submodule(name).weight
+        assert fraction == int((weight == 0).sum()) / weight.numel(), name
+
+
 
 def test_offload_refuses_bad_input_before_work(checkpoint, calibration_ids, tmp_path):
     config = CONFIGS["wanda-2:4"]

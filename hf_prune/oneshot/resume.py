@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 RECORD = "resume.json"
 LOCK = "resume.lock"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: finished blocks in the checkpoint's dtypes (1: in the compute dtype)
 
 
 class ResumeMismatchError(ValueError):

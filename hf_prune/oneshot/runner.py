@@ -90,8 +90,11 @@ def oneshot(
         overwrite: with `offload_dir`, replace a model already there (refused otherwise, before any work).
         restart: with `offload_dir`, discard the finished blocks of an interrupted run into it and start over
             (needed when its settings differ).
-        dtype: with `offload_dir`, the dtype the blocks are loaded, computed and saved in (as `from_pretrained`'s
-            `dtype`).
+        dtype: with `offload_dir`, the dtype the blocks are loaded and computed in (as `from_pretrained`'s
+            `dtype`). The export keeps the checkpoint's dtypes: each tensor is written in the dtype it has in the
+            checkpoint (an fp16 checkpoint pruned in float32 is saved in fp16, the pruned values rounded once at
+            the end, and its `config.json` says float16), so the export is never bigger than its input for want
+            of a cast. (An in-memory run saves what the model holds: load it in fp16 to save fp16.)
         command: the command that reproduces the run, recorded in the `PruningState` (and so in the model card).
         allow_repruning: prune a model that hf_prune has already pruned (in memory, or loaded from an hf_prune
             checkpoint); refused otherwise, before any work. The earlier runs go to the `PruningState`'s `history`,
@@ -301,6 +304,8 @@ def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress,
             store.load_block(index)
         if entries:
             stats = collect_stats(block, entries, inputs, solver.full_gram)
+            for layer_stats in stats.values():
+                layer_stats.scratch = True  # each is read by its solve only
             for entry in entries:
                 bar.set_postfix_str(entry.name.rsplit(".", 1)[-1])
                 _solve(entry, solver, stats.pop(entry.name), zeros)
@@ -309,8 +314,8 @@ def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress,
         if index + 1 < count:
             advance(block, inputs)
         if store is not None:
-            store.write_block(index, {e.name: zeros[e.name] for e in entries},
-                              inputs.hidden if index + 1 < count else None)
+            zeros.update(store.write_block(index, {e.name: zeros[e.name] for e in entries},
+                                           inputs.hidden if index + 1 < count else None))
         bar.update(1)
     bar.close()
 
@@ -328,5 +333,5 @@ def _prune_without_calibration(blocks, plan, solver, show_progress: bool, zeros,
             _solve(entry, solver, None, zeros)
             bar.update(1)
         if store is not None:
-            store.write_block(index, {e.name: zeros[e.name] for e in entries})
+            zeros.update(store.write_block(index, {e.name: zeros[e.name] for e in entries}))
     bar.close()
