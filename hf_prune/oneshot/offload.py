@@ -71,6 +71,7 @@ class OffloadedCheckpoint:
         self.dtype = dtype
         self.tokenizer = tokenizer  # saved into the export with the weights (same atomic write)
         self.reader = CheckpointReader(path)
+        map_large_allocations()  # this run is bounded by memory: no heap of freed batches between phases
         self.model = empty_model_from_checkpoint(path, dtype)
         self.blocks: Blocks = find_blocks(self.model)
         self.device = torch.device(device)
@@ -289,6 +290,22 @@ class OffloadedCheckpoint:
         self.output.abort()
         self.progress.close()
         self._tmp = None
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serves every allocation of `threshold` bytes or more (a calibration batch, a block's temporaries) by its own
+    memory map, returned to the system when freed, instead of glibc's dynamic rule that moves this limit up to
+    32 MiB once such a block is freed and then keeps those blocks in a heap that fragments between phases.
+    Measured on one block of the 1B benchmark model: 40-170 MiB less resident per phase, no slower. Process-wide
+    and kept after the run (glibc has no way back to the dynamic rule); a no-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    m_mmap_threshold = -3  # glibc's malloc.h
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(m_mmap_threshold, threshold)
+    except (OSError, AttributeError):
+        pass
 
 
 def release_free_memory() -> None:

@@ -124,7 +124,8 @@ class ADMMSolver(LayerSolver):
         for t in range(cfg.iterations):
             torch.add(v, u, out=vu)
             if cfg.mask_mode == "gradual" and (t < cfg.mask_iterations or mask is None):
-                mask = self._select(vu, task, min(t, max(cfg.mask_iterations - 1, 0)))
+                mask = keep = None  # the previous mask goes before the next is chosen; Z holds the scores
+                mask = self._select(torch.abs(vu, out=z), task, min(t, max(cfg.mask_iterations - 1, 0)))
                 keep = mask.to(vu.dtype)
             torch.mul(vu, keep, out=z)  # Z = Π(V + U)
             torch.sub(vu, z, out=u)  # U + V - Z
@@ -136,9 +137,9 @@ class ADMMSolver(LayerSolver):
         del target, z
         return torch.add(v, u, out=vu).mul_(keep)
 
-    def _select(self, scores_source: torch.Tensor, task: LayerTask, step: int) -> torch.Tensor:
+    def _select(self, scores: torch.Tensor, task: LayerTask, step: int) -> torch.Tensor:
+        """The keep-mask for iteration `step` from `scores` = |V + U|."""
         cfg: ADMMConfig = self.config
-        scores = scores_source.abs()
         if cfg.mask_iterations == 0:
             fraction = task.sparsity
         else:
