@@ -132,7 +132,7 @@ def test_failure_midway_leaves_no_output(checkpoint, calibration_ids, tmp_path, 
         calls.append(index)
         if index == 1:
             raise RuntimeError("disk full")
-        original(self, index, *args)
+        return original(self, index, *args)
 
     monkeypatch.setattr(offload.OffloadedCheckpoint, "write_block", fail_on_second)
     with pytest.raises(RuntimeError, match="disk full"):
