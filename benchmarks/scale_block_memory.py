@@ -24,16 +24,9 @@ import time
 from pathlib import Path
 
 from scale_oneshot import SYNTHETIC, synthetic_llama
+from scale_oneshot import _status_mb as _status_mib  # MiB, from /proc/self/status
 
 FULL_1B_FP16_MIB = 2040.2  # the 22-block checkpoint's safetensors bytes, the denominator of issue 29's target
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class PhasePeaks:
