@@ -233,6 +233,11 @@ class OffloadedCheckpoint:
         release_free_memory()
         hidden = None if next_hidden is None else self.progress.save_hidden(next_hidden, index + 1)
         previous = self.record["hidden"]
+        if isinstance(next_hidden, SpilledHidden):  # read from the new file from now on, out of memory
+            spilled = next_hidden.name
+            next_hidden.switch(hidden)
+            if spilled not in (hidden, previous):  # block 0's inputs, never recorded
+                self.progress.remove(spilled)
         self.record["zeros"].update(zeros)
         self.record["report"].update(report.entries)
         self.record.update(blocks_done=index + 1, shards=self._writer.written(), hidden=hidden,
@@ -242,6 +247,12 @@ class OffloadedCheckpoint:
         if previous != hidden:
             self.progress.remove(previous)
         return zeros
+
+    def spill_hidden(self, hidden: list[torch.Tensor], block: int) -> SpilledHidden:
+        """Moves the hidden states entering `block` into a file of the progress directory, read back a batch at a
+        time (`SpilledHidden`): the solves, where a block's memory peaks, then run without them."""
+        name = self.progress.save_hidden(hidden, block)  # resuming: the recorded file, rewritten with its own bytes
+        return SpilledHidden(self.progress.directory, name, hidden)
 
     def restore_hidden(self, captured: list[torch.Tensor]) -> list[torch.Tensor]:
         """The hidden states entering the first block still to prune, saved by the interrupted run."""
@@ -290,6 +301,38 @@ class OffloadedCheckpoint:
         self.output.abort()
         self.progress.close()
         self._tmp = None
+
+
+class SpilledHidden:
+    """The calibration hidden states of an offloaded run, as the list the runner's passes use, kept in a
+    safetensors file of the run's progress directory and read one batch at a time (a positioned read, exact bytes):
+    only the batch being run is resident (at 1B: 32 MiB instead of 256). A batch assigned (the block's outputs, in
+    `advance`) stays in memory until `switch` points the list at the file they were saved to."""
+
+    def __init__(self, directory: Path, name: str, like: list[torch.Tensor]):
+        self.directory = directory
+        self.devices = [t.device for t in like]
+        self._assigned: dict[int, torch.Tensor] = {}
+        self.switch(name)
+
+    def switch(self, name: str) -> None:
+        self.name = name
+        self._reader = CheckpointReader(self.directory, files=[name])
+        self._assigned.clear()
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if index in self._assigned:
+            return self._assigned[index]
+        return self._reader.get(f"batch.{index}").to(self.devices[index])
+
+    def __setitem__(self, index: int, value: torch.Tensor) -> None:
+        self._assigned[index] = value
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def map_large_allocations(threshold: int = 1 << 20) -> None:

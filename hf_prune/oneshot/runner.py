@@ -296,6 +296,8 @@ def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress,
             store.release_embeddings()
         if first:
             inputs.hidden = store.restore_hidden(inputs.hidden)
+        if store is not None:  # on disk between the passes: not resident while the block's layers are solved
+            inputs.hidden = store.spill_hidden(inputs.hidden, first)
     bar = tqdm(total=count, initial=first, desc=f"{method}: pruning blocks", unit="block", disable=not show_progress)
     for index, (block, entries) in enumerate(zip(blocks.layers, plan)):
         if index < first:
