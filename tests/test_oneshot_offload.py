@@ -329,3 +329,29 @@ def test_run_killed_after_block_1_resumes_bit_equal(checkpoint, tmp_path):
     expected, got = _tensors(tmp_path / "full"), _tensors(tmp_path / "out")
     assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
     assert not (tmp_path / ".out.hf_prune-partial").exists()
+
+
+def test_spilled_hidden_states_read_and_write_a_batch_at_a_time(tmp_path):
+    """The offloaded run's hidden states live in the progress directory: read back exactly, outputs written into
+    their place in the next file as computed, committed under the next block's name."""
+    from hf_prune.oneshot.offload import SpilledHidden
+    from hf_prune.oneshot.resume import RunRecord
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = [torch.randn(4, 8, 16, generator=generator), torch.randn(3, 8, 16, generator=generator)]
+    record = RunRecord(tmp_path)
+    spilled = SpilledHidden(tmp_path, record.save_hidden(hidden, 0), hidden)
+    assert len(spilled) == 2 and all(torch.equal(a, b) for a, b in zip(spilled, hidden))
+    with pytest.raises(RuntimeError, match="every batch"):
+        spilled.commit("hidden-00001.safetensors")
+    outputs = [h * 3 - 1 for h in hidden]
+    for i, out in enumerate(outputs):
+        assert torch.equal(spilled[i], hidden[i])  # the input, until its output is assigned
+        spilled[i] = out
+        assert torch.equal(spilled[i], out)
+    with pytest.raises(RuntimeError, match=r"output 0 is torch.float64 \(4, 8, 16\), its input F32"):
+        spilled[0] = outputs[0].double()
+    assert spilled.commit("hidden-00001.safetensors") == "hidden-00001.safetensors"
+    assert all(torch.equal(a, b) for a, b in zip(spilled, outputs))
+    assert all(torch.equal(a, b) for a, b in zip(record.load_hidden("hidden-00001.safetensors", hidden), outputs))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hidden-00000.safetensors", "hidden-00001.safetensors"]

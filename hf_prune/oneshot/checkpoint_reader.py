@@ -49,6 +49,10 @@ class CheckpointReader:
                 self.weight_map[key] = file
                 self._entries[key] = (info, data_start)
 
+    def header(self, key: str) -> dict:
+        """`key`'s header entry: `{"dtype": "F32", "shape": [...], "data_offsets": [start, end]}`."""
+        return dict(self._entries[key][0])
+
     def dtype(self, key: str) -> torch.dtype:
         """The dtype `key` is stored in, from the header (nothing read)."""
         name = self._entries[key][0]["dtype"]

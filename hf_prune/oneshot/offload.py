@@ -3,8 +3,10 @@
 The model is built on the meta device (`accelerate.init_empty_weights`); the block-sequential runner asks this
 module to load one block's weights from the checkpoint's safetensors files (memory-mapped, `safe_open`) just before
 the block is calibrated, and, once the block is pruned and has produced the next block's inputs, to compress it into
-its own shard of the output checkpoint and put it back on the meta device. So only the block being pruned, the
-calibration activations and one block of statistics are resident. The embeddings are loaded only while the first
+its own shard of the output checkpoint and put it back on the meta device. The calibration hidden states live in a
+file of the progress directory between the passes and are read a batch at a time (`SpilledHidden`). So only the
+block being pruned, one block of statistics and one calibration batch are resident (plus the block's outputs while
+they are computed). The embeddings are loaded only while the first
 block's inputs are captured. At the end the non-block tensors, `config.json`, the shard index and the model card are
 written, the whole directory is verified (checksums) and swapped into place atomically, as `save_pruned` does.
 
@@ -25,7 +27,7 @@ from ..export.save import _holds_model, _is_our_card, export_keeps
 from ..output_dir import OutputBuild
 from .blocks import Blocks, find_blocks
 from .checkpoint_reader import CheckpointReader
-from .resume import RECORD_VERSION, RunRecord, checkpoint_fingerprint, partial_dir, run_fingerprint
+from .resume import RECORD_VERSION, RunRecord, checkpoint_fingerprint, hidden_file, partial_dir, run_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -231,13 +233,14 @@ class OffloadedCheckpoint:
         del compressed
         self._release(block)
         release_free_memory()
-        hidden = None if next_hidden is None else self.progress.save_hidden(next_hidden, index + 1)
         previous = self.record["hidden"]
-        if isinstance(next_hidden, SpilledHidden):  # read from the new file from now on, out of memory
+        if isinstance(next_hidden, SpilledHidden):  # the outputs are in its file already: made the next inputs
             spilled = next_hidden.name
-            next_hidden.switch(hidden)
+            hidden = next_hidden.commit(hidden_file(index + 1))
             if spilled not in (hidden, previous):  # block 0's inputs, never recorded
                 self.progress.remove(spilled)
+        else:
+            hidden = None if next_hidden is None else self.progress.save_hidden(next_hidden, index + 1)
         self.record["zeros"].update(zeros)
         self.record["report"].update(report.entries)
         self.record.update(blocks_done=index + 1, shards=self._writer.written(), hidden=hidden,
@@ -306,33 +309,74 @@ class OffloadedCheckpoint:
 class SpilledHidden:
     """The calibration hidden states of an offloaded run, as the list the runner's passes use, kept in a
     safetensors file of the run's progress directory and read one batch at a time (a positioned read, exact bytes):
-    only the batch being run is resident (at 1B: 32 MiB instead of 256). A batch assigned (the block's outputs, in
-    `advance`) stays in memory until `switch` points the list at the file they were saved to."""
+    only the batch being run is resident (at 1B: 32 MiB instead of 256). A batch assigned (the block's output, in
+    `advance`) is written at once into its place in the next file, laid out like this one (a block's output has
+    its input's shape and dtype); `commit` makes that file the current one, under its final name."""
+
+    _NEXT = "hidden-next.safetensors.tmp"
 
     def __init__(self, directory: Path, name: str, like: list[torch.Tensor]):
         self.directory = directory
         self.devices = [t.device for t in like]
-        self._assigned: dict[int, torch.Tensor] = {}
-        self.switch(name)
-
-    def switch(self, name: str) -> None:
+        self._next = None  # the file the assigned batches go to, opened at the first
+        self._assigned: set[int] = set()
         self.name = name
-        self._reader = CheckpointReader(self.directory, files=[name])
-        self._assigned.clear()
+        self._reader = CheckpointReader(directory, files=[name])
 
     def __len__(self) -> int:
         return len(self.devices)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if index in self._assigned:
-            return self._assigned[index]
+            self._next.flush()
+            return CheckpointReader(self.directory, files=[self._NEXT]).get(f"batch.{index}").to(self.devices[index])
         return self._reader.get(f"batch.{index}").to(self.devices[index])
-
-    def __setitem__(self, index: int, value: torch.Tensor) -> None:
-        self._assigned[index] = value
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    def __setitem__(self, index: int, value: torch.Tensor) -> None:
+        key = f"batch.{index}"
+        layout = self._reader.header(key)
+        if list(value.shape) != layout["shape"] or value.dtype != self._reader.dtype(key):
+            raise RuntimeError(f"hf_prune offloaded run: a block's output {index} is {value.dtype} "
+                               f"{tuple(value.shape)}, its input {layout['dtype']} {tuple(layout['shape'])}")
+        if self._next is None:
+            self._next = open(self.directory / self._NEXT, "wb")  # noqa: SIM115 - closed by commit
+            self._data_start = _write_safetensors_layout(self._next, self._reader, len(self))
+        self._next.seek(self._data_start + layout["data_offsets"][0])
+        self._next.write(value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._assigned.add(index)
+
+    def commit(self, name: str) -> str:
+        """The assigned batches (all of them) become the current file, `name` in the directory (atomically)."""
+        import os
+
+        if self._next is None or len(self._assigned) != len(self):
+            raise RuntimeError("hf_prune offloaded run: committing hidden states before every batch was computed")
+        self._next.flush()
+        os.fsync(self._next.fileno())
+        self._next.close()
+        self._next = None
+        os.replace(self.directory / self._NEXT, self.directory / name)
+        self._assigned.clear()
+        self.name = name
+        self._reader = CheckpointReader(self.directory, files=[name])
+        return name
+
+
+def _write_safetensors_layout(fh, reader: CheckpointReader, count: int) -> int:
+    """Writes the header of a safetensors file with `reader`'s `batch.*` layout and sizes the file for its data;
+    returns the offset the data starts at."""
+    import json
+    import struct
+
+    header = {f"batch.{i}": reader.header(f"batch.{i}") for i in range(count)}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    fh.write(struct.pack("<Q", len(raw)) + raw)
+    fh.truncate(8 + len(raw) + max(entry["data_offsets"][1] for entry in header.values()))
+    return 8 + len(raw)
 
 
 def map_large_allocations(threshold: int = 1 << 20) -> None:

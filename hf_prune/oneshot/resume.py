@@ -117,6 +117,11 @@ def describe_mismatch(recorded: dict, current: dict) -> list[str]:
     return found
 
 
+def hidden_file(block: int) -> str:
+    """The file holding the hidden states entering `block`."""
+    return f"hidden-{block:05d}.safetensors"
+
+
 class RunRecord:
     """The progress of one offloaded run in its partial directory; holds the directory's lock while open."""
 
@@ -205,7 +210,7 @@ class RunRecord:
         """Writes the hidden states entering `block` (atomically); returns the file name."""
         from safetensors.torch import save_file
 
-        name = f"hidden-{block:05d}.safetensors"
+        name = hidden_file(block)
         tmp = self.directory / (name + ".tmp")
         save_file({f"batch.{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}, str(tmp))
         os.replace(tmp, self.directory / name)

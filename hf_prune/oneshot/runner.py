@@ -80,7 +80,9 @@ def oneshot(
         offload_dir: prune a checkpoint that need not fit in memory: `model` is a checkpoint path, the model is
             built on the meta device, each block is loaded from the checkpoint when its turn comes, and once pruned
             it is written, compressed, as its own shard of the export in `offload_dir` and dropped. Only one block,
-            the calibration activations and one block's statistics are resident. `offload_dir` ends up holding the
+            one block's statistics and one calibration batch are resident (the hidden states are read from a file
+            of the run's progress directory a batch at a time, the block's outputs held while computed; peak on
+            the 1B benchmark model: docs/benchmarks/offload.md). `offload_dir` ends up holding the
             same export as `model.save_pretrained(offload_dir)` after an in-memory run (sharded, one shard per
             block), written atomically, with `tokenizer` saved beside it. OWL is not available offloaded (it needs
             every block before pruning). Resumable: each finished block is kept (with the hidden states entering the
