@@ -12,7 +12,9 @@ exactly the bytes an uninterrupted one writes. The directory goes once the expor
 The hidden states are saved rather than recomputed: recomputing them means running every finished (pruned) block
 again, decoded from its shard, and a forward on another thread count may differ in the last bits, while the saved
 tensors make the resumed run bit-equal to an uninterrupted one; they cost one file of `samples x seq_len x hidden`
-floats (64 x 512 x 2048 in fp32: 268 MB), only the latest boundary kept. The other block inputs (attention mask,
+floats (64 x 512 x 2048 in fp32: 268 MB), only the latest boundary kept. The run itself reads its block inputs from
+that file a batch at a time and writes the block's outputs into the next one as they are computed
+(`offload.SpilledHidden`), so they are not resident while the block's layers are solved. The other block inputs (attention mask,
 rotary embeddings) are the same for every block and are captured again from the embeddings.
 """
 
