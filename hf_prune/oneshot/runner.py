@@ -150,6 +150,7 @@ def oneshot(
     elif device is not None:
         model.to(device)
     solver = build_solver(config)
+    solver.low_memory = store is not None
     blocks = find_blocks(model)
     plan = plan_layers(blocks, config, masks)
     check_finite_parameters(model)

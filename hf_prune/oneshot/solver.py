@@ -66,6 +66,9 @@ class LayerSolver:
 
     #: whether `solve` needs the full Gram matrix (ADMM, SparseGPT) or only its diagonal (Wanda)
     full_gram = True
+    #: the run is bounded by memory (offloaded): trade a little temporary-file I/O for resident memory where the
+    #: solver can (ADMM parks its normalised Gram matrix while iterating). Set by the runner.
+    low_memory = False
 
     def __init__(self, config: OneShotConfig):
         self.config = config
