@@ -214,6 +214,45 @@ def test_admm_bfloat16_iterations_match_float32_reconstruction(pattern, sparsity
     assert not torch.equal(results["bfloat16"], results["float32"])  # it really ran a different product
 
 
+@pytest.mark.parametrize("low_memory", [False, True])  # True: Ĝ parked in a file between factorisations
+@pytest.mark.parametrize("fail_first", [False, True])
+def test_admm_in_place_on_scratch_statistics_is_bit_equal(fail_first, low_memory, monkeypatch):
+    """The runner's statistics are scratch: ADMM normalises their Gram in place (memory); others are left as they
+    were. Same bits either way, shared statistics (q/k/v) and a damping retry (the first factorisation reported
+    not positive definite: the shifted Gram must come back exactly) included."""
+    cholesky_ex, calls = torch.linalg.cholesky_ex, []
+
+    def flaky(a, *args, **kwargs):
+        calls.append(1)
+        chol, info = cholesky_ex(a, *args, **kwargs)
+        return (chol, torch.ones_like(info)) if fail_first and len(calls) % 2 == 1 else (chol, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+    x = _correlated_inputs(d_in=256, tokens=2048)
+    weights = [torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)) for rows in (320, 96)]
+    results = {}
+    for scratch in (False, True):
+        stats = LayerStats(256, torch.device("cpu"), True)
+        stats.add(x)
+        stats.scratch = scratch
+        gram = stats.gram.clone()
+        solver = build_solver(ADMMConfig(sparsity=0.6))
+        solver.low_memory = low_memory and scratch
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            results[scratch] = [solver.solve(LayerTask(f"l{i}", w.clone(), 0.6, None, stats))
+                                for i, w in enumerate(weights)]
+        solver.release()
+        if solver.low_memory:
+            assert stats.gram is None  # parked in a file, then dropped
+        else:
+            assert torch.equal(stats.gram, gram) != scratch  # overwritten only when scratch
+    assert len(calls) == (8 if fail_first else 2)  # with the failure: twice per layer (damping 0.1 fails, 1.0)
+    for a, b in zip(results[False], results[True]):
+        assert a.view(torch.int32).equal(b.view(torch.int32))
+        assert int((a == 0).sum()) == int(0.6 * a.numel())
+
+
 # ------------------------------------------------------------------ class 16: pruning a pruned model again
 def _zeros(model, names):
     modules = dict(model.named_modules())

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..output_dir import atomic_output_dir, check_output
 from ..state import PruningState, get_pruning_state, get_training_record, register_export_hook
@@ -23,6 +24,9 @@ from .codecs import META_SUFFIX
 from .export_config import compressed_state_dict, export_config_for, state_from_dict, state_to_dict  # noqa: F401
 from .hub import DEFAULT_TIMEOUT
 from .quantizer import disable_compressed_save, register_enable_save
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -316,16 +320,18 @@ def write_compressed_export(model, directory: Path, qconfig=None, *, max_shard_s
     return files, report
 
 
-def write_model_config(model, directory: Path, *, export_id: str | None = None) -> None:
+def write_model_config(model, directory: Path, *, export_id: str | None = None,
+                       dtype: torch.dtype | None = None) -> None:
     """`config.json` (with the `quantization_config` the model carries), `generation_config.json` and remote code,
     as transformers' `save_pretrained` writes them: what a streamed export writes beside its shards (pass the
-    `ShardWriter`'s `export_id`, which config.json must carry)."""
+    `ShardWriter`'s `export_id`, which config.json must carry, and the `dtype` its weights are written in when
+    that is not the model's)."""
     from transformers.dynamic_module_utils import custom_object_save
 
     if export_id is not None:
         model.config.quantization_config.export_id = export_id
 
-    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.dtype = str(dtype or model.dtype).split(".")[1]
     model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
     if model.is_remote_code():
         custom_object_save(model, directory, config=model.config)

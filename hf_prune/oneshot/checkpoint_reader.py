@@ -49,11 +49,20 @@ class CheckpointReader:
                 self.weight_map[key] = file
                 self._entries[key] = (info, data_start)
 
+    def header(self, key: str) -> dict:
+        """`key`'s header entry: `{"dtype": "F32", "shape": [...], "data_offsets": [start, end]}`."""
+        return dict(self._entries[key][0])
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The dtype `key` is stored in, from the header (nothing read)."""
+        name = self._entries[key][0]["dtype"]
+        if name not in _DTYPES:
+            raise ValueError(f"{self.path / self.weight_map[key]}: {key} has dtype {name}, not supported here")
+        return _DTYPES[name]
+
     def get(self, key: str) -> torch.Tensor:
         info, data_start = self._entries[key]
-        dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{self.path / self.weight_map[key]}: {key} has dtype {info['dtype']}, not supported here")
+        dtype = self.dtype(key)
         start, end = info["data_offsets"]
         tensor = torch.empty(info["shape"], dtype=dtype)
         buffer = tensor.reshape(-1).view(torch.uint8).numpy()

@@ -12,7 +12,9 @@ exactly the bytes an uninterrupted one writes. The directory goes once the expor
 The hidden states are saved rather than recomputed: recomputing them means running every finished (pruned) block
 again, decoded from its shard, and a forward on another thread count may differ in the last bits, while the saved
 tensors make the resumed run bit-equal to an uninterrupted one; they cost one file of `samples x seq_len x hidden`
-floats (64 x 512 x 2048 in fp32: 268 MB), only the latest boundary kept. The other block inputs (attention mask,
+floats (64 x 512 x 2048 in fp32: 268 MB), only the latest boundary kept. The run itself reads its block inputs from
+that file a batch at a time and writes the block's outputs into the next one as they are computed
+(`offload.SpilledHidden`), so they are not resident while the block's layers are solved. The other block inputs (attention mask,
 rotary embeddings) are the same for every block and are captured again from the embeddings.
 """
 
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 RECORD = "resume.json"
 LOCK = "resume.lock"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: finished blocks in the checkpoint's dtypes (1: in the compute dtype)
 
 
 class ResumeMismatchError(ValueError):
@@ -115,6 +117,11 @@ def describe_mismatch(recorded: dict, current: dict) -> list[str]:
         else:
             found.append(f"{key} ({old!r} -> {new!r})")
     return found
+
+
+def hidden_file(block: int) -> str:
+    """The file holding the hidden states entering `block`."""
+    return f"hidden-{block:05d}.safetensors"
 
 
 class RunRecord:
@@ -205,7 +212,7 @@ class RunRecord:
         """Writes the hidden states entering `block` (atomically); returns the file name."""
         from safetensors.torch import save_file
 
-        name = f"hidden-{block:05d}.safetensors"
+        name = hidden_file(block)
         tmp = self.directory / (name + ".tmp")
         save_file({f"batch.{i}": h.detach().to("cpu").contiguous() for i, h in enumerate(hidden)}, str(tmp))
         os.replace(tmp, self.directory / name)

@@ -80,7 +80,9 @@ def oneshot(
         offload_dir: prune a checkpoint that need not fit in memory: `model` is a checkpoint path, the model is
             built on the meta device, each block is loaded from the checkpoint when its turn comes, and once pruned
             it is written, compressed, as its own shard of the export in `offload_dir` and dropped. Only one block,
-            the calibration activations and one block's statistics are resident. `offload_dir` ends up holding the
+            one block's statistics and one calibration batch are resident (the hidden states are read from a file
+            of the run's progress directory a batch at a time, the block's outputs held while computed; peak on
+            the 1B benchmark model: docs/benchmarks/offload.md). `offload_dir` ends up holding the
             same export as `model.save_pretrained(offload_dir)` after an in-memory run (sharded, one shard per
             block), written atomically, with `tokenizer` saved beside it. OWL is not available offloaded (it needs
             every block before pruning). Resumable: each finished block is kept (with the hidden states entering the
@@ -90,8 +92,11 @@ def oneshot(
         overwrite: with `offload_dir`, replace a model already there (refused otherwise, before any work).
         restart: with `offload_dir`, discard the finished blocks of an interrupted run into it and start over
             (needed when its settings differ).
-        dtype: with `offload_dir`, the dtype the blocks are loaded, computed and saved in (as `from_pretrained`'s
-            `dtype`).
+        dtype: with `offload_dir`, the dtype the blocks are loaded and computed in (as `from_pretrained`'s
+            `dtype`). The export keeps the checkpoint's dtypes: each tensor is written in the dtype it has in the
+            checkpoint (an fp16 checkpoint pruned in float32 is saved in fp16, the pruned values rounded once at
+            the end, and its `config.json` says float16), so the export is never bigger than its input for want
+            of a cast. (An in-memory run saves what the model holds: load it in fp16 to save fp16.)
         command: the command that reproduces the run, recorded in the `PruningState` (and so in the model card).
         allow_repruning: prune a model that hf_prune has already pruned (in memory, or loaded from an hf_prune
             checkpoint); refused otherwise, before any work. The earlier runs go to the `PruningState`'s `history`,
@@ -145,6 +150,7 @@ def oneshot(
     elif device is not None:
         model.to(device)
     solver = build_solver(config)
+    solver.low_memory = store is not None
     blocks = find_blocks(model)
     plan = plan_layers(blocks, config, masks)
     check_finite_parameters(model)
@@ -293,6 +299,8 @@ def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress,
             store.release_embeddings()
         if first:
             inputs.hidden = store.restore_hidden(inputs.hidden)
+        if store is not None:  # on disk between the passes: not resident while the block's layers are solved
+            inputs.hidden = store.spill_hidden(inputs.hidden, first)
     bar = tqdm(total=count, initial=first, desc=f"{method}: pruning blocks", unit="block", disable=not show_progress)
     for index, (block, entries) in enumerate(zip(blocks.layers, plan)):
         if index < first:
@@ -301,6 +309,8 @@ def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress,
             store.load_block(index)
         if entries:
             stats = collect_stats(block, entries, inputs, solver.full_gram)
+            for layer_stats in stats.values():
+                layer_stats.scratch = True  # each is read by its solve only
             for entry in entries:
                 bar.set_postfix_str(entry.name.rsplit(".", 1)[-1])
                 _solve(entry, solver, stats.pop(entry.name), zeros)
@@ -309,8 +319,8 @@ def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress,
         if index + 1 < count:
             advance(block, inputs)
         if store is not None:
-            store.write_block(index, {e.name: zeros[e.name] for e in entries},
-                              inputs.hidden if index + 1 < count else None)
+            zeros.update(store.write_block(index, {e.name: zeros[e.name] for e in entries},
+                                           inputs.hidden if index + 1 < count else None))
         bar.update(1)
     bar.close()
 
@@ -328,5 +338,5 @@ def _prune_without_calibration(blocks, plan, solver, show_progress: bool, zeros,
             _solve(entry, solver, None, zeros)
             bar.update(1)
         if store is not None:
-            store.write_block(index, {e.name: zeros[e.name] for e in entries})
+            zeros.update(store.write_block(index, {e.name: zeros[e.name] for e in entries}))
     bar.close()

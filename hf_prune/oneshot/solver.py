@@ -19,6 +19,9 @@ class LayerStats:
     def __init__(self, in_features: int, device: torch.device, full_gram: bool):
         self.tokens = 0
         self.full_gram = full_gram
+        #: the caller never reads these statistics after the solve: a solver may overwrite `gram` (ADMM normalises
+        #: it in place, one n x n matrix less at the run's memory peak). Set by the block-sequential runner.
+        self.scratch = False
         if full_gram:
             self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         else:
@@ -63,6 +66,9 @@ class LayerSolver:
 
     #: whether `solve` needs the full Gram matrix (ADMM, SparseGPT) or only its diagonal (Wanda)
     full_gram = True
+    #: the run is bounded by memory (offloaded): trade a little temporary-file I/O for resident memory where the
+    #: solver can (ADMM parks its normalised Gram matrix while iterating). Set by the runner.
+    low_memory = False
 
     def __init__(self, config: OneShotConfig):
         self.config = config

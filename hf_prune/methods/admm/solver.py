@@ -25,7 +25,9 @@ class _Factors:
 
     stats: LayerStats
     norms: torch.Tensor  # column scale sqrt(diag G)
-    gram_hat: torch.Tensor  # normalised Gram matrix
+    gram_hat: torch.Tensor | None  # normalised Gram matrix (the statistics' own tensor when they are scratch)
+    singular: str  # why G is singular, or ''
+    parked: tuple | None = None  # low_memory: (temporary file, shape, dtype, device) holding Ĝ while not needed
     damping: float | None = None
     system_inv: torch.Tensor | None = None  # (Ĝ + δ·mean(diag Ĝ)·I + ρI)⁻¹, or None when not positive definite
 
@@ -43,30 +45,42 @@ class ADMMSolver(LayerSolver):
 
     def _normalised(self, stats: LayerStats) -> _Factors:
         if self._factors is None or self._factors.stats is not stats:
+            self._factors = None  # the previous layer's n x n matrices go before this one's are made
             gram = stats.gram
+            singular = _singularity(gram, stats.tokens)
             norms = gram.diagonal().sqrt() + _EPS
-            self._factors = _Factors(stats, norms, gram / norms[:, None] / norms[None, :])
+            # scratch statistics (the runner's) are normalised in place: one n x n matrix less at the peak
+            gram_hat = gram if stats.scratch else gram.clone()
+            gram_hat.div_(norms[:, None]).div_(norms[None, :])
+            self._factors = _Factors(stats, norms, gram_hat, singular)
         return self._factors
 
     def _factorise(self, factors: _Factors, damping: float) -> torch.Tensor | None:
+        """(Ĝ + shift·I)⁻¹ with Ĝ shifted in place and restored bit for bit (its diagonal saved), the Cholesky
+        factor inverted in place: Ĝ and one more n x n matrix at the peak (was Ĝ, G, a shifted copy and the factor)."""
         if factors.damping != damping:
-            gram_hat = factors.gram_hat
-            shift = damping * gram_hat.diagonal().mean() + self.config.rho
-            system = gram_hat.clone()  # shifted in place: no identity and no sum buffer at the run's memory peak
-            system.diagonal().add_(shift)
-            chol, info = torch.linalg.cholesky_ex(system)
-            del system
+            factors.system_inv = None
+            if factors.gram_hat is None:
+                _unpark(factors)
+            diagonal = factors.gram_hat.diagonal()
+            saved = diagonal.clone()
+            shift = damping * diagonal.mean() + self.config.rho
+            diagonal.add_(shift)
+            try:
+                chol, info = torch.linalg.cholesky_ex(factors.gram_hat)
+            finally:
+                diagonal.copy_(saved)
             factors.damping = damping
-            factors.system_inv = torch.cholesky_inverse(chol) if int(info) == 0 else None
+            factors.system_inv = torch.cholesky_inverse(chol, out=chol) if int(info) == 0 else None
+            if factors.system_inv is not None and self.low_memory:
+                _park(factors)  # needed again only for a damping retry
         return factors.system_inv
 
     def solve(self, task: LayerTask) -> torch.Tensor:
         cfg: ADMMConfig = self.config
         factors = self._normalised(task.stats)
-        weight_hat = task.weight * factors.norms[None, :]  # column-wise scaling: |Ŵ| is Wanda's score
-
         damping = cfg.damping
-        reason = _singularity(task.stats.gram, task.stats.tokens)
+        reason = factors.singular
         if reason:
             damping = cfg.damping * 10
             warnings.warn(
@@ -77,9 +91,9 @@ class ADMMSolver(LayerSolver):
             )
         for _ in range(_MAX_DAMPING_RETRIES):
             system_inv = self._factorise(factors, damping)
-            result = None if system_inv is None else self._admm(task, system_inv, weight_hat)
+            result = None if system_inv is None else self._admm(task, system_inv, factors.norms)
             if result is not None and bool(torch.isfinite(result).all()):
-                return result / factors.norms[None, :]
+                return result.div_(factors.norms[None, :])
             warnings.warn(
                 f"hf_prune ADMM: {task.name} diverged (non-finite or non-PD system) at damping {damping:g}; "
                 f"retrying with {damping * 10:g}.",
@@ -89,14 +103,17 @@ class ADMMSolver(LayerSolver):
             damping *= 10
         raise FloatingPointError(f"ADMM could not produce finite weights for {task.name} even at damping {damping:g}")
 
-    def _admm(self, task: LayerTask, system_inv: torch.Tensor, weight_hat: torch.Tensor) -> torch.Tensor:
+    def _admm(self, task: LayerTask, system_inv: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """T ADMM iterations. With S = (Ĝ_δ + ρI)⁻¹ the V-step (ŴĜ_δ + ρ(Z - U))S is ŴĜ_δS + ρ(Z - U)S, and
-        ŴĜ_δS = Ŵ - ρŴS, so each iteration is one fused `addmm` plus four elementwise passes into reused buffers.
+        ŴĜ_δS = Ŵ - ρŴS, so each iteration is one fused `addmm` plus four elementwise passes into reused buffers
+        (five weight-sized fp32 buffers and the mask: Ŵ is the first V, Z - U goes where V + U was, the result is
+        built in place; `Ŵ = W·norms`, column-wise, |Ŵ| being Wanda's score, is made here, fresh for each retry).
         With `matmul_precision="bfloat16"` the product of the mask-selection iterations runs in bfloat16 (ADMM is a
         fixed-point iteration: the later float32 iterations remove what rounding perturbed); on a CPU without native
         bf16, where it would be ~10x slower, it runs in float32 with a warning (`hf_prune.cpu.use_bf16`)."""
         cfg: ADMMConfig = self.config
         rho = cfg.rho
+        weight_hat = task.weight * norms[None, :]
         target = torch.addmm(weight_hat, weight_hat, system_inv, alpha=-rho)  # ŴĜ_δS
         mask = task.mask if cfg.mask_mode == "fixed" else None
         keep = None if mask is None else mask.to(weight_hat.dtype)
@@ -105,26 +122,29 @@ class ADMMSolver(LayerSolver):
                 True, "ADMM's matmul_precision='bfloat16'", weight_hat.device):
             fast_until = min(cfg.mask_iterations, cfg.iterations - 1)
             system_inv_bf16 = (system_inv * rho).to(torch.bfloat16)
-        v = weight_hat.clone()
+        v = weight_hat  # overwritten only after its last use (`target` above)
+        del weight_hat
         u = torch.zeros_like(v)
-        vu, z, d = torch.empty_like(v), torch.empty_like(v), torch.empty_like(v)
+        vu, z = torch.empty_like(v), torch.empty_like(v)
         for t in range(cfg.iterations):
             torch.add(v, u, out=vu)
             if cfg.mask_mode == "gradual" and (t < cfg.mask_iterations or mask is None):
-                mask = self._select(vu, task, min(t, max(cfg.mask_iterations - 1, 0)))
+                mask = keep = None  # the previous mask goes before the next is chosen; Z holds the scores
+                mask = self._select(torch.abs(vu, out=z), task, min(t, max(cfg.mask_iterations - 1, 0)))
                 keep = mask.to(vu.dtype)
             torch.mul(vu, keep, out=z)  # Z = Π(V + U)
             torch.sub(vu, z, out=u)  # U + V - Z
-            torch.sub(z, u, out=d)
+            d = torch.sub(z, u, out=vu)  # V + U is not read again this iteration
             if t < fast_until:
                 torch.add(target, torch.mm(d.to(torch.bfloat16), system_inv_bf16), out=v)
             else:
                 torch.addmm(target, d, system_inv, alpha=rho, out=v)
-        return (v + u) * keep
+        del target, z
+        return torch.add(v, u, out=vu).mul_(keep)
 
-    def _select(self, scores_source: torch.Tensor, task: LayerTask, step: int) -> torch.Tensor:
+    def _select(self, scores: torch.Tensor, task: LayerTask, step: int) -> torch.Tensor:
+        """The keep-mask for iteration `step` from `scores` = |V + U|."""
         cfg: ADMMConfig = self.config
-        scores = scores_source.abs()
         if cfg.mask_iterations == 0:
             fraction = task.sparsity
         else:
@@ -135,6 +155,30 @@ class ADMMSolver(LayerSolver):
                 return nm_mask(scores, n, m)
             return gradual_nm_mask(scores, fraction, n, m)
         return prune_lowest(scores, fraction, cfg.mask_group)
+
+
+def _park(factors: _Factors) -> None:
+    """Moves Ĝ into an anonymous temporary file (exact bytes) and drops it, from the statistics too when it is
+    theirs (scratch): an offloaded run's `down_proj` iterations then hold S alone (-121 MiB at n = 5632)."""
+    import tempfile
+
+    gram_hat = factors.gram_hat
+    fh = tempfile.TemporaryFile()  # noqa: SIM115 - closed when unparked or garbage-collected
+    fh.write(gram_hat.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    factors.parked = (fh, gram_hat.shape, gram_hat.dtype, gram_hat.device)
+    if factors.stats.gram is gram_hat:
+        factors.stats.gram = None
+    factors.gram_hat = None
+
+
+def _unpark(factors: _Factors) -> None:
+    fh, shape, dtype, device = factors.parked
+    gram_hat = torch.empty(shape, dtype=dtype)
+    fh.seek(0)
+    fh.readinto(gram_hat.reshape(-1).view(torch.uint8).numpy())
+    fh.close()
+    factors.parked = None
+    factors.gram_hat = gram_hat.to(device)
 
 
 def _singularity(gram: torch.Tensor, tokens: int) -> str:
