@@ -398,6 +398,10 @@ def rebuild(row: str, r: dict, dense, load_dense, prune_row, tokenizer, runs: st
     cannot be rebuilt here (a distilled row without a saved model)."""
     if r.get("model_dir") and os.path.isfile(os.path.join(r["model_dir"], "config.json")):
         return r["model_dir"]
+    saved = os.path.join(runs, _slug(row))  # saved by a run whose record of it another run's save replaced
+    if os.path.isfile(os.path.join(saved, "config.json")):
+        r["model_dir"] = saved
+        return saved
     if args.speed_saved_only:
         return None
     planned = planned_rows(r["shape"], dense, per_layer=True) if r["shape"] in SHAPES else {}

@@ -209,3 +209,22 @@ def test_save_keeps_the_rows_a_concurrent_run_recorded(bench, tmp_path):
                              "B distilled": {"perplexity": 90.0}}  # this run's values win, the other's row is added
     assert saved["settings"] == {"seq_len": 512}
     assert not (tmp_path / "r.json.tmp").exists()
+
+
+def test_rebuild_reuses_the_rows_saved_model_when_its_record_lost_the_path(bench, tmp_path):
+    """A concurrent run's save can replace a row's record by its own older copy (without `model_dir`): the model
+    saved under the row's directory is used, not pruned again (which would refuse to overwrite it)."""
+    row = "B importance + reconstruction"
+    saved = tmp_path / bench._slug(row)
+    saved.mkdir()
+    (saved / "config.json").write_text("{}")
+
+    def no_pruning(*args, **kwargs):
+        raise AssertionError("pruned again")
+
+    record = {"shape": "B", "model_dir": None}
+    args = type("Args", (), {"speed_saved_only": False})()
+    assert bench.rebuild(row, record, None, no_pruning, no_pruning, None, str(tmp_path), args) == str(saved)
+    assert record["model_dir"] == str(saved)
+    assert bench.rebuild("B importance only", {"shape": "B"}, None, no_pruning, no_pruning, None, str(tmp_path),
+                         type("Args", (), {"speed_saved_only": True})()) is None  # nothing saved, none rebuilt
