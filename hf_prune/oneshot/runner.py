@@ -88,7 +88,9 @@ def oneshot(
             every block before pruning). Resumable: each finished block is kept (with the hidden states entering the
             next one) in `.<name>.hf_prune-partial/` beside `offload_dir`, and the same call after an interruption
             continues at the next block (logged), giving the same export bit for bit; an interrupted run made with
-            other settings (checkpoint, config, calibration, dtype) is refused, naming what differs.
+            other settings (checkpoint, config, calibration, dtype) is refused, naming what differs. To keep the
+            heap from fragmenting between phases, an offloaded run has glibc serve allocations of 1 MiB or more
+            by their own memory maps, for the rest of the process (`mallopt`; measured no slower).
         overwrite: with `offload_dir`, replace a model already there (refused otherwise, before any work).
         restart: with `offload_dir`, discard the finished blocks of an interrupted run into it and start over
             (needed when its settings differ).
