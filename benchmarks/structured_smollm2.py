@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -103,6 +103,32 @@ def planned_rows(shape: str, dense, per_layer: bool = False) -> dict[str, dict]:
         rows[f"{shape} importance + reconstruction, per-layer shapes"] = {**SHAPES[shape], "reconstruct": True,
                                                                            "uniform": False}
     rows[f"{shape} depth only ({layers} layers, block influence)"] = {"target_layers": layers}
+    return rows
+
+
+def unit_rows(shape: str, dense) -> dict[str, dict]:
+    """The unit ablation of a shape (`--lever-units`): name -> `StructuredConfig` fields of the shape's cut of one
+    unit kind alone (and of every width cut but the hidden one), importance only and with the refit where a refit
+    applies. It says how much of the shape's loss each unit kind causes and how much of it the refit can win back:
+    the hidden cut and dropped layers have no projection to refit under `refit_target="layer"`."""
+    ad = adapter_for(dense)
+    full, t = ad.dims, resolve_target(StructuredConfig(**SHAPES[shape]), ad)
+    cuts = {"layers": ("target_layers", t.layers, full.num_layers, "layers"),
+            "kv": ("target_kv_heads", t.kv_heads, full.head_units, "KV groups"),
+            "ffn": ("target_intermediate_size", t.intermediate_size, full.intermediate_size, "FFN"),
+            "hidden": ("target_hidden_size", t.hidden_size, full.hidden_size, "hidden")}
+    cuts = {k: v for k, v in cuts.items() if v[1] < v[2]}
+    combos = [[k] for k in cuts]
+    if "hidden" in cuts and len(cuts) > 2:
+        combos.append([k for k in cuts if k != "hidden"])
+    rows = {}
+    for combo in combos:
+        fields = {cuts[k][0]: cuts[k][1] for k in combo}
+        what = " + ".join(f"{cuts[k][3]} {cuts[k][1]}" for k in combo)
+        refits = any(k in ("kv", "ffn") for k in combo)
+        rows[f"{shape} cut {what} only, importance only"] = {**fields, "reconstruct": False}
+        if refits:
+            rows[f"{shape} cut {what} only, importance + reconstruction"] = {**fields, "reconstruct": True}
     return rows
 
 
@@ -193,6 +219,12 @@ def main(argv=None) -> None:
                    help="add the reconstruction row with per-layer shapes (StructuredConfig(uniform=False)) per shape")
     p.add_argument("--distill-lr", type=float, default=1e-4)
     p.add_argument("--distill-seq-len", type=int, default=256)
+    p.add_argument("--distill-save-steps", type=int, default=0,
+                   help="checkpoint the distillation every N steps under RUNS/NAME/<row>.checkpoints and resume from "
+                        "there when rerun (long runs spread over sessions); 0: no checkpoints")
+    p.add_argument("--distill-eval-every", type=int, default=0,
+                   help="held-out perplexity (32 x 512) every N steps during distillation, kept beside the checkpoints "
+                        "(across resumes) and in the row as `trajectory`")
     p.add_argument("--distill-bf16", default="auto", choices=["auto", "true", "false"],
                    help="bf16 autocast for distillation (auto: where the device runs bf16 natively)")
     p.add_argument("--device", default="cpu", help="pruning, evaluation and distillation device (cuda: "
@@ -217,6 +249,9 @@ def main(argv=None) -> None:
                         "--damping) and each --lever-damping (with --calibration-windows), into NAME_levers.json")
     p.add_argument("--lever-windows", default="64,128")
     p.add_argument("--lever-damping", default="0.1,0.001")
+    p.add_argument("--lever-units", action="store_true",
+                   help="with --levers: the unit ablation of each shape instead of the sweep (each unit kind's cut "
+                        "alone, importance only and refit; see unit_rows)")
     p.add_argument("--lever-refit-targets", default="",
                    help="StructuredConfig.refit_target values to add at --calibration-windows / --damping (e.g. dense)")
     args = p.parse_args(argv)
@@ -278,6 +313,14 @@ def main(argv=None) -> None:
     if args.levers:
         for shape in args.shapes.split(","):
             kwargs = {**SHAPES[shape], "reconstruct": True}
+            if args.lever_units:
+                for row, fields in unit_rows(shape, dense).items():
+                    if row not in data["rows"]:
+                        data["rows"][row] = {**oneshot_row(row, shape, fields, args.calibration_windows, args.damping),
+                                             "calibration_windows": args.calibration_windows, "damping": args.damping}
+                        print(row, json.dumps(data["rows"][row]), flush=True)
+                        save()
+                continue
             grid = [(int(w), args.damping, "layer") for w in args.lever_windows.split(",") if w]
             grid += [(args.calibration_windows, float(x), "layer") for x in args.lever_damping.split(",") if x]
             grid += [(args.calibration_windows, args.damping, t) for t in args.lever_refit_targets.split(",") if t]
@@ -371,15 +414,24 @@ def distill_row(row: str, r: dict, name: str, dense, calibration, tokenizer, hel
     if model_dir is None:
         return None
     small = load_student(model_dir, args.device)
+    eval32 = held_out_ids[: 32 * 512]
+    ckpt = os.path.join(runs, _slug(name) + ".checkpoints")
+    trajectory = Trajectory(os.path.join(ckpt, "trajectory.json"), args.distill_eval_every, eval32)
+    resumable = {}
+    if args.distill_save_steps:
+        resume = os.path.isdir(ckpt) and any(d.startswith("checkpoint-") for d in os.listdir(ckpt))
+        resumable = dict(output_dir=ckpt, save_strategy="steps", save_steps=args.distill_save_steps,
+                         resume_from_checkpoint=True if resume else None)
+        print(f"{name}: checkpoints in {ckpt}" + (", resuming from the newest" if resume else ""), flush=True)
     started = time.perf_counter()
     small = distill(small, dense, calibration, tokenizer, steps=args.distill_steps, seq_len=args.distill_seq_len,
                     batch_size=2, grad_accum=4, learning_rate=args.distill_lr,
                     bf16={"auto": "auto", "true": True, "false": False}[args.distill_bf16],
-                    data_name="wikipedia_split() calibration articles")
+                    data_name="wikipedia_split() calibration articles",
+                    callbacks=[trajectory] if args.distill_eval_every else None, **resumable)
     wall = time.perf_counter() - started
     state = get_pruning_state(small)  # a plain checkpoint has none: distill keeps its record on the model
     m = state.metrics if state is not None else get_training_record(small)
-    eval32 = held_out_ids[: 32 * 512]
     return {
         "shape": r["shape"], "from_row": row, "reconstruct": bool(r.get("reconstruct")), "perplexity": ppl(small),
         "distill_wall_s": round(wall, 1),
@@ -390,7 +442,51 @@ def distill_row(row: str, r: dict, name: str, dense, calibration, tokenizer, hel
         **{k: r[k] for k in ("sparsity", "target") if k in r},
         "machine_state": machine_state(), **_row_stats(small, args.seq_len),
         "model_dir": _save_model(small, tokenizer, os.path.join(runs, _slug(name))),
+        **({"trajectory": trajectory.points, "distill_wall_s_all_sessions": trajectory.wall_all_sessions(wall)}
+           if args.distill_eval_every or args.distill_save_steps else {}),
     }
+
+
+class Trajectory(TrainerCallback):
+    """Held-out perplexity (32 x 512) every `every` optimizer steps of a distillation, and the training wall time up
+    to the last checkpoint, in `path` beside the run's checkpoints, so a run resumed in a later session keeps its
+    earlier points and its whole wall time. A point is taken after the step's update, in eval mode."""
+
+    def __init__(self, path: str, every: int, eval_ids: torch.Tensor):
+        self.path, self.every, self.eval_ids = path, every, eval_ids
+        saved = json.load(open(path)) if os.path.isfile(path) else {}
+        self.points, self.base = saved.get("points", []), saved.get("wall_s_at_last_checkpoint", 0.0)
+        self._started = time.perf_counter()
+
+    def wall_all_sessions(self, this_session: float) -> float:
+        """This session's wall plus the earlier sessions' up to the checkpoint this one resumed from."""
+        return round(self.base + this_session, 1)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not self.every or state.global_step % self.every or any(p["step"] == state.global_step for p in self.points):
+            return
+        was_training = model.training
+        model.eval()
+        ppl = perplexity(model, input_ids=self.eval_ids, seq_len=512, show_progress=False)
+        model.train(was_training)
+        self.points.append({"step": state.global_step, "perplexity_32x512": round(ppl, 3)})
+        print(f"step {state.global_step}: held-out perplexity (32 x 512) {ppl:.3f}", flush=True)
+        self._write()
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write(wall=self.base + time.perf_counter() - self._started)
+
+    def _write(self, wall: float | None = None) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        saved = json.load(open(self.path)) if os.path.isfile(self.path) else {}
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"points": self.points, "wall_s_at_last_checkpoint":
+                       round(wall, 1) if wall is not None else saved.get("wall_s_at_last_checkpoint", 0.0)}, fh, indent=1)
+        os.replace(tmp, self.path)
 
 
 def rebuild(row: str, r: dict, dense, load_dense, prune_row, tokenizer, runs: str, args) -> str | None:

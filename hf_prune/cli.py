@@ -415,6 +415,32 @@ def _distill_parser(sub) -> None:
     p.add_argument("--bf16", action="store_true", help="train under bf16 autocast (weights stay in their dtype); on a "
                    "CPU without native bf16 it runs in fp32 with a warning (bf16 is emulated there, ~10x slower)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model in --output")
+    p.add_argument("--checkpoint-dir", help="write Trainer checkpoints here (every --save-steps) and, when it already "
+                   "holds some, resume from the newest: a long run that was stopped continues where it was")
+    p.add_argument("--save-steps", type=int, default=None,
+                   help="checkpoint every N steps (with --checkpoint-dir; default: --steps / 20)")
+
+
+def _distill_checkpoints(args) -> dict:
+    """`distill`'s Trainer arguments for --checkpoint-dir / --save-steps (checked before any model loads): the
+    directory, a checkpoint every N steps, and resume from the newest one already there."""
+    if args.checkpoint_dir is None:
+        if args.save_steps is not None:
+            raise ValueError("--save-steps needs --checkpoint-dir (where the checkpoints go)")
+        return {}
+    if args.save_steps is not None and args.save_steps < 1:
+        raise ValueError(f"--save-steps must be >= 1, got {args.save_steps}")
+    ckpt = Path(args.checkpoint_dir).resolve()
+    for flag, other in (("--output", args.output), ("STUDENT_DIR", args.student), ("--teacher", args.teacher)):
+        if ckpt == Path(other).resolve():
+            raise ValueError(f"--checkpoint-dir must be a directory of its own, not {flag} ({other!r})")
+    if ckpt.exists() and not ckpt.is_dir():
+        raise ValueError(f"--checkpoint-dir: {args.checkpoint_dir!r} is a file, not a directory")
+    resume = ckpt.is_dir() and any(p.is_dir() for p in ckpt.glob("checkpoint-*"))
+    if resume:
+        print(f"resuming from the newest checkpoint in {args.checkpoint_dir}", flush=True)
+    return dict(output_dir=str(ckpt), save_strategy="steps", save_steps=args.save_steps or max(1, args.steps // 20),
+                resume_from_checkpoint=True if resume else None)
 
 
 def run_distill(args) -> int:
@@ -435,6 +461,7 @@ def run_distill(args) -> int:
                                    if v is not None})
     check_vocab(AutoConfig.from_pretrained(args.student).vocab_size, AutoConfig.from_pretrained(args.teacher).vocab_size)
     texts, eval_texts = _text_training_inputs(args, sources=[args.student, args.teacher])
+    checkpoints = _distill_checkpoints(args)
     tokenizer = AutoTokenizer.from_pretrained(args.student)
     student = AutoModelForCausalLM.from_pretrained(args.student)
     check_dense_student(student)
@@ -444,7 +471,7 @@ def run_distill(args) -> int:
     student = distill(student, teacher, texts, tokenizer, steps=args.steps, config=config, seq_len=args.seq_len,
                       batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
                       bf16=args.bf16, eval_texts=eval_texts, eval_windows=args.eval_windows,
-                      data_name=Path(args.data).name, teacher_name=args.teacher)
+                      data_name=Path(args.data).name, teacher_name=args.teacher, **checkpoints)
     return _save_trained(student, tokenizer, args, "distillation", "distillation", "distilled")
 
 

@@ -219,6 +219,52 @@ def test_cli_distill_round_trip_saves_a_plain_checkpoint_with_its_card(checkpoin
     assert (out / "tokenizer.json").is_file()
 
 
+def test_cli_distill_resumes_from_its_checkpoint_dir_and_ends_where_the_uninterrupted_run_ends(checkpoints, capsys):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from hf_prune.cli import main
+
+    def run(out):
+        return main(["distill", str(checkpoints / "student"), "--teacher", str(checkpoints / "teacher"), "--data",
+                     str(checkpoints / "train.txt"), "--steps", "4", "--seq-len", "32", "--batch-size", "2",
+                     "--learning-rate", "1e-3", "--checkpoint-dir", str(checkpoints / "ck"), "--save-steps", "2",
+                     "--output", str(checkpoints / out)])
+
+    assert run("whole") == 0
+    assert sorted(p.name for p in (checkpoints / "ck").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert "resuming" not in capsys.readouterr().out
+    shutil.rmtree(checkpoints / "ck" / "checkpoint-4")  # as if the run had been stopped during step 3
+    assert run("resumed") == 0
+    assert "resuming from the newest checkpoint in" in capsys.readouterr().out
+    whole, resumed = (load_file(checkpoints / d / "model.safetensors") for d in ("whole", "resumed"))
+    student = load_file(checkpoints / "student" / "model.safetensors")
+    assert set(whole) == set(resumed)
+    assert not torch.equal(whole["model.layers.0.mlp.down_proj.weight"], student["model.layers.0.mlp.down_proj.weight"])
+    for k in whole:
+        torch.testing.assert_close(whole[k], resumed[k], atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save-steps", "2"], "--save-steps needs --checkpoint-dir"),
+    (["--checkpoint-dir", "CK", "--save-steps", "0"], "--save-steps must be >= 1, got 0"),
+    (["--checkpoint-dir", "STUDENT"], "--checkpoint-dir must be a directory of its own, not STUDENT_DIR"),
+    (["--checkpoint-dir", "FILE"], "is a file, not a directory"),
+])
+def test_cli_distill_refuses_bad_checkpoint_flags_before_loading(checkpoints, capsys, flags, message):
+    from hf_prune.cli import main
+
+    where = {"CK": str(checkpoints / "ck"), "STUDENT": str(checkpoints / "student"),
+             "FILE": str(checkpoints / "train.txt")}
+    code = main(["distill", str(checkpoints / "student"), "--teacher", str(checkpoints / "teacher"), "--data",
+                 str(checkpoints / "train.txt"), "--steps", "2", "--output", str(checkpoints / "out"),
+                 *[where.get(f, f) for f in flags]])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (checkpoints / "out").exists() and not (checkpoints / "ck").exists()
+
+
 @pytest.mark.parametrize("case, message", [
     ("missing_teacher", "--teacher: no such checkpoint directory"),
     ("same", "STUDENT_DIR and --teacher are the same checkpoint"),

@@ -8,6 +8,7 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 from hf_prune.methods.structured.targets import adapter_for, full_shape
 
@@ -195,6 +196,59 @@ def test_main_distils_the_picked_rows_of_a_tiny_model_and_resumes(bench, tmp_pat
     assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("A ")] == []
 
 
+def test_a_checkpointed_distillation_resumes_with_its_trajectory(bench, tmp_path, monkeypatch):
+    """`--distill-save-steps` / `--distill-eval-every`: a distillation stopped after its first checkpoint and run
+    again continues from it, keeps the perplexity points taken before, and ends with the uninterrupted run's model."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from conftest import random_texts, tiny_tokenizer
+
+    dense_dir = tmp_path / "dense"
+    tiny_llama(9, vocab_size=128).save_pretrained(dense_dir)
+    tiny_tokenizer().save_pretrained(dense_dir)
+    monkeypatch.setattr(bench, "smollm2_path", lambda: str(dense_dir))
+    monkeypatch.setattr(bench, "wikipedia_split", lambda: (random_texts(4, seed=1), random_texts(2, words=300, seed=2)))
+    monkeypatch.setitem(bench.SHAPES, "A", {"target_kv_heads": 2, "target_intermediate_size": 20})
+
+    def run(name):
+        monkeypatch.setattr(bench, "RESULTS", str(tmp_path / name))
+        bench.main(["--shapes", "A", "--calibration-windows", "4", "--seq-len", "16", "--eval-windows", "2",
+                    "--no-depth", "--runs", str(tmp_path / name / "runs"), "--distill-steps", "4",
+                    "--distill-seq-len", "16", "--distill-bf16", "false", "--distill-lr", "1e-2",
+                    "--distill-save-steps", "2", "--distill-eval-every", "2"])
+        return json.loads((tmp_path / name / "structured_smollm2.json").read_text())["rows"]
+
+    row = "A importance + reconstruction + distillation (4 steps, lr 0.01)"
+    whole = run("whole")[row]
+    assert [p["step"] for p in whole["trajectory"]] == [2, 4]
+    assert whole["trajectory"][-1]["perplexity_32x512"] == pytest.approx(whole["perplexity_32x512"], rel=1e-3)
+    # the second run: its one-shot rows copied, its distillation stopped after the checkpoint of step 2
+    shutil.copytree(tmp_path / "whole", tmp_path / "stopped")
+    ckpt = tmp_path / "stopped" / "runs" / "structured_smollm2" / (bench._slug(row) + ".checkpoints")
+    shutil.rmtree(ckpt / "checkpoint-4")
+    shutil.rmtree(ckpt.parent / bench._slug(row))  # a stopped run saved no distilled model
+    trajectory = json.loads((ckpt / "trajectory.json").read_text())
+    trajectory["points"] = trajectory["points"][:1]
+    (ckpt / "trajectory.json").write_text(json.dumps(trajectory))
+    data = json.loads((tmp_path / "stopped" / "structured_smollm2.json").read_text())
+    del data["rows"][row]
+    (tmp_path / "stopped" / "structured_smollm2.json").write_text(json.dumps(data))
+    for r in data["rows"].values():  # the copied rows' saved models: point them at the copy
+        if r.get("model_dir"):
+            r["model_dir"] = r["model_dir"].replace(str(tmp_path / "whole"), str(tmp_path / "stopped"))
+    (tmp_path / "stopped" / "structured_smollm2.json").write_text(json.dumps(data))
+    resumed = run("stopped")[row]
+    assert [p["step"] for p in resumed["trajectory"]] == [2, 4]
+    assert resumed["trajectory"][0] == whole["trajectory"][0]  # the earlier session's point, kept
+    assert resumed["perplexity_32x512"] == pytest.approx(whole["perplexity_32x512"], rel=1e-4)
+    a, b = (load_file(os.path.join(r["model_dir"], "model.safetensors")) for r in (whole, resumed))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
 def test_save_keeps_the_rows_a_concurrent_run_recorded(bench, tmp_path):
     """Two distillations side by side (one per core) each read the JSON at their start: the second to finish must
     not drop the first one's row."""
@@ -228,3 +282,22 @@ def test_rebuild_reuses_the_rows_saved_model_when_its_record_lost_the_path(bench
     assert record["model_dir"] == str(saved)
     assert bench.rebuild("B importance only", {"shape": "B"}, None, no_pruning, no_pruning, None, str(tmp_path),
                          type("Args", (), {"speed_saved_only": True})()) is None  # nothing saved, none rebuilt
+
+
+def test_unit_ablation_cuts_each_unit_kind_of_the_shape_alone(bench, monkeypatch):
+    model = tiny_llama()  # 4 layers, 4 KV groups, FFN 48, hidden 32
+    monkeypatch.setitem(bench.SHAPES, "T", {"target_layers": 3, "target_kv_heads": 2, "target_intermediate_size": 24,
+                                            "target_hidden_size": 16})
+    rows = bench.unit_rows("T", model)
+    assert rows["T cut layers 3 only, importance only"] == {"target_layers": 3, "reconstruct": False}
+    assert rows["T cut hidden 16 only, importance only"] == {"target_hidden_size": 16, "reconstruct": False}
+    assert rows["T cut FFN 24 only, importance + reconstruction"] == {"target_intermediate_size": 24,
+                                                                      "reconstruct": True}
+    both = "T cut layers 3 + KV groups 2 + FFN 24 only, importance + reconstruction"
+    assert rows[both] == {"target_layers": 3, "target_kv_heads": 2, "target_intermediate_size": 24, "reconstruct": True}
+    # each kind and the cut without the hidden one, importance only (5); refit rows only where something is refit:
+    # KV groups, FFN and the combination (3), none for depth or hidden alone
+    assert len(rows) == 5 + 3 and "T cut hidden 16 only, importance + reconstruction" not in rows
+    monkeypatch.setitem(bench.SHAPES, "T", {"target_intermediate_size": 24})  # a single cut: no combination row
+    assert list(bench.unit_rows("T", model)) == ["T cut FFN 24 only, importance only",
+                                                 "T cut FFN 24 only, importance + reconstruction"]

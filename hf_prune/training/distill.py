@@ -26,7 +26,7 @@ def distill(student, teacher, texts, tokenizer, *, steps: int, config: Distillat
             seq_len: int = 512, batch_size: int = 4, grad_accum: int = 1, learning_rate: float = 1e-4, seed: int = 0,
             bf16: bool | str = False, eval_texts=None, eval_windows: int | None = None, eval_seq_len: int | None = None,
             data_name: str | None = None, teacher_name: str | None = None, callbacks=None,
-            output_dir: str | None = None, **training_args):
+            output_dir: str | None = None, resume_from_checkpoint: str | bool | None = None, **training_args):
     """Trains `student` for `steps` on non-overlapping `seq_len`-token windows of `texts` to match `teacher`'s
     next-token distributions ([`PruningTrainer`] with `pruning_config=None`), and returns it (trained in place).
 
@@ -50,6 +50,9 @@ def distill(student, teacher, texts, tokenizer, *, steps: int, config: Distillat
         data_name, teacher_name: how the card names the training data and the teacher (defaults: counts, and the
             teacher's `name_or_path`).
         callbacks: extra `TrainerCallback`s; output_dir: the Trainer's output directory (default: a temporary one).
+        resume_from_checkpoint (`str` or `bool`, *optional*): as `Trainer.train`'s: a checkpoint directory, or `True`
+            for the newest `checkpoint-*` in `output_dir` (the run must write them: `save_strategy="steps"`,
+            `save_steps=N`). The resumed run ends where the uninterrupted one would (same schedule, data order, RNG).
         training_args: any other `TrainingArguments` field (e.g. `logging_steps`, `max_grad_norm`).
     """
     from transformers import default_data_collator
@@ -78,7 +81,7 @@ def distill(student, teacher, texts, tokenizer, *, steps: int, config: Distillat
             ppl = {who: perplexity(m, input_ids=eval_ids, seq_len=eval_seq_len, max_windows=eval_windows)
                    for who, m in (("teacher", teacher), ("before", student))}
             logger.info("held-out perplexity: teacher %.3f, student before distillation %.3f", ppl["teacher"], ppl["before"])
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     student = trainer.export_pruned_model()  # the config's own `use_cache` back (Trainer turned it off)
     record.update(run_record("distillation", trainer, texts=texts, windows=windows, data_name=data_name,
                              learning_rate=learning_rate, loss_key="kd_loss"))
