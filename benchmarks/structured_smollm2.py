@@ -420,7 +420,7 @@ def distill_row(row: str, r: dict, name: str, dense, calibration, tokenizer, hel
     resumable = {}
     if args.distill_save_steps:
         resume = os.path.isdir(ckpt) and any(d.startswith("checkpoint-") for d in os.listdir(ckpt))
-        resumable = dict(output_dir=ckpt, save_strategy="steps", save_steps=args.distill_save_steps,
+        resumable = dict(output_dir=ckpt, save_strategy="steps", save_steps=args.distill_save_steps, save_total_limit=2,
                          resume_from_checkpoint=True if resume else None)
         print(f"{name}: checkpoints in {ckpt}" + (", resuming from the newest" if resume else ""), flush=True)
     started = time.perf_counter()

@@ -120,6 +120,7 @@ def test_table_pairs_each_distilled_row_with_its_source(bench):
 
 class _Args:
     device, seq_len, distill_steps, distill_seq_len, distill_lr, distill_bf16 = "cpu", 16, 2, 16, 1e-4, "false"
+    distill_save_steps = distill_eval_every = 0
 
 
 @pytest.mark.parametrize("uniform", [True, False])
