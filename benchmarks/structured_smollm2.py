@@ -252,6 +252,9 @@ def main(argv=None) -> None:
     p.add_argument("--lever-units", action="store_true",
                    help="with --levers: the unit ablation of each shape instead of the sweep (each unit kind's cut "
                         "alone, importance only and refit; see unit_rows)")
+    p.add_argument("--lever-baseline", action="store_true",
+                   help="with --levers: the importance-only row at each --lever-windows (the refit's baseline at "
+                        "equal calibration data) instead of the reconstruction rows")
     p.add_argument("--lever-refit-targets", default="",
                    help="StructuredConfig.refit_target values to add at --calibration-windows / --damping (e.g. dense)")
     args = p.parse_args(argv)
@@ -324,11 +327,15 @@ def main(argv=None) -> None:
             grid = [(int(w), args.damping, "layer") for w in args.lever_windows.split(",") if w]
             grid += [(args.calibration_windows, float(x), "layer") for x in args.lever_damping.split(",") if x]
             grid += [(args.calibration_windows, args.damping, t) for t in args.lever_refit_targets.split(",") if t]
+            if args.lever_baseline:  # importance only at the same calibration: the refit's gain at equal data
+                grid = [(w, d, t if t != "layer" else None) for w, d, t in grid if t == "layer" and d == args.damping]
             for windows, damping, target in grid:
-                row = f"{shape} importance + reconstruction, {windows} windows, damping {damping:g}"
-                row += "" if target == "layer" else f", refit target {target}"
+                row = f"{shape} importance {'only' if target is None else '+ reconstruction'}, {windows} windows"
+                row += f", damping {damping:g}" if target is not None else ""
+                row += "" if target in ("layer", None) else f", refit target {target}"
+                fields = {**kwargs, "reconstruct": False} if target is None else {**kwargs, "refit_target": target}
                 if row not in data["rows"]:
-                    data["rows"][row] = {**oneshot_row(row, shape, {**kwargs, "refit_target": target}, windows,
+                    data["rows"][row] = {**oneshot_row(row, shape, fields, windows,
                                                        damping), "calibration_windows": windows, "damping": damping}
                     data["settings"] = {**settings, "calibration_windows": "per row", "damping": "per row"}
                     print(row, json.dumps(data["rows"][row]), flush=True)

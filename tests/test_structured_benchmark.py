@@ -302,3 +302,28 @@ def test_unit_ablation_cuts_each_unit_kind_of_the_shape_alone(bench, monkeypatch
     monkeypatch.setitem(bench.SHAPES, "T", {"target_intermediate_size": 24})  # a single cut: no combination row
     assert list(bench.unit_rows("T", model)) == ["T cut FFN 24 only, importance only",
                                                  "T cut FFN 24 only, importance + reconstruction"]
+
+
+def test_lever_baseline_adds_importance_only_at_each_calibration_size(bench, tmp_path, monkeypatch):
+    import json
+
+    from conftest import random_texts, tiny_tokenizer
+
+    dense_dir = tmp_path / "dense"
+    tiny_llama(9, vocab_size=128).save_pretrained(dense_dir)
+    tiny_tokenizer().save_pretrained(dense_dir)
+    monkeypatch.setattr(bench, "smollm2_path", lambda: str(dense_dir))
+    monkeypatch.setattr(bench, "wikipedia_split", lambda: (random_texts(6, seed=1), random_texts(2, words=300, seed=2)))
+    monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setitem(bench.SHAPES, "A", {"target_kv_heads": 2, "target_intermediate_size": 20})
+    common = ["--levers", "--shapes", "A", "--calibration-windows", "4", "--seq-len", "16", "--eval-windows", "2",
+              "--runs", str(tmp_path / "runs"), "--lever-windows", "6", "--lever-damping", "0.1"]
+    bench.main(common)
+    bench.main([*common, "--lever-baseline"])
+    rows = json.loads((tmp_path / "results" / "structured_smollm2_levers.json").read_text())["rows"]
+    assert list(rows) == ["A importance + reconstruction, 6 windows, damping 0.01",
+                          "A importance + reconstruction, 4 windows, damping 0.1", "A importance only, 6 windows"]
+    base, refit = rows["A importance only, 6 windows"], rows["A importance + reconstruction, 6 windows, damping 0.01"]
+    assert base["config"]["reconstruct"] is False and base["calibration_windows"] == 6
+    assert base["mean_error_reconstructed"] is None and refit["mean_error_reconstructed"] < base[
+        "mean_error_importance_only"]
