@@ -203,7 +203,13 @@ _POOL: list = []
 
 def _workers() -> int:
     """Threads for one decode: torch's intra-op thread count (what users set to bound CPU use), at most 8."""
-    return max(1, min(8, torch.get_num_threads(), os.cpu_count() or 1))
+    return max(1, min(8, torch.get_num_threads(), _cpu_count()))
+
+
+@functools.cache
+def _cpu_count() -> int:
+    """`os.cpu_count()`, read once (it reads sysfs on every call; `_workers` runs once per decoded weight)."""
+    return os.cpu_count() or 1
 
 
 def _pool():
