@@ -132,6 +132,11 @@ def unit_rows(shape: str, dense) -> dict[str, dict]:
     return rows
 
 
+def _damping(text: str) -> float | str:
+    """A `--lever-damping` item: a number, or "auto" (`StructuredConfig(damping="auto")`)."""
+    return text if text == "auto" else float(text)
+
+
 def _is_distilled(r: dict) -> bool:
     return "distill_wall_s" in r or "from_row" in r
 
@@ -310,6 +315,8 @@ def main(argv=None) -> None:
             **_row_stats(small, args.seq_len), "kept_layer_indices": m["kept_layer_indices"],
             "mean_error_importance_only": _mean(e["importance_only"] for e in errors),
             "mean_error_reconstructed": _mean(e["reconstructed"] for e in errors) if reconstructs else None,
+            **({"damping_chosen": {f"{d:g}": sum(e.get("damping") == d for e in errors)
+                                   for d in sorted({e["damping"] for e in errors})}} if damping == "auto" else {}),
             "model_dir": _save_model(small, tokenizer, os.path.join(runs, _slug(row))),
         }
 
@@ -325,13 +332,13 @@ def main(argv=None) -> None:
                         save()
                 continue
             grid = [(int(w), args.damping, "layer") for w in args.lever_windows.split(",") if w]
-            grid += [(args.calibration_windows, float(x), "layer") for x in args.lever_damping.split(",") if x]
+            grid += [(args.calibration_windows, _damping(x), "layer") for x in args.lever_damping.split(",") if x]
             grid += [(args.calibration_windows, args.damping, t) for t in args.lever_refit_targets.split(",") if t]
             if args.lever_baseline:  # importance only at the same calibration: the refit's gain at equal data
                 grid = [(w, d, t if t != "layer" else None) for w, d, t in grid if t == "layer" and d == args.damping]
             for windows, damping, target in grid:
                 row = f"{shape} importance {'only' if target is None else '+ reconstruction'}, {windows} windows"
-                row += f", damping {damping:g}" if target is not None else ""
+                row += f", damping {damping if isinstance(damping, str) else f'{damping:g}'}" if target is not None else ""
                 row += "" if target in ("layer", None) else f", refit target {target}"
                 fields = {**kwargs, "reconstruct": False} if target is None else {**kwargs, "refit_target": target}
                 if row not in data["rows"]:

@@ -253,6 +253,9 @@ def test_targets_the_model_cannot_have_are_refused_before_any_work(kwargs, messa
         ({"target_layers": 2, "damping": -1.0}, r"StructuredConfig.damping must be a finite number >= 0"),
         ({"target_layers": 2, "refit_target": "model"},
          r"StructuredConfig.refit_target must be one of \['layer', 'dense'\], got 'model'"),
+        ({"target_layers": 2, "damping": "best"}, r"StructuredConfig.damping must be a number >= 0 or 'auto', got 'best'"),
+        ({"target_layers": 2, "damping": "auto", "refit_target": "dense"},
+         r"damping='auto' chooses the ridge of refit_target='layer' refits; give refit_target='dense' a number"),
     ],
 )
 def test_bad_config_fields_raise_naming_the_field(kwargs, message):
@@ -398,3 +401,52 @@ def test_warns_when_the_calibration_tokens_cannot_determine_the_refit(caplog):
         oneshot(model, StructuredConfig(**ARCH, num_calibration_samples=2, max_seq_length=8, reconstruct=False),
                 calibration=_calibration(), show_progress=False)
     assert "underdetermined" not in caplog.text
+
+
+def test_auto_damping_holds_out_every_fourth_window_and_picks_the_lowest_held_out_error():
+    from hf_prune.methods.structured import damping as auto
+    from hf_prune.methods.structured.reconstruct import refit, relative_error
+    from hf_prune.oneshot.blocks import Blocks, capture_block_inputs
+    from hf_prune.oneshot.passes import collect_stats
+    from hf_prune.oneshot.plan import LayerPlan
+
+    model = tiny_llama(3).eval()
+    ad = get_adapter(model)
+    batches = list(_calibration(n=8).split(4))
+    inputs = capture_block_inputs(model, Blocks("model.layers", ad.layers), batches)
+    layer, lin = ad.layers[0], ad.ffn_down(0)
+    fit, held = auto.split_grams(layer, lin, inputs)
+    whole = collect_stats(layer, [LayerPlan("down", lin, 0.0)], inputs, True)["down"].gram
+    torch.testing.assert_close(fit + held, whole, rtol=1e-5, atol=1e-4)
+    # the held-out part is windows 3 and 7 (the last of each batch of 4): their own Gram
+    xs = []
+    handle = lin.register_forward_pre_hook(lambda m, a: xs.append(a[0].detach()[3].reshape(-1, lin.in_features)))
+    with torch.no_grad():
+        for hidden, extra, kwargs in zip(inputs.hidden, inputs.extra_args, inputs.kwargs):
+            layer(hidden, *extra, **kwargs)
+    handle.remove()
+    x = torch.cat(xs)
+    torch.testing.assert_close(held, x.T @ x, rtol=1e-5, atol=1e-4)
+    w, keep = lin.weight.detach().float(), torch.arange(0, lin.in_features, 2)
+    best, errors = auto.choose_damping(w, fit, held, keep)
+    assert set(errors) == set(auto.CANDIDATES) and errors[best] == min(errors.values())
+    assert errors[1e-2] == pytest.approx(relative_error(w, refit(w, fit, keep, 1e-2), held, keep))
+    assert auto.choose_damping(w, fit, torch.zeros_like(held), keep) == (auto.FALLBACK, {})
+
+
+def test_auto_damping_records_each_layers_choice_and_matches_a_fixed_run_at_that_choice(monkeypatch):
+    from hf_prune.methods.structured import damping as auto
+
+    model = tiny_llama(3)
+    small = _prune(model, damping="auto")
+    records = get_pruning_state(small).metrics["reconstruction_error"]
+    assert len(records) == 6 and all(r["damping"] in auto.CANDIDATES for r in records.values())
+    assert all(r["reconstructed"] < r["importance_only"] for r in records.values())
+    fixed = get_pruning_state(_prune(model)).metrics["reconstruction_error"]
+    assert all(r["damping"] == 0.01 for r in fixed.values())
+    # a single candidate: the auto run is the fixed run at that value (same units, same refit on all windows)
+    monkeypatch.setattr(auto, "CANDIDATES", (1e-3,))
+    only, same = _prune(model, damping="auto"), _prune(model, damping=1e-3)
+    assert {r["damping"] for r in get_pruning_state(only).metrics["reconstruction_error"].values()} == {1e-3}
+    for (name, a), b in zip(only.state_dict().items(), same.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-4)  # Gram summed in two parts: float order only

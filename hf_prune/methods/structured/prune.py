@@ -39,6 +39,7 @@ from ..cofi.prune_decoder import build_pruned_decoder
 from ..cofi.structure import describe_structure
 from .allocation import allocate
 from .config import StructuredConfig
+from .damping import choose_damping, split_grams
 from .flops import flops_per_token
 from .importance import dense_scores, group_scores, neuron_scores, top
 from .paired import PairedMoments, paired_moments
@@ -251,10 +252,10 @@ def _prune_width(work, ad: LlamaFamilyAdapter, counts: dict[str, list[int]], bat
         if kv[i] < d.head_units or to_dense:
             name = f"model.layers.{i}.self_attn.o_proj"
             m = paired(ad.attn_out(i), dad.attn_out(k)) if to_dense else None
-            gram = m.gram if m else collect_stats(layer, [LayerPlan(name, ad.attn_out(i), 0.0)], inputs, True)[name].gram
+            gram, split = (m.gram, None) if m else _input_gram(layer, name, ad.attn_out(i), inputs, config)
             groups = top(group_scores(gram.diagonal(), d.head_units), kv[i])
             cols = (groups.unsqueeze(1) * (g * dh) + torch.arange(g * dh, device=groups.device)).flatten()
-            errors[name] = _cut_inputs(ad.attn_out(i), gram, cols, config, m)
+            errors[name] = _cut_inputs(ad.attn_out(i), gram, cols, config, m, split)
             heads[i] = 0
             heads[i, groups.cpu()] = 1
         if to_dense:
@@ -264,9 +265,9 @@ def _prune_width(work, ad: LlamaFamilyAdapter, counts: dict[str, list[int]], bat
         if ffn[i] < d.intermediate_size or to_dense:
             name = f"model.layers.{i}.mlp.down_proj"
             m = paired(ad.ffn_down(i), dad.ffn_down(k)) if to_dense else None
-            gram = m.gram if m else collect_stats(layer, [LayerPlan(name, ad.ffn_down(i), 0.0)], inputs, True)[name].gram
+            gram, split = (m.gram, None) if m else _input_gram(layer, name, ad.ffn_down(i), inputs, config)
             keep = top(neuron_scores(gram.diagonal()), ffn[i])
-            errors[name] = _cut_inputs(ad.ffn_down(i), gram, keep, config, m)
+            errors[name] = _cut_inputs(ad.ffn_down(i), gram, keep, config, m, split)
             neurons[i] = 0
             neurons[i, keep.cpu()] = 1
         if i + 1 < L:
@@ -279,18 +280,30 @@ def _prune_width(work, ad: LlamaFamilyAdapter, counts: dict[str, list[int]], bat
     return heads, neurons, errors
 
 
+def _input_gram(layer: nn.Module, name: str, lin: nn.Linear, inputs, config: StructuredConfig):
+    """`(G, split)`: the Gram of `lin`'s input over the calibration windows and, with `damping="auto"` (and a refit to
+    make), its `(fitting, held-out)` parts for choosing the ridge ([`choose_damping`]); else `split` is None."""
+    if config.damping == "auto" and config.reconstruct:
+        fit, held = split_grams(layer, lin, inputs)
+        return fit + held, (fit, held)
+    return collect_stats(layer, [LayerPlan(name, lin, 0.0)], inputs, True)[name].gram, None
+
+
 def _cut_inputs(lin: nn.Linear, gram: torch.Tensor, keep: torch.Tensor, config: StructuredConfig,
-                moments: PairedMoments | None = None) -> dict:
+                moments: PairedMoments | None = None, split: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Zeroes the removed input columns of `lin` and (with `config.reconstruct`) refits the kept ones, to the layer's
-    own output or, given the paired `moments`, to the dense model's."""
+    own output or, given the paired `moments`, to the dense model's; with the `split` Gram (`damping="auto"`) the
+    ridge is chosen on the held-out windows first."""
     w = lin.weight.detach().float()
     keep = keep.to(w.device)
     cross, dense_gram = (moments.cross, moments.dense_gram) if moments is not None else (None, None)
     sliced = w.index_select(1, keep)
-    new = refit(w, gram, keep, config.damping, cross) if config.reconstruct else sliced
+    damping = choose_damping(w, *split, keep)[0] if split is not None else config.damping
+    new = refit(w, gram, keep, damping, cross) if config.reconstruct else sliced
     record = {"importance_only": relative_error(w, sliced, gram, keep, cross, dense_gram)}
     if config.reconstruct:
         record["reconstructed"] = relative_error(w, new, gram, keep, cross, dense_gram)
+        record["damping"] = damping
     full = torch.zeros_like(w)
     full[:, keep] = new
     lin.weight.copy_(full.to(lin.weight.dtype))
