@@ -2,7 +2,8 @@
 shape (two blocks, the 1B vocabulary), pruned through the real offloaded path (`oneshot(path, ..., offload_dir=...)`)
 and stopped once block 0 is written, with the peak resident set of each phase: capture of the first block's inputs,
 loading the block, the statistics pass, each layer's solve (ADMM: the factorisation and the iterations apart), the
-forward producing the next block's inputs, compressing and writing the block. Every block of the full run goes
+forward producing the next block's inputs, compressing and writing the block (and, offloaded, the parking of the
+statistics of the layers solved later, and their reading back). Every block of the full run goes
 through the same phases with the same shapes, so the highest phase peak here is the full run's peak (up to glibc
 heap reuse across blocks, which `release_free_memory` returns after each block).
 
@@ -99,6 +100,7 @@ def main(argv=None) -> None:
     from hf_prune.assets import cache_dir
     from hf_prune.methods.admm.solver import ADMMSolver
     from hf_prune.oneshot.offload import OffloadedCheckpoint
+    from hf_prune.oneshot.solver import LayerStats
 
     runner = importlib.import_module("hf_prune.oneshot.runner")  # `hf_prune.oneshot` is also a function's name
 
@@ -116,6 +118,8 @@ def main(argv=None) -> None:
     phases.wrap(runner, "collect_stats", "stats")
     phases.wrap(runner, "_solve", short)
     phases.wrap(runner, "advance", "advance")
+    phases.wrap(runner, "_park_later_statistics", "park_stats")  # between the statistics pass and the solves
+    phases.wrap(LayerStats, "restore", "restore_stats")  # before o_proj, gate_proj and down_proj
     phases.wrap(OffloadedCheckpoint, "load_embeddings", "load_embeddings")
     phases.wrap(OffloadedCheckpoint, "load_block", "load_block")
     phases.wrap(OffloadedCheckpoint, "write_block", "write_block")

@@ -355,3 +355,93 @@ def test_spilled_hidden_states_read_and_write_a_batch_at_a_time(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(spilled, outputs))
     assert all(torch.equal(a, b) for a, b in zip(record.load_hidden("hidden-00001.safetensors", hidden), outputs))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hidden-00000.safetensors", "hidden-00001.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["admm-0.6", "sparsegpt-0.5"])
+def test_offloaded_solve_holds_only_its_own_layers_statistics(name, checkpoint, calibration_ids, tmp_path,
+                                                              monkeypatch):
+    """Offloaded: the statistics of every layer solved later in the block are parked in a file, read back just in
+    time (o_proj, gate_proj, down_proj: the first of each group); the export equals the in-memory run's."""
+    import importlib
+
+    runner = importlib.import_module("hf_prune.oneshot.runner")
+    collected, solves = {}, []
+
+    def collect(*args, original=runner.collect_stats, **kwargs):
+        stats = original(*args, **kwargs)
+        collected.clear()
+        collected.update(stats)
+        return stats
+
+    def solve(entry, solver, stats, zeros, original=runner._solve):
+        names = list(collected)
+        later = names[names.index(entry.name) + 1:]
+        resident = [n.split(".", 3)[-1] for n in later if collected[n] is not stats and not collected[n].parked]
+        solves.append((entry.name, stats.parked, resident))
+        return original(entry, solver, stats, zeros)
+
+    monkeypatch.setattr(runner, "collect_stats", collect)
+    monkeypatch.setattr(runner, "_solve", solve)
+    config = CONFIGS[name]
+    out = oneshot(str(checkpoint), config, calibration=calibration_ids, offload_dir=tmp_path / "offloaded",
+                  device="cpu", show_progress=False)
+    assert len(solves) == 3 * 7
+    assert all(not parked and resident == [] for _, parked, resident in solves), solves
+    in_memory = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    solves.clear()
+    oneshot(in_memory, config, calibration=calibration_ids, show_progress=False)
+    assert solves[0][2] == ["self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # nothing parked
+    in_memory.save_pretrained(tmp_path / "in_memory")
+    expected, got = _tensors(tmp_path / "in_memory"), _tensors(out)
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_offloaded_admm_with_damping_retries_is_bit_equal(checkpoint, calibration_ids, tmp_path, monkeypatch):
+    """Every other Cholesky factorisation reported failed: ADMM retries at a higher damping, re-factorising from the
+    parked Ĝ for the next layer of a group; parked statistics and parked Ĝ give the in-memory run's bits."""
+    cholesky_ex, calls = torch.linalg.cholesky_ex, []
+
+    def flaky(a, *args, **kwargs):
+        calls.append(1)
+        chol, info = cholesky_ex(a, *args, **kwargs)
+        return (chol, torch.ones_like(info)) if len(calls) % 2 == 1 else (chol, info)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", flaky)
+    config = CONFIGS["admm-0.6"]
+    with pytest.warns(RuntimeWarning, match="retrying"):
+        out = oneshot(str(checkpoint), config, calibration=calibration_ids, offload_dir=tmp_path / "offloaded",
+                      device="cpu", show_progress=False)
+    offloaded_calls, calls[:] = len(calls), []
+    assert offloaded_calls == 3 * 7 * 2  # each layer: fails at the config's damping, then factorised at 10x
+    in_memory = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="retrying"):
+        oneshot(in_memory, config, calibration=calibration_ids, show_progress=False)
+    assert len(calls) == offloaded_calls
+    in_memory.save_pretrained(tmp_path / "in_memory")
+    expected, got = _tensors(tmp_path / "in_memory"), _tensors(out)
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_parked_tensor_and_statistics_read_back_exactly(dtype):
+    from hf_prune.oneshot.parking import ParkedTensor
+    from hf_prune.oneshot.solver import LayerStats
+
+    values = torch.randn(7, 13, generator=torch.Generator().manual_seed(0)).to(dtype)
+    values[0, :4] = torch.tensor([float("nan"), -0.0, float("inf"), torch.finfo(dtype).tiny / 4])
+    parked = ParkedTensor(values)
+    back = parked.restore()
+    assert back.shape == values.shape and back.dtype == dtype
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float64: torch.int64}[dtype]
+    assert torch.equal(back.view(bits), values.view(bits))
+    with pytest.raises(RuntimeError, match="restored once"):
+        parked.restore()
+    for full_gram in (True, False):
+        stats = LayerStats(13, torch.device("cpu"), full_gram)
+        stats.add(values.float())  # NaN and Inf among the sums: compared as bits
+        before = stats.column_sq_norms.clone().view(torch.int32)
+        stats.park()
+        assert stats.parked and (stats.gram if full_gram else stats.sq_norms) is None
+        stats.restore()
+        assert not stats.parked and torch.equal(stats.column_sq_norms.view(torch.int32), before) and stats.tokens == 7
+        stats.restore()  # resident: nothing to do

@@ -313,9 +313,16 @@ def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress,
             stats = collect_stats(block, entries, inputs, solver.full_gram)
             for layer_stats in stats.values():
                 layer_stats.scratch = True  # each is read by its solve only
+            if solver.low_memory:
+                _park_later_statistics(entries, stats)
             for entry in entries:
                 bar.set_postfix_str(entry.name.rsplit(".", 1)[-1])
-                _solve(entry, solver, stats.pop(entry.name), zeros)
+                layer_stats = stats.pop(entry.name)
+                if layer_stats.parked:  # its turn: what the previous layers' solves cached goes first
+                    solver.release()
+                    layer_stats.restore()
+                _solve(entry, solver, layer_stats, zeros)
+                del layer_stats
             solver.release()
             del stats
         if index + 1 < count:
@@ -325,6 +332,16 @@ def _prune_block_sequential(model, blocks, plan, solver, batches, show_progress,
                                            inputs.hidden if index + 1 < count else None))
         bar.update(1)
     bar.close()
+
+
+def _park_later_statistics(entries: list[LayerPlan], stats: dict[str, LayerStats]) -> None:
+    """A memory-bounded (offloaded) run: every statistics object but the first solved layer's goes to a temporary
+    file until its layer's turn (`LayerStats.park`), so that a solve holds only its own layer's statistics (at 1B,
+    `down_proj`'s 121 MiB Gram is not resident while the attention and gate/up layers are solved)."""
+    first = stats[entries[0].name]
+    for layer_stats in {id(s): s for s in stats.values()}.values():  # shared ones (q/k/v, gate/up) once
+        if layer_stats is not first:
+            layer_stats.park()
 
 
 def _prune_without_calibration(blocks, plan, solver, show_progress: bool, zeros, store) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from ...cpu import use_bf16
 from ...oneshot.masks import gradual_nm_mask, nm_mask, prune_lowest
+from ...oneshot.parking import ParkedTensor
 from ...oneshot.solver import LayerSolver, LayerStats, LayerTask, register_solver
 from .config import ADMMConfig
 
@@ -27,7 +28,7 @@ class _Factors:
     norms: torch.Tensor  # column scale sqrt(diag G)
     gram_hat: torch.Tensor | None  # normalised Gram matrix (the statistics' own tensor when they are scratch)
     singular: str  # why G is singular, or ''
-    parked: tuple | None = None  # low_memory: (temporary file, shape, dtype, device) holding Ĝ while not needed
+    parked: ParkedTensor | None = None  # low_memory: Ĝ in a temporary file while not needed
     damping: float | None = None
     system_inv: torch.Tensor | None = None  # (Ĝ + δ·mean(diag Ĝ)·I + ρI)⁻¹, or None when not positive definite
 
@@ -160,25 +161,15 @@ class ADMMSolver(LayerSolver):
 def _park(factors: _Factors) -> None:
     """Moves Ĝ into an anonymous temporary file (exact bytes) and drops it, from the statistics too when it is
     theirs (scratch): an offloaded run's `down_proj` iterations then hold S alone (-121 MiB at n = 5632)."""
-    import tempfile
-
-    gram_hat = factors.gram_hat
-    fh = tempfile.TemporaryFile()  # noqa: SIM115 - closed when unparked or garbage-collected
-    fh.write(gram_hat.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    factors.parked = (fh, gram_hat.shape, gram_hat.dtype, gram_hat.device)
-    if factors.stats.gram is gram_hat:
+    factors.parked = ParkedTensor(factors.gram_hat)
+    if factors.stats.gram is factors.gram_hat:
         factors.stats.gram = None
     factors.gram_hat = None
 
 
 def _unpark(factors: _Factors) -> None:
-    fh, shape, dtype, device = factors.parked
-    gram_hat = torch.empty(shape, dtype=dtype)
-    fh.seek(0)
-    fh.readinto(gram_hat.reshape(-1).view(torch.uint8).numpy())
-    fh.close()
+    factors.gram_hat = factors.parked.restore()
     factors.parked = None
-    factors.gram_hat = gram_hat.to(device)
 
 
 def _singularity(gram: torch.Tensor, tokens: int) -> str:
