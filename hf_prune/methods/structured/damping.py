@@ -24,7 +24,8 @@ from .reconstruct import refit, relative_error
 CANDIDATES = (1e-4, 1e-3, 1e-2, 1e-1)
 #: every HOLDOUT_EVERY-th window of each calibration batch is held out for choosing the ridge
 HOLDOUT_EVERY = 4
-#: the ridge used when there are no held-out windows (fewer than HOLDOUT_EVERY windows in every batch)
+#: the ridge used when there are no held-out windows (fewer than HOLDOUT_EVERY windows in every batch), and for
+#: `refit_target="dense"` (whose paired moments are not split)
 FALLBACK = 1e-2
 
 

@@ -39,7 +39,7 @@ from ..cofi.prune_decoder import build_pruned_decoder
 from ..cofi.structure import describe_structure
 from .allocation import allocate
 from .config import StructuredConfig
-from .damping import choose_damping, split_grams
+from .damping import FALLBACK, choose_damping, split_grams
 from .flops import flops_per_token
 from .importance import dense_scores, group_scores, neuron_scores, top
 from .paired import PairedMoments, paired_moments
@@ -299,6 +299,7 @@ def _cut_inputs(lin: nn.Linear, gram: torch.Tensor, keep: torch.Tensor, config: 
     cross, dense_gram = (moments.cross, moments.dense_gram) if moments is not None else (None, None)
     sliced = w.index_select(1, keep)
     damping = choose_damping(w, *split, keep)[0] if split is not None else config.damping
+    damping = FALLBACK if damping == "auto" else damping  # refit_target="dense": its paired moments are not split
     new = refit(w, gram, keep, damping, cross) if config.reconstruct else sliced
     record = {"importance_only": relative_error(w, sliced, gram, keep, cross, dense_gram)}
     if config.reconstruct:
