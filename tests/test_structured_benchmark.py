@@ -26,6 +26,20 @@ def bench():
     return module
 
 
+def _tiny_world(bench, tmp_path, monkeypatch, calibration_texts=4):
+    """The benchmark pointed at a tiny saved LLaMA with random texts, and shape A at a tiny target."""
+    from conftest import random_texts, tiny_tokenizer
+
+    dense_dir = tmp_path / "dense"
+    tiny_llama(9, vocab_size=128).save_pretrained(dense_dir)
+    tiny_tokenizer().save_pretrained(dense_dir)
+    monkeypatch.setattr(bench, "smollm2_path", lambda: str(dense_dir))
+    monkeypatch.setattr(bench, "wikipedia_split", lambda: (random_texts(calibration_texts, seed=1),
+                                                           random_texts(2, words=300, seed=2)))
+    monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setitem(bench.SHAPES, "A", {"target_kv_heads": 2, "target_intermediate_size": 20})
+
+
 def test_non_embedding_formula_matches_the_model_and_depth_lands_nearest(bench, monkeypatch):
     model = tiny_llama()  # 4 layers, 4 KV groups, FFN 48, hidden 32, tied embeddings
     ad = adapter_for(model)
@@ -168,15 +182,7 @@ def test_distilled_row_starts_from_the_saved_model_which_equals_the_repruned_one
 def test_main_distils_the_picked_rows_of_a_tiny_model_and_resumes(bench, tmp_path, monkeypatch, capsys):
     import json
 
-    from conftest import random_texts, tiny_tokenizer
-
-    dense_dir = tmp_path / "dense"
-    tiny_llama(9, vocab_size=128).save_pretrained(dense_dir)
-    tiny_tokenizer().save_pretrained(dense_dir)
-    monkeypatch.setattr(bench, "smollm2_path", lambda: str(dense_dir))
-    monkeypatch.setattr(bench, "wikipedia_split", lambda: (random_texts(4, seed=1), random_texts(2, words=300, seed=2)))
-    monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "results"))
-    monkeypatch.setitem(bench.SHAPES, "A", {"target_kv_heads": 2, "target_intermediate_size": 20})
+    _tiny_world(bench, tmp_path, monkeypatch)
     argv = ["--shapes", "A", "--calibration-windows", "4", "--seq-len", "16", "--eval-windows", "2", "--per-layer",
             "--runs", str(tmp_path / "runs"), "--distill-steps", "2", "--distill-seq-len", "16", "--distill-bf16",
             "false", "--distill-rows", "importance only,per-layer"]
@@ -205,14 +211,7 @@ def test_a_checkpointed_distillation_resumes_with_its_trajectory(bench, tmp_path
 
     from safetensors.torch import load_file
 
-    from conftest import random_texts, tiny_tokenizer
-
-    dense_dir = tmp_path / "dense"
-    tiny_llama(9, vocab_size=128).save_pretrained(dense_dir)
-    tiny_tokenizer().save_pretrained(dense_dir)
-    monkeypatch.setattr(bench, "smollm2_path", lambda: str(dense_dir))
-    monkeypatch.setattr(bench, "wikipedia_split", lambda: (random_texts(4, seed=1), random_texts(2, words=300, seed=2)))
-    monkeypatch.setitem(bench.SHAPES, "A", {"target_kv_heads": 2, "target_intermediate_size": 20})
+    _tiny_world(bench, tmp_path, monkeypatch)
 
     def run(name):
         monkeypatch.setattr(bench, "RESULTS", str(tmp_path / name))
@@ -307,15 +306,7 @@ def test_unit_ablation_cuts_each_unit_kind_of_the_shape_alone(bench, monkeypatch
 def test_lever_baseline_adds_importance_only_at_each_calibration_size(bench, tmp_path, monkeypatch):
     import json
 
-    from conftest import random_texts, tiny_tokenizer
-
-    dense_dir = tmp_path / "dense"
-    tiny_llama(9, vocab_size=128).save_pretrained(dense_dir)
-    tiny_tokenizer().save_pretrained(dense_dir)
-    monkeypatch.setattr(bench, "smollm2_path", lambda: str(dense_dir))
-    monkeypatch.setattr(bench, "wikipedia_split", lambda: (random_texts(6, seed=1), random_texts(2, words=300, seed=2)))
-    monkeypatch.setattr(bench, "RESULTS", str(tmp_path / "results"))
-    monkeypatch.setitem(bench.SHAPES, "A", {"target_kv_heads": 2, "target_intermediate_size": 20})
+    _tiny_world(bench, tmp_path, monkeypatch, calibration_texts=6)
     common = ["--levers", "--shapes", "A", "--calibration-windows", "4", "--seq-len", "16", "--eval-windows", "2",
               "--runs", str(tmp_path / "runs"), "--lever-windows", "6", "--lever-damping", "0.1"]
     bench.main(common)
