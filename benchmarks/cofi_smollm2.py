@@ -13,6 +13,14 @@ Rows:
 - `admm-50`: `hf_prune.oneshot` ADMM at 50 % unstructured (`--admm-samples` windows of `--admm-seq-len` tokens of
   the calibration articles): the same parameter count as the 50 % shapes, not faster (dense kernels).
 - `dense`: SmolLM2-135M as shipped.
+- `cofi after one-shot A` (`--init-oneshot A`, a run of its own: only this row and `dense`, into
+  `..._oneshot_A.{json,md}`, the run in `OUTPUT/cofi-after-oneshot-A`): `hf_prune.oneshot(StructuredConfig)` cuts
+  the dense model to shape A of `benchmarks/structured_smollm2.py` (30 layers, 2 of 3 KV groups, the FFN width of
+  30 % removed; `--oneshot-windows` x `--oneshot-seq-len` calibration tokens, the structured rows' 32 x 512), then
+  CoFi, with the CoFi row's flags (target shape, loss, lr, token budget), learns the rest of the way: 2 layers, the
+  FFN down to 864 and the hidden size to 528. A unit kind the cut already brought to its target is not gated.
+
+    nice -n 10 python benchmarks/cofi_smollm2.py --init-oneshot A
 Columns: held-out perplexity, parameters, FLOPs per generated token, greedy-generation tokens/s at batch 1 and 8
 (eager PyTorch, and ONNX Runtime through `hf_prune.export_onnx`), each model timed in the same process, interleaved
 over `--gen-rounds` rounds (median). Writes `benchmarks/results/cofi_smollm2{,_quick}.{json,md}`.
@@ -46,6 +54,8 @@ def _load_recipe():
 recipe = _load_recipe()
 from generation_speed import onnx_session, time_generation  # noqa: E402
 from structured_baseline import DistillationTrainer, prune_to_shape  # noqa: E402
+from structured_smollm2 import SHAPES as STRUCTURED_SHAPES  # noqa: E402
+from structured_smollm2 import _damping  # noqa: E402
 
 from hf_prune.cpu import machine_state  # noqa: E402
 from hf_prune.methods.cofi import describe_structure  # noqa: E402
@@ -55,7 +65,8 @@ from hf_prune.methods.structured.flops import flops_per_token  # noqa: E402
 QUICK = ["--train-windows", "8", "--seq-len", "32", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "4",
          "--eval-windows", "2", "--eval-seq-len", "64", "--save-steps", "0", "--logging-steps", "1",
          "--importance-windows", "2", "--admm-samples", "4", "--admm-seq-len", "64", "--gen-prompt-len", "8",
-         "--gen-new-tokens", "4", "--gen-rounds", "1", "--onnx-atol", "1e-2", "--output", "runs/cofi_smollm2_quick"]
+         "--gen-new-tokens", "4", "--gen-rounds", "1", "--onnx-atol", "1e-2", "--oneshot-windows", "2",
+         "--oneshot-seq-len", "64", "--output", "runs/cofi_smollm2_quick"]
 
 
 # ----------------------------------------------------------------------------------------------------- the runs
@@ -138,6 +149,77 @@ def run_admm(args) -> dict:
     return result
 
 
+# CoFi target field -> the `CoFiConfig` switch of the gates that prune it
+GATE_SWITCHES = {"layers": "prune_layers", "kv_heads": "prune_heads", "intermediate_size": "prune_neurons",
+                 "hidden_size": "prune_hidden"}
+
+
+def oneshot_shape(args, dense) -> dict[str, int]:
+    """The kept units of the `--init-oneshot` cut (`benchmarks/structured_smollm2.py`'s shape of that name, resolved
+    on the dense model), refused before any work unless it lies between the dense model and CoFi's target, with
+    something left for CoFi to cut."""
+    from hf_prune import StructuredConfig
+    from hf_prune.methods.structured.targets import adapter_for, resolve_target
+
+    fields = STRUCTURED_SHAPES[args.init_oneshot]
+    t = resolve_target(StructuredConfig(**fields), adapter_for(dense))
+    shape = {n: getattr(t, n) for n in recipe.TARGETS}
+    target = {n: getattr(args, f"target_{n}") for n in recipe.TARGETS}
+    below = [f"{n} {shape[n]} < target {target[n]}" for n in recipe.TARGETS if shape[n] < target[n]]
+    if below:
+        raise SystemExit(f"--init-oneshot {args.init_oneshot} ({fields}) cuts below CoFi's target shape: "
+                         f"{'; '.join(below)}")
+    if shape == target:
+        raise SystemExit(f"--init-oneshot {args.init_oneshot} is the target shape already: nothing left for CoFi")
+    return shape
+
+
+def oneshot_student(args, teacher, tokenizer, config, eval_ids):
+    """`recipe.run_cofi`'s student for `--init-oneshot`: the dense model cut to the shape by `hf_prune.oneshot`
+    (importance + least-squares refit), and a `CoFiConfig` that targets the CoFi row's shape from there. A dimension
+    the cut already brought to its target is not gated (`prune_*=False`): its stochastic gates would only add noise
+    to a run that has nothing to decide there."""
+    from dataclasses import replace
+
+    from hf_prune import StructuredConfig, oneshot
+
+    shape = oneshot_shape(args, teacher)
+    structured = StructuredConfig(**STRUCTURED_SHAPES[args.init_oneshot], damping=args.oneshot_damping,
+                                  num_calibration_samples=args.oneshot_windows, max_seq_length=args.oneshot_seq_len,
+                                  seed=args.seed)
+    start = time.perf_counter()
+    student = oneshot(teacher, structured, calibration=recipe.wikipedia_split()[0], tokenizer=tokenizer,
+                      show_progress=not args.quiet)  # a new model: the teacher is left dense
+    prune_s = time.perf_counter() - start
+    c = student.config
+    cut = {"layers": c.num_hidden_layers, "kv_heads": c.num_key_value_heads,
+           "intermediate_size": c.intermediate_size, "hidden_size": c.hidden_size}
+    assert cut == shape, f"the one-shot cut {cut} must have the shape it was resolved to, {shape}"
+    done = [n for n in recipe.TARGETS if shape[n] == getattr(args, f"target_{n}")]
+    config = replace(config, **{f"target_{n}": None for n in done}, **{GATE_SWITCHES[n]: False for n in done})
+    ppl = recipe.held_out_perplexity(student, eval_ids, args)
+    print(f"cofi after one-shot {args.init_oneshot}: one-shot to {shape} in {prune_s:.0f} s, perplexity {ppl:.3f}; "
+          f"CoFi gates {[n for n in recipe.TARGETS if n not in done]}", flush=True)
+    info = {"oneshot_shape": shape, "oneshot_perplexity": ppl, "prune_time_s": prune_s,
+            "oneshot_config": structured.to_dict(), "ungated": done}
+    return student, config, info
+
+
+def run_cofi_after_oneshot(args) -> dict:
+    """The `cofi after one-shot SHAPE` row: `recipe.run_cofi` from the one-shot student, in its own folder of
+    `--output` (resumable like the CoFi row), with the CoFi row's training settings and target shape."""
+    out = os.path.join(args.output, f"cofi-after-oneshot-{args.init_oneshot}")
+    sub = argparse.Namespace(**{**vars(args), "output": out})
+    extra = {"init_oneshot": args.init_oneshot, "oneshot_fields": STRUCTURED_SHAPES[args.init_oneshot],
+             "oneshot_windows": args.oneshot_windows, "oneshot_seq_len": args.oneshot_seq_len,
+             "oneshot_damping": args.oneshot_damping}
+    result = recipe.run_cofi(sub, make_student=lambda *a: oneshot_student(args, *a), extra_settings=extra)
+    if result["prunable_params"] != result["target_prunable_params"]:
+        raise SystemExit(f"cofi after one-shot: the export has {result['prunable_params']:,} prunable weights, the "
+                         f"target shape {result['target_prunable_params']:,}")
+    return result
+
+
 # ------------------------------------------------------------------------------------------------------ report
 def table(rows: list[dict], batches: list[int]) -> str:
     dense = next(r for r in rows if r["name"] == "dense")
@@ -174,6 +256,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="max |logit| difference export_onnx accepts (its default 1e-4 is below the float32 noise of "
                         "30 reordered layers with SmolLM2's large activations; the measured one is recorded)")
     p.add_argument("--results", default=None, help="results stem (default benchmarks/results/cofi_smollm2[_quick])")
+    p.add_argument("--init-oneshot", choices=sorted(STRUCTURED_SHAPES), default=None,
+                   help="instead of the rows above: the `cofi after one-shot SHAPE` row, CoFi started from the "
+                        "structured one-shot cut to that shape of benchmarks/structured_smollm2.py (A: ~30 %% removed) "
+                        "and learning the rest of the way to the target shape; results stem gets `_oneshot_SHAPE`")
+    p.add_argument("--oneshot-windows", type=int, default=32, help="calibration windows of the one-shot cut")
+    p.add_argument("--oneshot-seq-len", type=int, default=512, help="tokens per calibration window")
+    p.add_argument("--oneshot-damping", type=_damping, default=0.01,
+                   help="the refit's damping, a number or 'auto' (structured_smollm2.py's rows: 0.01)")
 
 
 def main(argv=None) -> dict:
@@ -186,19 +276,24 @@ def main(argv=None) -> dict:
         args = p.parse_args(QUICK + argv)
     stem = args.results or str(HERE / "results" / ("cofi_smollm2_quick" if args.quick else "cofi_smollm2"))
     started = time.perf_counter()
-    cofi = recipe.run_cofi(args)
-    baseline = run_baseline(args, cofi)
-    admm = run_admm(args)
+    if args.init_oneshot:  # its own row and results file; the other rows' runs are neither redone nor reused
+        stem += "" if args.results else f"_oneshot_{args.init_oneshot}"
+        runs = {f"cofi after one-shot {args.init_oneshot}": ("cofi_after_oneshot", run_cofi_after_oneshot(args))}
+    else:
+        cofi = recipe.run_cofi(args)
+        runs = {"cofi": ("cofi", cofi), "structured-baseline": ("structured_baseline", run_baseline(args, cofi)),
+                "admm-50": ("admm", run_admm(args))}
 
     from transformers import AutoModelForCausalLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
     path, _, _, eval_ids = recipe.load_assets(args)
-    dirs = {"dense": path, "cofi": cofi["model_dir"], "structured-baseline": baseline["model_dir"],
-            "admm-50": admm["model_dir"]}
-    ppl = {"dense": cofi["dense_perplexity"], "cofi": cofi["reloaded_perplexity"],
-           "structured-baseline": baseline["perplexity"], "admm-50": admm["perplexity"]}
+    dirs = {"dense": path, **{name: run["model_dir"] for name, (_, run) in runs.items()}}
+    first = next(iter(runs.values()))[1]  # a CoFi run: it holds the dense perplexity
+    ppl = {"dense": first["dense_perplexity"],
+           **{name: run["reloaded_perplexity"] if "reloaded_perplexity" in run else run["perplexity"]
+              for name, (_, run) in runs.items()}}
     context = args.gen_prompt_len + args.gen_new_tokens // 2
     models = {}
     for name, model_dir in dirs.items():
@@ -212,15 +307,15 @@ def main(argv=None) -> dict:
             m["onnx"], m["onnx_error"], m["onnx_verification"] = onnx_session(
                 model_dir, os.path.join(args.output, "onnx", name), atol=args.onnx_atol, threads=args.threads)
         models[name] = m
-    models["cofi"]["train_wall_time_s"] = cofi["train_wall_time_s"]
-    models["structured-baseline"]["train_wall_time_s"] = baseline["train_wall_time_s"]
+    for name, (_, run) in runs.items():
+        if "train_wall_time_s" in run:
+            models[name]["train_wall_time_s"] = run["train_wall_time_s"]
     prompt = eval_ids[: max(args.batches) * args.gen_prompt_len].view(max(args.batches), args.gen_prompt_len)
     time_generation(models, prompt, batches={"eager": args.batches, "ort": args.batches},
                     new_tokens=args.gen_new_tokens, rounds=args.gen_rounds)
     rows = [{k: v for k, v in m.items() if k not in ("model", "onnx")} for m in models.values()]
     result = {
-        "rows": rows, "cofi": {k: v for k, v in cofi.items() if k != "train_log"},
-        "structured_baseline": {k: v for k, v in baseline.items() if k != "train_log"}, "admm": admm,
+        "rows": rows, **{key: {k: v for k, v in run.items() if k != "train_log"} for key, run in runs.values()},
         "protocol": {k: v for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
         "generation_context": context, "command": "python benchmarks/cofi_smollm2.py " + " ".join(argv),
         "wall_time_s": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -198,10 +198,16 @@ def perplexity_eval_result(ppl: float) -> dict:
             "metric_value": round(ppl, 3)}
 
 
-def run_cofi(args) -> dict:
-    """The whole recipe (or the finished run it finds); returns the results written to `OUTPUT/results.json`."""
+def run_cofi(args, make_student=None, extra_settings: dict | None = None) -> dict:
+    """The whole recipe (or the finished run it finds); returns the results written to `OUTPUT/results.json`.
+
+    `make_student(teacher, tokenizer, config, eval_ids) -> (student, config, info)` makes another student than the dense
+    model (the benchmark's one-shot cut, `benchmarks/cofi_smollm2.py --init-oneshot`), with the `CoFiConfig` it
+    trains under and what to add to the results; `extra_settings` are the settings it depends on. The target shape
+    and the sparsity are still those of the dense model: CoFi's target architecture counts units, not fractions.
+    """
     os.makedirs(args.output, exist_ok=True)
-    settings = run_settings(args)
+    settings = {**run_settings(args), **(extra_settings or {})}
     done_file = os.path.join(args.output, "cofi_run.json")
     done = _read_json(done_file)
     if done is not None and done.get("settings") == settings:
@@ -211,12 +217,17 @@ def run_cofi(args) -> dict:
     resume = _resume_point(trainer_dir, settings, args.overwrite)  # before any work
     config = cofi_config(args)  # field checks
     path, tokenizer, train, eval_ids = load_assets(args)
-    student, teacher = load_dense(path), load_dense(path)
+    teacher, start_info = load_dense(path), {}
+    kept, full = target_prunable_params(teacher, args)
+    if make_student is None:
+        student = load_dense(path)
+    else:
+        student, config, start_info = make_student(teacher, tokenizer, config, eval_ids)
     # refuses a target the model cannot have, before any work
     trainer = PruningTrainer(model=student, teacher_model=teacher, pruning_config=config,
                              args=training_args(trainer_dir, args, len(train)), train_dataset=train)
     ppl_dense = dense_perplexity(args, teacher, eval_ids)
-    kept, full = target_prunable_params(teacher, args)
+    params_dense = sum(p.numel() for p in teacher.parameters())
     print(f"SmolLM2-135M: {len(train)} training windows of {args.seq_len} tokens, "
           f"{train_tokens(args, len(train)):,} training tokens; target {kept:,} of {full:,} prunable weights "
           f"(sparsity {1 - kept / full:.4f}); dense perplexity {ppl_dense:.3f}", flush=True)
@@ -245,9 +256,10 @@ def run_cofi(args) -> dict:
         "model_dir": model_dir, "dense_perplexity": ppl_dense, "masked_perplexity": ppl_masked,
         "export_perplexity": ppl_export, "reloaded_perplexity": ppl_reloaded,
         **diffs,
-        "sparsity": metrics["sparsity"], "prunable_params": metrics["prunable_params_after"],
-        "prunable_params_dense": metrics["prunable_params_before"], "params": metrics["params_after"],
-        "params_dense": metrics["params_before"], "structure": describe_structure(small),
+        # against the dense model (the card's `metrics` count against the student CoFi started from)
+        "sparsity": 1 - metrics["prunable_params_after"] / full, "prunable_params": metrics["prunable_params_after"],
+        "target_prunable_params": kept, "prunable_params_dense": full, "params": metrics["params_after"],
+        "params_dense": params_dense, "structure": describe_structure(small), **start_info,
         "reloaded_config": {k: getattr(reloaded.config, k) for k in (
             "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size",
             "head_dim")},
