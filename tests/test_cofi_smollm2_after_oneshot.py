@@ -18,10 +18,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tiny "shape B" (CoFi's target): 3 of 4 layers, 2 of 4 KV groups, FFN 16 of 48, hidden 16 of 32 (4 query heads)
 TARGET = ["--target-layers", "3", "--target-kv-heads", "2", "--target-intermediate-size", "16",
           "--target-hidden-size", "16"]
-TINY = ["--train-windows", "8", "--seq-len", "16", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "4",
-        "--eval-windows", "2", "--eval-seq-len", "32", "--save-steps", "0", "--logging-steps", "1",
-        "--oneshot-windows", "4", "--oneshot-seq-len", "32", "--no-onnx", "--gen-prompt-len", "4",
-        "--gen-new-tokens", "2", "--gen-rounds", "1", "--batches", "1", "--quiet"]
+RECIPE = ["--train-windows", "8", "--seq-len", "16", "--batch-size", "2", "--grad-accum", "1", "--max-steps", "4",
+          "--eval-windows", "2", "--eval-seq-len", "32", "--save-steps", "0", "--logging-steps", "1", "--quiet"]
+TINY = RECIPE + ["--oneshot-windows", "4", "--oneshot-seq-len", "32", "--no-onnx", "--gen-prompt-len", "4",
+                 "--gen-new-tokens", "2", "--gen-rounds", "1", "--batches", "1"]
 
 
 @pytest.fixture
@@ -79,3 +79,13 @@ def test_a_cut_below_the_target_or_at_it_is_refused_before_any_work(bench, tmp_p
     with pytest.raises(SystemExit, match="is the target shape already: nothing left for CoFi"):
         bench.main(["--init-oneshot", "A", *TARGET, *TINY, "--output", str(out)])
     assert not (out / "cofi-after-oneshot-A" / "trainer").exists()  # nothing was trained
+
+
+def test_the_plain_cofi_row_from_the_dense_model_counts_the_same_way(bench, tmp_path):
+    args = bench.recipe.parse_args([*TARGET, *RECIPE, "--output", str(tmp_path / "cofi")])
+    run = bench.recipe.run_cofi(args)
+    kept = 3 * 16 * (8 * (2 * 2 + 2) * 2 + 3 * 16)
+    assert run["prunable_params"] == run["target_prunable_params"] == kept
+    assert run["prunable_params_dense"] == 4 * 32 * (8 * (2 * 2 + 2) * 4 + 3 * 48)
+    assert run["params_dense"] == sum(p.numel() for p in bench.recipe.load_dense(bench.recipe.smollm2_path()).parameters())
+    assert run["sparsity"] == pytest.approx(1 - kept / run["prunable_params_dense"]) and "oneshot_shape" not in run
