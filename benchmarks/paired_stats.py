@@ -54,3 +54,22 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     half = t_quantile_975(out["n"] - 1) * out["std"] / math.sqrt(out["n"])
     low, high = out["mean"] - half, out["mean"] + half
     return {**out, "low": low, "high": high, "significant": low > 0 or high < 0}
+
+
+def paired_ratios(times: Sequence[float], baseline: Sequence[float]) -> dict:
+    """Per-round ratios `times[i] / baseline[i]` (both measured in the same interleaved round) and their median,
+    min and max.
+
+    A slow spell of the machine, or a baseline that flips between two speeds from one process to the next, moves both
+    times of a round together, or shows as one outlying ratio, instead of moving a best-over-best ratio's
+    denominator alone. Returns `median`, `min`, `max`, `n` and `per_round` (in round order).
+    """
+    if len(times) != len(baseline) or not times:
+        raise ValueError(f"paired_ratios: need one time and one baseline time per round, got {len(times)} times and "
+                         f"{len(baseline)} baseline times")
+    bad = [(i, b) for i, b in enumerate(baseline) if not b > 0]
+    if bad:
+        raise ValueError(f"paired_ratios: every baseline time must be > 0, got {bad[0][1]!r} in round {bad[0][0]}")
+    ratios = [float(t) / float(b) for t, b in zip(times, baseline)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios),
+            "per_round": ratios}
