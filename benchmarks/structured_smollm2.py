@@ -118,6 +118,12 @@ def unit_rows(shape: str, dense) -> dict[str, dict]:
             "ffn": ("target_intermediate_size", t.intermediate_size, full.intermediate_size, "FFN"),
             "hidden": ("target_hidden_size", t.hidden_size, full.hidden_size, "hidden")}
     cuts = {k: v for k, v in cuts.items() if v[1] < v[2]}
+    heads = dense.config.num_attention_heads
+    if "hidden" in cuts and t.hidden_size % heads:
+        # alone, the hidden cut keeps every query head, and a plain config needs heads | hidden: the nearest such size
+        # (SmolLM2 at B: 528 with 9 heads -> 531; the shape itself has 6 heads once the KV cut is made)
+        near = int(t.hidden_size / heads + 0.5) * heads
+        cuts["hidden"] = ("target_hidden_size", near, full.hidden_size, "hidden")
     combos = [[k] for k in cuts]
     if "hidden" in cuts and len(cuts) > 2:
         combos.append([k for k in cuts if k != "hidden"])

@@ -301,6 +301,12 @@ def test_unit_ablation_cuts_each_unit_kind_of_the_shape_alone(bench, monkeypatch
     monkeypatch.setitem(bench.SHAPES, "T", {"target_intermediate_size": 24})  # a single cut: no combination row
     assert list(bench.unit_rows("T", model)) == ["T cut FFN 24 only, importance only",
                                                  "T cut FFN 24 only, importance + reconstruction"]
+    # alone, a hidden size the query heads do not divide becomes the nearest one they do (a plain config needs it)
+    # (8 query heads; the shape's own 4 heads, after its KV cut, divide 20, 8 do not: 20 / 8 = 2.5 -> 24)
+    monkeypatch.setitem(bench.SHAPES, "T", {"target_kv_heads": 2, "target_hidden_size": 20})
+    rows = bench.unit_rows("T", model)
+    assert rows["T cut hidden 24 only, importance only"] == {"target_hidden_size": 24, "reconstruct": False}
+    assert rows["T cut KV groups 2 only, importance only"] == {"target_kv_heads": 2, "reconstruct": False}
 
 
 def test_lever_baseline_adds_importance_only_at_each_calibration_size(bench, tmp_path, monkeypatch):
