@@ -21,6 +21,15 @@ Offloaded runs are resumable: each writes into `WORKDIR/MODEL-offload-METHOD`, a
 leaves its finished blocks beside it (`.MODEL-offload-METHOD.hf_prune-partial`); rerunning the same command continues
 that run at its next block (the row then says `resumed at block N`, its `wall_s` is that process's and
 `pruning_s_all_sessions` the pruning time over every session). `--restart` discards such a run instead.
+
+Levers and probes: `--set KEY=VALUE` (repeatable) overrides a field of the method's config (e.g.
+`--set matmul_precision=bfloat16` for ADMM; such a run writes into its own `WORKDIR/MODEL-offload-METHOD-KEY-VALUE`),
+and `--probe-blocks N` times only the first N blocks of the real offloaded run: the benchmark stops the run once its
+resume record counts N finished blocks and records a `offload-probe` row with the seconds per block and the
+whole-run estimate (seconds per block x blocks). The partial run is kept, so the same command without
+`--probe-blocks` finishes it. Used for the ADMM / SparseGPT ratio in the same machine state as a finished run:
+
+    OMP_NUM_THREADS=1 python benchmarks/scale_oneshot.py --part oneshot --models 1b --method admm --probe-blocks 3
 """
 
 from __future__ import annotations
@@ -100,7 +109,7 @@ def article_windows(samples: int, seq_len: int, workdir: Path) -> Path:
 
 
 def run_oneshot(path: str, mode: str, method: str, sparsity: float, samples: int, seq_len: int, out: str,
-                calibration_source: str = "random", restart: bool = False) -> dict:
+                calibration_source: str = "random", restart: bool = False, overrides: dict | None = None) -> dict:
     """In a fresh process: prune `path` in memory (load, prune, save) or offloaded; wall time and peak RSS.
     `calibration_source`: "random" (token ids drawn with seed 0) or a file of windows (`article_windows`)."""
     import shutil
@@ -128,7 +137,8 @@ def run_oneshot(path: str, mode: str, method: str, sparsity: float, samples: int
         if int(calibration.max()) >= vocab:
             raise SystemExit(f"{path}: vocabulary {vocab} is smaller than the calibration articles' token ids (SmolLM2's "
                              "tokenizer); use --calibration random for this model")
-    config = get_config_class(method)(sparsity=sparsity, num_calibration_samples=samples, max_seq_length=seq_len)
+    config = get_config_class(method)(sparsity=sparsity, num_calibration_samples=samples, max_seq_length=seq_len,
+                                      **(overrides or {}))
     shutil.rmtree(out, ignore_errors=True)  # a finished export of an earlier round; an interrupted run is kept
     record = partial_dir(Path(out).resolve()) / RECORD
     resumed_at = None if restart or not record.is_file() else json.loads(record.read_text()).get("blocks_done")
@@ -154,7 +164,7 @@ def run_oneshot(path: str, mode: str, method: str, sparsity: float, samples: int
         "peak_above_baseline_mb": round(peak - baseline, 1), "model_fp16_mb": round(model_bytes / 2**20, 1),
         "peak_above_baseline_over_model": round((peak - baseline) * 2**20 / model_bytes, 3),
         "output_mb": round(out_bytes / 2**20, 1), "calibration": [samples, seq_len],
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), **({"overrides": overrides} if overrides else {}),
     }
 
 
@@ -166,6 +176,47 @@ def _subprocess(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _probe_subprocess(args: list[str], out: Path, blocks: int, poll_s: float = 2.0) -> dict:
+    """Run an offloaded one-shot in a subprocess and stop it once its resume record counts `blocks` finished blocks;
+    the record's own clock (`elapsed_s`, the pruning time over every session) gives the seconds per block."""
+    from hf_prune.oneshot.resume import RECORD, partial_dir
+
+    record = partial_dir(out.resolve()) / RECORD
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    state = {}
+    while proc.poll() is None:
+        time.sleep(poll_s)
+        try:
+            state = json.loads(record.read_text())
+        except (OSError, ValueError):  # not written yet, or being replaced
+            continue
+        if state.get("blocks_done", 0) >= blocks:
+            proc.terminate()
+            proc.wait()
+            break
+    if not state.get("blocks_done"):
+        raise SystemExit(f"probe {args} ended before its first block: {proc.stderr.read()[-3000:]}")
+    per_block = state["elapsed_s"] / state["blocks_done"]
+    return {"blocks_done": state["blocks_done"], "num_blocks": state["num_blocks"],
+            "elapsed_s": round(state["elapsed_s"], 1), "s_per_block": round(per_block, 1),
+            "estimated_whole_run_s": round(per_block * state["num_blocks"], 1)}
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`KEY=VALUE` pairs into config overrides; a value is read as JSON where it parses (numbers, booleans)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. --set matmul_precision=bfloat16")
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:
+            overrides[key] = value
+    return overrides
+
+
 def oneshot_part(args) -> list[dict]:
     """The offloaded point on each model; in memory vs offloaded side by side on the models that fit."""
     rows = []
@@ -173,6 +224,24 @@ def oneshot_part(args) -> list[dict]:
     source = "random"
     if args.calibration == "articles":
         source = str(article_windows(args.samples, args.seq_len, work))
+    overrides = parse_overrides(args.set)
+    suffix = "".join(f"-{k}-{v}" for k, v in sorted(overrides.items()))
+    if args.probe_blocks:
+        for name in args.models:
+            path = str(synthetic_path(name))
+            for method in args.method:
+                out = work / f"{name}-offload-{method}{suffix}"
+                print(f"oneshot {name} offload {method}{suffix}: probe of the first {args.probe_blocks} blocks ...",
+                      flush=True)
+                result = _probe_subprocess(["--run-one", path, "offload", method, str(args.sparsity), str(args.samples),
+                                            str(args.seq_len), str(out), source, str(int(args.restart)),
+                                            json.dumps(overrides)], out, args.probe_blocks)
+                result.update(mode="offload-probe", method=method, model=name, sparsity=args.sparsity,
+                              calibration=[args.samples, args.seq_len], threads_env=os.environ.get("OMP_NUM_THREADS"),
+                              load_average=os.getloadavg(), **({"overrides": overrides} if overrides else {}))
+                print("   ", result, flush=True)
+                rows.append(result)
+        return rows
     for name in args.models:
         path = str(synthetic_path(name))
         modes = ["offload"] if name in args.offload_only else ["memory", "offload"]
@@ -181,8 +250,8 @@ def oneshot_part(args) -> list[dict]:
                 for mode in modes:  # interleaved, so that load on the shared machine hits both alike
                     print(f"oneshot {name} {mode} {method} (round {repeat + 1}) ...", flush=True)
                     result = _subprocess(["--run-one", path, mode, method, str(args.sparsity), str(args.samples),
-                                          str(args.seq_len), str(work / f"{name}-{mode}-{method}"), source,
-                                          str(int(args.restart))])
+                                          str(args.seq_len), str(work / f"{name}-{mode}-{method}{suffix}"), source,
+                                          str(int(args.restart)), json.dumps(overrides)])
                     result.update(model=name, round=repeat + 1)
                     print("   ", result, flush=True)
                     rows.append(result)
@@ -202,6 +271,8 @@ def whole_run_s(row: dict) -> float:
 def oneshot_table(rows: list[dict]) -> str:
     lines = ["| model | mode | method | calibration | wall s | peak RSS above import baseline MB | ÷ fp16 model bytes "
              "| output MB |", "|---|---|---|---|---|---|---|---|"]
+    probes = [r for r in rows if r["mode"] == "offload-probe"]
+    rows = [r for r in rows if r["mode"] != "offload-probe"]
     for r in rows:
         resumed = "" if r.get("resumed_at_block") is None else (
             f" (resumed at block {r['resumed_at_block']}; {r['pruning_s_all_sessions']} s pruning, all sessions)")
@@ -210,8 +281,15 @@ def oneshot_table(rows: list[dict]) -> str:
                      f"{r['sparsity']:g} | {'x'.join(map(str, r['calibration']))} {r.get('calibration_source', 'random token ids')} "
                      f"| {r['wall_s']:.1f}{resumed} | {r['peak_above_baseline_mb']:.0f} | "
                      f"{r['peak_above_baseline_over_model']:.3f}{over} | {r['output_mb']:.0f} |")
+    for r in probes:
+        lever = ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items()) or "defaults"
+        lines.append(f"\n{r['model']} offloaded {r['method']} ({lever}), first {r['blocks_done']} of {r['num_blocks']} "
+                     f"blocks: {r['s_per_block']} s a block, whole run about {r['estimated_whole_run_s']} s "
+                     f"(load average {r['load_average'][0]:.2f})")
     by = {}
     for r in rows:
+        if r.get("overrides"):
+            continue  # a lever's run is not the method's default row of the ratio
         by.setdefault(r["model"], {}).setdefault(r["mode"], {}).setdefault(r["method"], []).append(whole_run_s(r))
     for model, modes in by.items():
         memory, offload = modes.get("memory", {}), modes.get("offload", {})
@@ -247,12 +325,16 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--workdir", default=str(HERE / "results" / ".scale_work"))
-    parser.add_argument("--run-one", nargs=9, help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the method's config (repeatable), e.g. matmul_precision=bfloat16")
+    parser.add_argument("--probe-blocks", type=int, default=0,
+                        help="offloaded runs only: time the first N blocks, then stop (the partial run is kept)")
+    parser.add_argument("--run-one", nargs=10, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_one:
-        path, mode, method, sparsity, samples, seq_len, out, source, restart = args.run_one
+        path, mode, method, sparsity, samples, seq_len, out, source, restart, overrides = args.run_one
         print(json.dumps(run_oneshot(path, mode, method, float(sparsity), int(samples), int(seq_len), out, source,
-                                     bool(int(restart)))))
+                                     bool(int(restart)), json.loads(overrides))))
         return
     parts = list(PARTS) if args.part == "all" else [args.part]
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -264,8 +346,11 @@ def main(argv=None) -> None:
         for row in rows:
             row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         # a re-run replaces the rows of the same model, mode and method and keeps the others
-        fresh = {(r["model"], r["mode"], r["method"]) for r in rows}
-        report[part] = [r for r in report.get(part, []) if (r["model"], r["mode"], r["method"]) not in fresh] + rows
+        def key(r):
+            return r["model"], r["mode"], r["method"], json.dumps(r.get("overrides", {}), sort_keys=True)
+
+        fresh = {key(r) for r in rows}
+        report[part] = [r for r in report.get(part, []) if key(r) not in fresh] + rows
         print(table(report[part]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
