@@ -217,6 +217,17 @@ def parse_overrides(pairs: list[str]) -> dict:
     return overrides
 
 
+def check_overrides(methods: list[str], overrides: dict, sparsity: float) -> None:
+    """Build each method's config with the overrides before any work, so a wrong field or value fails here, by name."""
+    from hf_prune import get_config_class
+
+    for method in methods:
+        try:
+            get_config_class(method)(sparsity=sparsity, **overrides)
+        except (TypeError, ValueError) as error:
+            raise SystemExit(f"--set {overrides} does not suit the {method} config: {error}") from None
+
+
 def oneshot_part(args) -> list[dict]:
     """The offloaded point on each model; in memory vs offloaded side by side on the models that fit."""
     rows = []
@@ -225,6 +236,7 @@ def oneshot_part(args) -> list[dict]:
     if args.calibration == "articles":
         source = str(article_windows(args.samples, args.seq_len, work))
     overrides = parse_overrides(args.set)
+    check_overrides(args.method, overrides, args.sparsity)
     suffix = "".join(f"-{k}-{v}" for k, v in sorted(overrides.items()))
     if args.probe_blocks:
         for name in args.models:

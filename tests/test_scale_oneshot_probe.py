@@ -26,6 +26,11 @@ def test_overrides_parse_json_values_and_reject_bad_pairs():
         "matmul_precision": "bfloat16", "iterations": 10, "owl": True}
     with pytest.raises(SystemExit, match="expected KEY=VALUE"):
         bench.parse_overrides(["iterations"])
+    bench.check_overrides(["admm"], {"matmul_precision": "bfloat16"}, 0.5)
+    with pytest.raises(SystemExit, match="does not suit the admm config.*iteratons"):
+        bench.check_overrides(["admm"], {"iteratons": 10}, 0.5)
+    with pytest.raises(SystemExit, match="does not suit the admm config.*matmul_precision"):
+        bench.check_overrides(["admm"], {"matmul_precision": "fp8"}, 0.5)
 
 
 def test_probe_stops_the_run_at_n_blocks_and_reads_seconds_per_block(tmp_path, monkeypatch):
