@@ -238,16 +238,22 @@ def oneshot_part(args) -> list[dict]:
     overrides = parse_overrides(args.set)
     check_overrides(args.method, overrides, args.sparsity)
     suffix = "".join(f"-{k}-{v}" for k, v in sorted(overrides.items()))
+
+    def out_dir(name: str, mode: str, method: str) -> Path:  # a lever's run has its own (and its own partial run)
+        return work / f"{name}-{mode}-{method}{suffix}"
+
+    def run_one(name: str, mode: str, method: str) -> list[str]:  # the subprocess's `--run-one` arguments
+        return ["--run-one", str(synthetic_path(name)), mode, method, str(args.sparsity), str(args.samples),
+                str(args.seq_len), str(out_dir(name, mode, method)), source, str(int(args.restart)),
+                json.dumps(overrides)]
+
     if args.probe_blocks:
         for name in args.models:
-            path = str(synthetic_path(name))
             for method in args.method:
-                out = work / f"{name}-offload-{method}{suffix}"
                 print(f"oneshot {name} offload {method}{suffix}: probe of the first {args.probe_blocks} blocks ...",
                       flush=True)
-                result = _probe_subprocess(["--run-one", path, "offload", method, str(args.sparsity), str(args.samples),
-                                            str(args.seq_len), str(out), source, str(int(args.restart)),
-                                            json.dumps(overrides)], out, args.probe_blocks)
+                result = _probe_subprocess(run_one(name, "offload", method), out_dir(name, "offload", method),
+                                           args.probe_blocks)
                 result.update(mode="offload-probe", method=method, model=name, sparsity=args.sparsity,
                               calibration=[args.samples, args.seq_len], threads_env=os.environ.get("OMP_NUM_THREADS"),
                               load_average=os.getloadavg(), **({"overrides": overrides} if overrides else {}))
@@ -255,15 +261,12 @@ def oneshot_part(args) -> list[dict]:
                 rows.append(result)
         return rows
     for name in args.models:
-        path = str(synthetic_path(name))
         modes = ["offload"] if name in args.offload_only else ["memory", "offload"]
         for repeat in range(args.repeats if len(modes) > 1 or len(args.method) > 1 else 1):
             for method in args.method:
                 for mode in modes:  # interleaved, so that load on the shared machine hits both alike
                     print(f"oneshot {name} {mode} {method} (round {repeat + 1}) ...", flush=True)
-                    result = _subprocess(["--run-one", path, mode, method, str(args.sparsity), str(args.samples),
-                                          str(args.seq_len), str(work / f"{name}-{mode}-{method}{suffix}"), source,
-                                          str(int(args.restart)), json.dumps(overrides)])
+                    result = _subprocess(run_one(name, mode, method))
                     result.update(model=name, round=repeat + 1)
                     print("   ", result, flush=True)
                     rows.append(result)
